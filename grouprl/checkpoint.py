@@ -1,0 +1,67 @@
+"""Checkpoints in the standard Hugging Face layout, written atomically, with what an exact resume needs.
+
+    <dir>/config.json, model.safetensors, tokenizer files   full fine-tuning (plain from_pretrained)
+    <dir>/adapter_config.json, adapter_model.safetensors    LoRA (peft; from_pretrained loads it too)
+    <dir>/merged/                                           LoRA merged into full weights, on request
+    <dir>/grouprl.yaml                                      the resolved run config
+    <dir>/trainer_state.json                                step, data position, metrics so far
+    <dir>/optimizer.pt, rng.pt                              optimizer/scheduler and RNG states (tensors only)
+
+Everything is written into '<dir>.tmp' and renamed into place, so a crash never leaves a half checkpoint
+where a complete one was.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from grouprl.config import TrainConfig, save_config
+
+
+def save_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    tokenizer,
+    cfg: TrainConfig,
+    state: dict,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler=None,
+    merged: bool = False,
+) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if merged and hasattr(model, "merge_and_unload"):
+        full = copy.deepcopy(model).merge_and_unload()
+        full.save_pretrained(tmp / "merged", safe_serialization=True)
+        tokenizer.save_pretrained(tmp / "merged")
+    save_config(cfg, tmp / "grouprl.yaml")
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+    if optimizer is not None:
+        torch.save({"optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None}, tmp / "optimizer.pt")
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, tmp / "rng.pt")
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def load_trainer_state(path: Path) -> tuple[dict, dict | None, dict]:
+    """(trainer_state, optimizer+scheduler state or None, rng state) of a checkpoint; tensors only."""
+    state = json.loads((path / "trainer_state.json").read_text())
+    opt = torch.load(path / "optimizer.pt", weights_only=True) if (path / "optimizer.pt").exists() else None
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    return state, opt, rng

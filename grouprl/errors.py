@@ -1,0 +1,8 @@
+"""The one exception type for mistakes a user can make (config, data, paths, reward code).
+
+The CLI turns it into a single line on stderr and a non-zero exit; internal invariants use assert.
+"""
+
+
+class UserError(Exception):
+    """A problem in the user's input, reported as one line naming what is wrong and what is expected."""

@@ -1,0 +1,82 @@
+"""Held-out evaluation: strict-format rate, greedy accuracy (pass@1), and pass@k / maj@k with sampling.
+
+Accuracy uses the task's correctness reward, so an answer counts only when it is inside <answer> tags.
+`answer_anywhere` (the last number anywhere in the completion is right) is reported beside it, to tell
+gains in arithmetic from gains in format.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Callable
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from grouprl.rewards import BUILTIN, answer_anywhere, extract_answer, strict_format
+from grouprl.rollout import generate
+from grouprl.tasks import Task
+
+def evaluate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    rows: list[dict],
+    *,
+    prefill: str,
+    max_new_tokens: int,
+    k: int = 1,
+    temperature: float = 0.8,
+    batch_size: int = 64,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[dict, list[dict]]:
+    """Returns (metrics, samples). Metrics: format_rate, accuracy, answer_anywhere, mean_length_chars and,
+    when k > 1, pass@k and maj@k over k samples at `temperature`."""
+    correct_fn = BUILTIN[task.correctness]
+    prompts = [task.chat_prompt(tokenizer, r, prefill) for r in rows]
+    columns = {key: [r.get(key) for r in rows] for key in rows[0] if key != "prompt"}
+    start = time.perf_counter()
+    greedy: list[str] = []
+    for s in range(0, len(rows), batch_size):
+        out = generate(model, tokenizer, prompts[s:s + batch_size], group_size=1,
+                       max_new_tokens=max_new_tokens, greedy=True, prefill=prefill)
+        greedy += out.completions
+        if on_batch:
+            on_batch(len(out.completions))
+    fmt = strict_format(prompts, greedy)
+    right = correct_fn(prompts, greedy, **columns)
+    anywhere = answer_anywhere(prompts, greedy, [str(r.get("answer", "")) for r in rows])
+    n = len(rows)
+    metrics = {
+        "problems": n,
+        "format_rate": sum(fmt) / n,
+        "accuracy": sum(right) / n,
+        "answer_anywhere": sum(anywhere) / n,
+        "mean_length_chars": sum(len(c) for c in greedy) / n,
+    }
+    samples = [{"prompt": r["prompt"], "answer": r.get("answer"), "completion": c, "format": f, "correct": a}
+               for r, c, f, a in zip(rows, greedy, fmt, right)]
+    if k > 1:
+        hits, majority = 0, 0
+        per_batch = max(1, batch_size // k)
+        for s in range(0, n, per_batch):
+            batch = rows[s:s + per_batch]
+            out = generate(model, tokenizer, prompts[s:s + per_batch], group_size=k, max_new_tokens=max_new_tokens,
+                           temperature=temperature, prefill=prefill)
+            cols = {key: [v for v in vals[s:s + per_batch] for _ in range(k)] for key, vals in columns.items()}
+            rep_prompts = [p for p in prompts[s:s + per_batch] for _ in range(k)]
+            ok = correct_fn(rep_prompts, out.completions, **cols)
+            for j in range(len(batch)):
+                group = out.completions[j * k:(j + 1) * k]
+                hits += any(ok[j * k:(j + 1) * k])
+                votes = Counter(a for a in (extract_answer(c) for c in group) if a)
+                if votes:
+                    top = votes.most_common(1)[0][0]
+                    idx = next(i for i, c in enumerate(group) if extract_answer(c) == top)
+                    majority += bool(ok[j * k + idx])
+            if on_batch:
+                on_batch(len(out.completions))
+        metrics[f"pass@{k}"] = hits / n
+        metrics[f"maj@{k}"] = majority / n
+    metrics["seconds"] = time.perf_counter() - start
+    return metrics, samples

@@ -1,0 +1,248 @@
+"""The training loop: rollout -> rewards -> advantages -> update -> log -> checkpoint, written out in order.
+
+`train(cfg)` is the Python API behind `grouprl train`.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from grouprl.advantages import ADVANTAGES, zero_std_groups
+from grouprl.checkpoint import save_checkpoint
+from grouprl.config import TrainConfig, save_config
+from grouprl.errors import UserError
+from grouprl.grpo import grpo_update
+from grouprl.metrics import MetricsLog
+from grouprl.models import Reference, load_policy, trainable_parameters
+from grouprl.rewards import RewardSet
+from grouprl.rollout import Rollout, concat, generate, select
+from grouprl.tasks import Task, build_task
+
+
+class PromptStream:
+    """Training rows in a seeded order, epoch after epoch. Its position (epoch, index) is all a resume needs.
+    With `in_order`, the first epoch keeps the task's order (a curriculum); later epochs are shuffled."""
+
+    def __init__(self, rows: list[dict], seed: int, in_order: bool, epoch: int = 0, index: int = 0):
+        self.rows, self.seed, self.in_order = rows, seed, in_order
+        self.epoch, self.index = epoch, index
+        self._order = self._order_for(epoch)
+
+    def _order_for(self, epoch: int) -> list[int]:
+        order = list(range(len(self.rows)))
+        if not (self.in_order and epoch == 0):
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def take(self, n: int) -> list[dict]:
+        out = []
+        while len(out) < n:
+            if self.index >= len(self._order):
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._order_for(self.epoch)
+            out.append(self.rows[self._order[self.index]])
+            self.index += 1
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+
+@dataclass
+class Scored:
+    rollout: Rollout
+    rows: list[dict]  # one per sequence
+    prompts: list[str]  # one per sequence
+    per_fn: torch.Tensor  # (N, K) each reward function
+    total: torch.Tensor  # (N,) weighted sum
+    zero_std_frac: float  # over every group sampled this step, dropped ones included
+    gen_seconds: float = 0.0
+    score_seconds: float = 0.0
+    generated_tokens: float = 0.0
+
+
+def columns_of(rows: list[dict]) -> dict:
+    """Reward keyword arguments: every column but the prompt, one value per sequence."""
+    return {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"}
+
+
+def check_rewards(rewards: RewardSet, task: Task, tokenizer, prefill: str) -> None:
+    """Call every reward once on a training row before any work, so a broken function fails fast."""
+    row = task.train[0]
+    prompt = task.chat_prompt(tokenizer, row, prefill)
+    rewards.score([prompt], [prefill + "\n</reasoning>\n<answer>\n0\n</answer>"], columns_of([row]))
+
+
+def sample_and_score(policy, tokenizer, task: Task, rewards: RewardSet, stream: PromptStream,
+                     cfg: TrainConfig) -> Scored:
+    """Generate G completions for prompts_per_step prompts and score them. With dynamic sampling, groups
+    whose rewards are all equal are dropped and more prompts are sampled, up to max_sampling_rounds."""
+    ro, g = cfg.rollout, cfg.rollout.group_size
+    kept: list[Scored] = []
+    groups_seen = groups_flat = 0
+    n_kept = 0
+    t_gen = t_score = tokens = 0.0
+    for _ in range(cfg.grpo.max_sampling_rounds if cfg.grpo.dynamic_sampling else 1):
+        rows = stream.take(ro.prompts_per_step - n_kept if cfg.grpo.dynamic_sampling else ro.prompts_per_step)
+        prompts = [task.chat_prompt(tokenizer, r, cfg.task.prefill) for r in rows]
+        t0 = time.perf_counter()
+        rollout = generate(policy, tokenizer, prompts, group_size=g, max_new_tokens=ro.max_new_tokens,
+                           temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k, prefill=cfg.task.prefill)
+        t1 = time.perf_counter()
+        seq_rows = [rows[i] for i in rollout.prompt_index]
+        seq_prompts = [prompts[i] for i in rollout.prompt_index]
+        per_fn, total = rewards.score(seq_prompts, rollout.completions, columns_of(seq_rows))
+        t_gen += t1 - t0
+        t_score += time.perf_counter() - t1
+        tokens += rollout.lengths.sum().item()
+        flat = zero_std_groups(total, g)  # (B,)
+        groups_seen += len(rows)
+        groups_flat += int(flat.sum())
+        keep = ~flat.repeat_interleave(g) if cfg.grpo.dynamic_sampling else torch.ones(len(total), dtype=torch.bool)
+        if keep.any():
+            idx = keep.nonzero().flatten()
+            kept.append(Scored(select(rollout, keep), [seq_rows[i] for i in idx], [seq_prompts[i] for i in idx],
+                               per_fn[keep], total[keep], 0.0))
+            n_kept += int(keep.sum()) // g
+        if n_kept >= ro.prompts_per_step:
+            break
+    if not kept:  # every group was flat: train on the last one anyway (zero advantages, only the KL acts)
+        kept.append(Scored(rollout, seq_rows, seq_prompts, per_fn, total, 0.0))
+    return Scored(
+        rollout=concat([k.rollout for k in kept], tokenizer.pad_token_id),
+        rows=[r for k in kept for r in k.rows],
+        prompts=[p for k in kept for p in k.prompts],
+        per_fn=torch.cat([k.per_fn for k in kept]),
+        total=torch.cat([k.total for k in kept]),
+        zero_std_frac=groups_flat / max(groups_seen, 1),
+        gen_seconds=t_gen, score_seconds=t_score, generated_tokens=tokens,
+    )
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    final_checkpoint: Path
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]GRPO"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+    )
+
+
+def train(cfg: TrainConfig, console: Console | None = None) -> TrainResult:
+    console = console or Console()
+    start = time.perf_counter()
+    out = Path(cfg.output_dir)
+    if (out / "final").exists():
+        raise UserError(f"output_dir {str(out)!r} already holds a finished run: choose another output_dir")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    task = build_task(cfg.task)
+    rewards = RewardSet([(r.name, r.weight) for r in cfg.rewards])
+    policy, tokenizer = load_policy(cfg.model)
+    check_rewards(rewards, task, tokenizer, cfg.task.prefill)
+    reference = Reference(policy, cfg.model.lora.enabled) if cfg.grpo.beta > 0 else None
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
+    updates_per_step = cfg.grpo.mu * cfg.grpo.minibatches
+    warmup = cfg.optim.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / (warmup + 1)))
+    stream = PromptStream(task.train, cfg.seed, in_order=cfg.task.name == "arithmetic" and cfg.task.curriculum)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "grouprl.yaml")
+    log = MetricsLog(out)
+    console.print(f"[bold]grouprl[/] GRPO on {cfg.task.name} ({len(task.train)} train / {len(task.eval)} held-out "
+                  f"problems), model {cfg.model.name_or_path}, {trainable_parameters(policy):,} trainable "
+                  f"parameters, batch {cfg.rollout.prompts_per_step} x G={cfg.rollout.group_size}, "
+                  f"{updates_per_step} update(s)/step -> {out}")
+
+    history: list[dict] = []
+    adv_fn = ADVANTAGES[cfg.grpo.advantage]
+    with _progress(console) as bar:
+        job = bar.add_task("train", total=cfg.steps, info="")
+        for step in range(1, cfg.steps + 1):
+            t0 = time.perf_counter()
+            batch = sample_and_score(policy, tokenizer, task, rewards, stream, cfg)
+            adv = adv_fn(batch.total, cfg.rollout.group_size, cfg.grpo.eps_std)  # (N,)
+            t1 = time.perf_counter()
+            upd = grpo_update(policy, reference, optimizer, scheduler, batch.rollout, adv, cfg.grpo,
+                              temperature=cfg.rollout.temperature, max_new_tokens=cfg.rollout.max_new_tokens,
+                              max_grad_norm=cfg.optim.max_grad_norm, group_size=cfg.rollout.group_size,
+                              shared_prompt=not cfg.model.gradient_checkpointing)
+            t2 = time.perf_counter()
+            if reference is not None and cfg.grpo.ref_refresh_steps and step % cfg.grpo.ref_refresh_steps == 0:
+                reference.refresh(policy)
+
+            lengths = batch.rollout.lengths
+            m = {f"reward/{n}": batch.per_fn[:, k].mean().item() for k, n in enumerate(rewards.names)}
+            m |= {f"reward_std/{n}": batch.per_fn[:, k].std().item() for k, n in enumerate(rewards.names)}
+            m |= {
+                "reward": batch.total.mean().item(), "reward_std": batch.total.std().item(),
+                "zero_std_frac": batch.zero_std_frac, "kl": upd.kl, "clip_frac": upd.clip_frac,
+                "entropy": upd.entropy, "loss": upd.loss, "grad_norm": upd.grad_norm,
+                "completion_len": lengths.mean().item(), "truncated_frac": batch.rollout.truncated.float().mean().item(),
+                "lr": scheduler.get_last_lr()[0], "step_time": t2 - t0, "gen_time": batch.gen_seconds,
+                "score_time": batch.score_seconds, "update_time": t2 - t1,
+                "gen_tokens_per_s": batch.generated_tokens / max(batch.gen_seconds, 1e-9),
+                "elapsed": time.perf_counter() - start,
+            }
+            history.append({"step": step, **m})
+            log.log(step, m)
+            log.log_completions(step, [
+                {"prompt": r["prompt"], "answer": r.get("answer"), "completion": c, "reward": t,
+                 "advantage": a, **{n: v for n, v in zip(rewards.names, f)}}
+                for r, c, t, a, f in zip(batch.rows, batch.rollout.completions, batch.total.tolist(), adv.tolist(),
+                                         batch.per_fn.tolist())
+            ])
+            fn_means = " ".join(f"{n}={m[f'reward/{n}']:.2f}" for n in rewards.names)
+            bar.console.print(f"step {step:>4}  reward {m['reward']:.3f}  {fn_means}  kl {upd.kl:.4f}  "
+                              f"clip {upd.clip_frac:.3f}  ent {upd.entropy:.2f}  len {m['completion_len']:.0f}  "
+                              f"flat {batch.zero_std_frac:.2f}  {m['step_time']:.1f}s "
+                              f"({m['gen_tokens_per_s']:.0f} tok/s)")
+            bar.update(job, advance=1, info=f"reward {m['reward']:.2f}")
+            state = {"step": step, "data": stream.state(), "seed": cfg.seed}
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                save_checkpoint(out / "checkpoints" / f"step-{step:06d}", policy, tokenizer, cfg, state,
+                                optimizer, scheduler, merged=cfg.save_merged)
+    final = save_checkpoint(out / "final", policy, tokenizer, cfg, state, optimizer, scheduler,
+                            merged=cfg.save_merged)
+    log.close()
+    result = TrainResult(out, final, history, time.perf_counter() - start)
+    console.print(summary_table(result, rewards.names))
+    return result
+
+
+def summary_table(result: TrainResult, names: list[str]) -> Table:
+    """First vs last steps (mean of up to 5 each) of every reward, plus speed and where things are."""
+    h = result.history
+    k = max(1, min(5, len(h) // 2))
+    first, last = h[:k], h[-k:]
+
+    def avg(rows, key):
+        return sum(r[key] for r in rows) / len(rows)
+
+    table = Table(title=f"GRPO run summary ({len(h)} steps, {result.seconds / 60:.1f} min)")
+    table.add_column("metric")
+    table.add_column(f"first {k} steps", justify="right")
+    table.add_column(f"last {k} steps", justify="right")
+    for key in ["reward"] + [f"reward/{n}" for n in names] + ["completion_len", "zero_std_frac", "kl"]:
+        table.add_row(key, f"{avg(first, key):.3f}", f"{avg(last, key):.3f}")
+    table.add_row("step time (s, median)", "", f"{sorted(r['step_time'] for r in h)[len(h) // 2]:.1f}")
+    table.add_row("checkpoint", "", str(result.final_checkpoint))
+    return table

@@ -1,0 +1,121 @@
+"""GRPO loss pieces as pure functions of tensors: ratios, the clipped surrogate, k3 KL, aggregation.
+
+Shapes: N sequences, T completion positions. logp, old_logp, ref_logp, mask: (N, T); adv: (N,).
+mask is 1.0 on the completion tokens that count (up to and including EOS) and 0.0 elsewhere.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+
+def token_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
+    """rho_{i,t} = exp(logp_theta - logp_old), (N, T)."""
+    return torch.exp(logp - old_logp)
+
+
+def sequence_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
+    """GSPO: s_i = exp(mean_t(logp_theta - logp_old)) over the masked tokens, broadcast to (N, T).
+
+    Written as in the GSPO paper, s_{i,t} = sg[s_i] * exp(logp - sg[logp]): its value is s_i on every
+    token and its gradient is s_i times the token-mean gradient of logp, the sequence-level objective.
+    """
+    log_s = ((logp - old_logp) * mask).sum(1) / mask.sum(1).clamp(min=1)  # (N,)
+    return (log_s.detach().unsqueeze(1) + logp - logp.detach()).exp()
+
+
+RATIOS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {"token": token_ratio, "sequence": sequence_ratio}
+
+
+def clipped_surrogate(ratio: Tensor, adv: Tensor, eps_low: float, eps_high: float) -> tuple[Tensor, Tensor]:
+    """PPO/GRPO objective per token: min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A).
+
+    Returns the objective (N, T) (to be maximised) and a bool (N, T) map of where the clipped branch is
+    taken and carries no gradient.
+    """
+    a = adv.unsqueeze(1)  # (N, 1)
+    unclipped = ratio * a
+    clipped = ratio.clamp(1 - eps_low, 1 + eps_high) * a
+    is_clipped = clipped < unclipped
+    return torch.minimum(unclipped, clipped), is_clipped
+
+
+def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """Schulman's k3 estimator of KL(pi_theta || pi_ref) per token, unbiased and >= 0:
+    exp(ref - logp) - (ref - logp) - 1.
+    """
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+class Normaliser(NamedTuple):
+    """Batch-wide counts that aggregation divides by, so micro-batches add up to the full-batch loss."""
+
+    num_seqs: int  # N over the whole batch
+    num_tokens: float  # sum_i |o_i| over the whole batch (masked tokens)
+    max_len: int  # L_max, the generation limit
+
+
+def seq_mean_token_mean(per_token: Tensor, mask: Tensor, norm: Normaliser) -> Tensor:
+    """DeepSeekMath GRPO: (1/N) sum_i (1/|o_i|) sum_t L_{i,t}. Each sequence weighs the same, so a token
+    of a short answer weighs more than one of a long answer (a length bias)."""
+    return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / norm.num_seqs
+
+
+def token_mean(per_token: Tensor, mask: Tensor, norm: Normaliser) -> Tensor:
+    """DAPO: sum_{i,t} L_{i,t} / sum_i |o_i|. Each token weighs the same across the batch."""
+    return (per_token * mask).sum() / max(norm.num_tokens, 1.0)
+
+
+def constant_norm(per_token: Tensor, mask: Tensor, norm: Normaliser) -> Tensor:
+    """Dr. GRPO: sum_{i,t} L_{i,t} / (N * L_max). A constant divisor: no length bias at all."""
+    return (per_token * mask).sum() / (norm.num_seqs * norm.max_len)
+
+
+AGGREGATIONS: dict[str, Callable[[Tensor, Tensor, Normaliser], Tensor]] = {
+    "seq_mean_token_mean": seq_mean_token_mean,
+    "token_mean": token_mean,
+    "constant": constant_norm,
+}
+
+
+class GRPOStats(NamedTuple):
+    """Sums over the masked tokens of a (micro-)batch; divide by `tokens` for means."""
+
+    tokens: float
+    clipped: float  # tokens where the clipped branch is active
+    kl: float  # sum of k3 KL (0 without a reference)
+    ratio: float  # sum of rho
+
+
+def grpo_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    ref_logp: Tensor | None,
+    adv: Tensor,
+    mask: Tensor,
+    norm: Normaliser,
+    *,
+    eps_low: float,
+    eps_high: float,
+    beta: float,
+    ratio_type: str = "token",
+    aggregation: str = "seq_mean_token_mean",
+) -> tuple[Tensor, GRPOStats]:
+    """Negative GRPO objective: -agg( min(rho A, clip(rho) A) - beta * KL_k3 ).  Returns (loss, stats)."""
+    ratio = RATIOS[ratio_type](logp, old_logp, mask)
+    objective, is_clipped = clipped_surrogate(ratio, adv, eps_low, eps_high)
+    kl = k3_kl(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
+    per_token = objective - beta * kl
+    loss = -AGGREGATIONS[aggregation](per_token, mask, norm)
+    with torch.no_grad():
+        stats = GRPOStats(
+            tokens=mask.sum().item(),
+            clipped=(is_clipped.float() * mask).sum().item(),
+            kl=(kl * mask).sum().item(),
+            ratio=(ratio * mask).sum().item(),
+        )
+    return loss, stats

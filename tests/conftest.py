@@ -1,0 +1,71 @@
+"""Shared fixtures: a tiny random Llama with a character-level tokenizer, saved once per session."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 .,?+-=\n<>/")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+def make_tiny_model(path: Path, layers: int = 2, hidden: int = 64, seed: int = 0) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    special = ["<pad>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(special + CHARS)}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<|end|>", unk_token="<unk>")
+    tok.add_special_tokens({"additional_special_tokens": special[2:5]})
+    tok.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, pad_token_id=0, eos_token_id=vocab["<|end|>"],
+                      bos_token_id=None, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    model.generation_config.eos_token_id = vocab["<|end|>"]
+    model.generation_config.pad_token_id = 0
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory) -> Path:
+    """A JSONL dataset of short prompts with an 'answer' column."""
+    path = tmp_path_factory.mktemp("data") / "toy.jsonl"
+    rows = [{"prompt": f"say a {i}", "answer": str(i % 10)} for i in range(64)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def toy_reward(tmp_path_factory) -> Path:
+    """User reward file: the fraction of 'a' among the generated characters (dense, easy to climb)."""
+    path = tmp_path_factory.mktemp("rewards") / "toy_reward.py"
+    path.write_text(
+        "def frac_a(prompts, completions, answer, **kw):\n"
+        "    return [c.count('a') / max(len(c), 1) for c in completions]\n"
+        "def raises(prompts, completions, **kw):\n"
+        "    raise RuntimeError('boom')\n"
+        "def nan(prompts, completions, **kw):\n"
+        "    return [float('nan')] * len(completions)\n"
+        "def short(prompts, completions, **kw):\n"
+        "    return [1.0]\n"
+    )
+    return path
