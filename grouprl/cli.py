@@ -51,6 +51,7 @@ def eval_(
     k: Optional[int] = typer.Option(None, help="Samples per problem for pass@k / maj@k (default: eval.k)."),
     num: Optional[int] = typer.Option(None, help="Problems to evaluate (default: eval.num_problems)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="JSON file for the metrics and samples."),
+    baseline: Optional[Path] = typer.Option(None, help="An earlier eval JSON to show side by side (e.g. the base)."),
 ) -> None:
     """Strict-format rate, greedy accuracy, and pass@k / maj@k on held-out problems."""
     try:
@@ -61,6 +62,11 @@ def eval_(
         from grouprl.models import load_for_inference
         from grouprl.tasks import build_task
 
+        before = None
+        if baseline is not None:
+            if not baseline.is_file():
+                raise UserError(f"baseline {str(baseline)!r} not found: expected a JSON file written by eval -o")
+            before = json.loads(baseline.read_text())
         ckpt_cfg = Path(model) / "grouprl.yaml"
         cfg = load_config(config or (ckpt_cfg if ckpt_cfg.is_file() and config is None else None), set_)
         if data is not None:
@@ -81,15 +87,34 @@ def eval_(
     except UserError as e:
         _fail(e)
         return
-    table = Table(title=f"eval of {model} on {len(rows)} {cfg.task.name} problems")
+    table = Table(title=f"eval of {model} on {len(rows)} held-out {cfg.task.name} problems")
     table.add_column("metric")
-    table.add_column("value", justify="right")
+    if before is not None:
+        table.add_column(str(before["model"]), justify="right")
+    table.add_column(model, justify="right")
     for key, v in metrics.items():
-        table.add_row(key, f"{v:.3f}" if isinstance(v, float) else str(v))
+        cells = [f"{v:.3f}" if isinstance(v, float) else str(v)]
+        if before is not None:
+            b = before["metrics"].get(key, "")
+            cells.insert(0, f"{b:.3f}" if isinstance(b, float) else str(b))
+        table.add_row(key, *cells)
     Console().print(table)
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps({"model": model, "metrics": metrics, "samples": samples}, indent=1))
+
+
+@app.command()
+def plot(
+    run_dir: Path = typer.Argument(..., help="A run's output_dir (holding metrics.jsonl)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG path (default: RUN_DIR/rewards.png)."),
+) -> None:
+    """Plot the reward curve of a run to a PNG."""
+    if not (run_dir / "metrics.jsonl").is_file():
+        _fail(UserError(f"{str(run_dir)!r} has no metrics.jsonl: expected a run's output_dir"))
+    from grouprl.plots import plot_rewards
+
+    print(plot_rewards(run_dir, output or run_dir / "rewards.png"))
 
 
 @app.command()

@@ -78,6 +78,7 @@ def grpo_update(
     Rows come in groups of G that share a prompt; minibatches and micro-batches are made of whole groups.
     """
     mask = rollout.completion_mask.clone()  # (N, C)
+    adv = adv.to(mask.device)  # rewards are scored on the CPU
     if cfg.mask_truncated:
         mask[rollout.truncated] = 0.0
     g = group_size

@@ -39,7 +39,7 @@ def entropy(logits: Tensor, chunk: int = 4) -> Tensor:
     return torch.cat(out)
 
 
-def _cache_kwarg(model: torch.nn.Module) -> str:
+def cache_kwarg(model: torch.nn.Module) -> str:
     """Name of the KV-cache argument of the model's forward: 'cache' (transformers >= 5.x) or 'past_key_values'."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
@@ -96,7 +96,7 @@ def grouped_completion_logprobs(
     """
     g = group_size
     pos = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P)
-    key = _cache_kwarg(model)
+    key = cache_kwarg(model)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True,
                 logits_to_keep=1)
     cache = out.cache if key == "cache" else out.past_key_values

@@ -1,0 +1,43 @@
+"""Plots of a run's metrics.jsonl (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from grouprl.metrics import read_metrics
+
+
+def plot_rewards(run_dir: Path, out: Path, window: int = 5) -> Path:
+    """Reward per step (thin) with a moving average (thick), and each reward function's mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    steps = [r["step"] for r in rows]
+    keys = sorted(k for k in rows[0] if k.startswith("reward/"))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+
+    def smooth(ys: list[float]) -> list[float]:
+        return [sum(ys[max(0, i - window + 1):i + 1]) / len(ys[max(0, i - window + 1):i + 1]) for i in range(len(ys))]
+
+    total = [r["reward"] for r in rows]
+    ax1.plot(steps, total, alpha=0.3, color="C0")
+    ax1.plot(steps, smooth(total), color="C0", label=f"total reward ({window}-step mean)")
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("reward")
+    ax1.legend()
+    ax1.grid(alpha=0.3)
+    for i, k in enumerate(keys):
+        ax2.plot(steps, smooth([r[k] for r in rows]), color=f"C{i + 1}", label=k.removeprefix("reward/"))
+    ax2.set_xlabel("step")
+    ax2.set_ylabel(f"mean per function ({window}-step mean)")
+    ax2.legend()
+    ax2.grid(alpha=0.3)
+    fig.suptitle(f"GRPO: {run_dir}")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
