@@ -43,11 +43,11 @@ def rank(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
     group gets A = 0. Only the order of rewards matters (a judge that ranks the G answers at once).
     """
     r = _groups(rewards, group_size)
-    less = (r.unsqueeze(2) > r.unsqueeze(1)).sum(2)  # (B, G): how many rewards are below r_i
-    equal = (r.unsqueeze(2) == r.unsqueeze(1)).sum(2)  # (B, G): ties, r_i itself included
+    less = (r.unsqueeze(2) > r.unsqueeze(1)).sum(2).to(r.dtype)  # (B, G): how many rewards are below r_i
+    equal = (r.unsqueeze(2) == r.unsqueeze(1)).sum(2).to(r.dtype)  # (B, G): ties, r_i itself included
     mean_rank = less + (equal + 1) / 2
     half = (group_size - 1) / 2
-    return ((mean_rank - (group_size + 1) / 2) / half).flatten().to(rewards.dtype)
+    return ((mean_rank - (group_size + 1) / 2) / half).flatten()
 
 
 def batch_std(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:

@@ -24,6 +24,14 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (see con
 SetOpt = typer.Option(None, "--set", "-s", help="Dotted override, e.g. --set rollout.group_size=8 (repeatable).")
 
 
+@app.callback()
+def _quiet() -> None:
+    """GRPO for language models with verifiable rewards."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bar is the one to watch
+
+
 def _fail(err: Exception) -> None:
     Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)

@@ -30,12 +30,16 @@ class UpdateStats:
     tokens: float = 0.0
 
 
-def forward_groups(model, rollout: Rollout, groups: Tensor, group_size: int, temperature: float,
-                   with_entropy: bool = False, shared_prompt: bool = True) -> tuple[Tensor, TokenLogprobs]:
-    """Log-probs of the completions of the given groups (indices into the B groups). Returns the row
-    indices (n,) and their TokenLogprobs (n, C). With shared_prompt, each prompt runs once per group."""
+def group_rows(groups: Tensor, group_size: int) -> Tensor:
+    """Group indices (k,) -> the indices of their rows (k * G,), group by group."""
+    return (groups.unsqueeze(1) * group_size + torch.arange(group_size)).flatten()
+
+
+def forward_groups(model, rollout: Rollout, rows: Tensor, group_size: int, temperature: float,
+                   with_entropy: bool = False, shared_prompt: bool = True) -> TokenLogprobs:
+    """Log-probs (n, C) of the completions in `rows` (whole groups, from group_rows).
+    With shared_prompt, each prompt runs once per group."""
     g, p = group_size, rollout.prompt_len
-    rows = (groups.unsqueeze(1) * g + torch.arange(g)).flatten()  # (n,)
     if shared_prompt:
         heads = rows[::g]
         out = grouped_completion_logprobs(
@@ -44,7 +48,7 @@ def forward_groups(model, rollout: Rollout, groups: Tensor, group_size: int, tem
     else:
         out = completion_logprobs(model, rollout.input_ids[rows], rollout.attention_mask[rows],
                                   rollout.completion_len, temperature, with_entropy)
-    return rows, out
+    return out
 
 
 @torch.no_grad()
@@ -53,8 +57,8 @@ def sequence_logprobs(model, rollout: Rollout, group_size: int, groups_per_micro
     """(N, C) logp of every completion token under `model`, without gradients."""
     logp = torch.zeros_like(rollout.completion_mask)
     for groups in torch.arange(rollout.input_ids.shape[0] // group_size).split(groups_per_micro):
-        rows, out = forward_groups(model, rollout, groups, group_size, temperature, shared_prompt=shared_prompt)
-        logp[rows] = out.logp
+        rows = group_rows(groups, group_size)
+        logp[rows] = forward_groups(model, rollout, rows, group_size, temperature, shared_prompt=shared_prompt).logp
     return logp
 
 
@@ -100,16 +104,16 @@ def grpo_update(
     for _ in range(cfg.mu):
         order = torch.randperm(num_groups) if cfg.minibatches > 1 else torch.arange(num_groups)
         for mini in order.chunk(cfg.minibatches):
-            mini_rows = (mini.unsqueeze(1) * g + torch.arange(g)).flatten()
+            mini_rows = group_rows(mini, g)
             norm = Normaliser(num_seqs=len(mini_rows), num_tokens=mask[mini_rows].sum().item(),
                               max_len=max_new_tokens)
             optimizer.zero_grad(set_to_none=True)
             for groups in mini.split(per_micro):
-                micro = (groups.unsqueeze(1) * g + torch.arange(g)).flatten()
+                micro = group_rows(groups, g)
                 m = mask[micro]
                 if m.sum() == 0:
                     continue  # every completion here is masked: no gradient to take
-                micro, out = forward_groups(policy, rollout, groups, g, temperature, True, shared_prompt)
+                out = forward_groups(policy, rollout, micro, g, temperature, True, shared_prompt)
                 old = old_logp[micro] if old_logp is not None else out.logp.detach()
                 ref = ref_logp[micro] if ref_logp is not None else None
                 loss, s = grpo_loss(out.logp, old, ref, adv[micro], m, norm, eps_low=cfg.eps_low,

@@ -75,10 +75,11 @@ def columns_of(rows: list[dict]) -> dict:
 
 
 def check_rewards(rewards: RewardSet, task: Task, tokenizer, prefill: str) -> None:
-    """Call every reward once on a training row before any work, so a broken function fails fast."""
-    row = task.train[0]
-    prompt = task.chat_prompt(tokenizer, row, prefill)
-    rewards.score([prompt], [prefill + "\n</reasoning>\n<answer>\n0\n</answer>"], columns_of([row]))
+    """Call every reward on two training rows before any work, so a broken function fails fast."""
+    rows = (task.train * 2)[:2]
+    prompts = [task.chat_prompt(tokenizer, r, prefill) for r in rows]
+    completions = [prefill + "\n</reasoning>\n<answer>\n0\n</answer>", prefill]
+    rewards.score(prompts, completions, columns_of(rows))
 
 
 def sample_and_score(policy, tokenizer, task: Task, rewards: RewardSet, stream: PromptStream,

@@ -51,23 +51,28 @@ def _real_reasoning(body: str, prompt: str) -> bool:
         and f"<reasoning>{body}</reasoning>" not in prompt
 
 
+def _real_answer(body: str, prompt: str) -> bool:
+    """An answer earns format credit if it says something and is not placeholder text copied from the
+    prompt's layout; a number may equal the example's number by right (11 is 11)."""
+    body = body.strip()
+    copied = f"<answer>\n{body}\n</answer>" in prompt or f"<answer>{body}</answer>" in prompt
+    return _says_something(body) and (not copied or _as_number(body) is not None)
+
+
+def _layout_matches(pattern: re.Pattern, prompt: str, completion: str) -> float:
+    m = pattern.search(completion)
+    return float(bool(m) and _real_reasoning(m.group(1), prompt) and _real_answer(m.group(2), prompt))
+
+
 def strict_format(prompts: list[str], completions: list[str], **_: Any) -> list[float]:
     """1.0 when the whole completion is exactly '<reasoning>\\n...\\n</reasoning>\\n<answer>\\n...\\n</answer>'
     (trailing whitespace allowed) with real, non-copied content in both tags; else 0.0."""
-    out = []
-    for p, c in zip(prompts, completions):
-        m = STRICT.match(c)
-        out.append(float(bool(m) and _real_reasoning(m.group(1), p) and _says_something(m.group(2))))
-    return out
+    return [_layout_matches(STRICT, p, c) for p, c in zip(prompts, completions)]
 
 
 def soft_format(prompts: list[str], completions: list[str], **_: Any) -> list[float]:
     """1.0 when <reasoning>...</reasoning> then <answer>...</answer> appear in that order, any whitespace."""
-    out = []
-    for p, c in zip(prompts, completions):
-        m = SOFT.search(c)
-        out.append(float(bool(m) and _real_reasoning(m.group(1), p) and _says_something(m.group(2))))
-    return out
+    return [_layout_matches(SOFT, p, c) for p, c in zip(prompts, completions)]
 
 
 def tag_count(prompts: list[str], completions: list[str], **_: Any) -> list[float]:

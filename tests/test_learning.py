@@ -28,3 +28,40 @@ def test_grpo_tiny_model_learns(tiny_model, toy_data, toy_reward, tmp_path):
     assert first < 0.15, rewards  # a random model rarely says 'a'
     assert last > first + 0.3, rewards
     assert (result.final_checkpoint / "model.safetensors").is_file()
+
+
+def test_grpo_variants_run_and_learn(tiny_model, toy_data, toy_reward, tmp_path):
+    """DAPO-style (clip-higher, token mean, dynamic sampling), GSPO sequence ratio with mu = 2 and two
+    minibatches, rank advantages and a KL to a frozen reference: all run and still learn."""
+    sets = toy_config(tiny_model, toy_data, toy_reward, tmp_path / "v", **{
+        "grpo.eps_high": 0.28, "grpo.loss_agg": "token_mean", "grpo.dynamic_sampling": "true",
+        "grpo.ratio": "sequence", "grpo.mu": 2, "grpo.minibatches": 2, "grpo.advantage": "rank",
+        "grpo.beta": 0.01, "grpo.micro_batch_size": 8, "steps": 14,
+    })
+    result = train(load_config(None, sets), console=Console(quiet=True))
+    h = result.history
+    assert all(0.0 <= r["zero_std_frac"] <= 1.0 for r in h)
+    assert max(r["kl"] for r in h) > 0  # the policy moved away from the reference and the KL saw it
+    assert max(r["clip_frac"] for r in h) > 0  # the second pass/minibatch is off-policy enough to clip
+    first, last = sum(r["reward"] for r in h[:3]) / 3, sum(r["reward"] for r in h[-3:]) / 3
+    assert last > first + 0.15, [round(r["reward"], 3) for r in h]
+
+
+def test_lora_reference_is_the_base_model(tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from grouprl.config import LoraConfig, ModelConfig
+    from grouprl.models import Reference, load_policy
+
+    policy, _ = load_policy(ModelConfig(name_or_path=str(tiny_model), lora=LoraConfig(enabled=True, r=4)))
+    with torch.no_grad():  # move the adapter so that policy and base differ
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.5)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with Reference(policy, lora=True).active() as ref:
+        ref_logits = ref(ids).logits
+    assert torch.allclose(ref_logits, base(ids).logits, atol=1e-5)
+    assert not torch.allclose(policy(ids).logits, ref_logits, atol=1e-3)

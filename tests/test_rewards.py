@@ -332,7 +332,8 @@ def test_call_reward_unexpected_column_is_user_error():
 def test_load_reward_builtin():
     for name, fn in BUILTIN.items():
         assert load_reward(name) is fn
-    assert set(BUILTIN) == {"strict_format", "soft_format", "tag_count", "correctness", "number", "countdown"}
+    assert set(BUILTIN) == {"strict_format", "soft_format", "tag_count", "correctness", "answer_anywhere", "number",
+                            "countdown"}
 
 
 def test_load_reward_from_file(tmp_path):
@@ -411,3 +412,26 @@ def test_reward_set_bad_user_function_named(tmp_path):
 def test_reward_set_unknown_name():
     with pytest.raises(UserError, match="no_such_reward"):
         RewardSet([("no_such_reward", 1.0)])
+
+
+def test_answer_anywhere_takes_the_last_number_tags_or_not():
+    from grouprl.rewards import answer_anywhere
+
+    completions = [
+        "7 + 5 = 12",  # last number 12: right
+        "The answer is 12, not 13",  # last number 13: wrong
+        "<reasoning>\n1,200 - 0 = 1,200\n</reasoning>",  # commas removed: 1200
+        "no number at all",
+        "<answer>\n12\n</answer>",
+    ]
+    answers = ["12", "12", "1200", "12", "12"]
+    assert answer_anywhere(["p"] * 5, completions, answer=answers) == [1.0, 0.0, 1.0, 0.0, 1.0]
+
+
+def test_copied_answer_placeholder_refused_but_a_number_is_not():
+    prompt = "Example:\n<reasoning>\n7 + 4 = 11\n</reasoning>\n<answer>\n11\n</answer>\nWhat is 5 + 6?"
+    own = "<reasoning>\n5 + 6 = 11\n</reasoning>\n<answer>\n11\n</answer>"
+    assert strict_format([prompt], [own]) == [1.0]  # 11 is 11, whoever wrote it first
+    placeholder = "Answer as:\n<reasoning>\nwork\n</reasoning>\n<answer>\nthe number\n</answer>"
+    copied = "<reasoning>\n5 + 6 = 11\n</reasoning>\n<answer>\nthe number\n</answer>"
+    assert strict_format([placeholder], [copied]) == [0.0]
