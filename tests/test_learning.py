@@ -54,7 +54,8 @@ def test_lora_reference_is_the_base_model(tiny_model):
     from grouprl.config import LoraConfig, ModelConfig
     from grouprl.models import Reference, load_policy
 
-    policy, _ = load_policy(ModelConfig(name_or_path=str(tiny_model), lora=LoraConfig(enabled=True, r=4)))
+    policy, _ = load_policy(ModelConfig(name_or_path=str(tiny_model), device="cpu",
+                                          lora=LoraConfig(enabled=True, r=4)))
     with torch.no_grad():  # move the adapter so that policy and base differ
         for n, p in policy.named_parameters():
             if "lora_B" in n:

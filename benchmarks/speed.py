@@ -1,9 +1,12 @@
-"""Our sampling loop vs transformers' generate on the embedded model: tokens/s for a GRPO batch.
+"""The two speed-ups of a GRPO step, each against the plain way, on the embedded model:
 
-    python benchmarks/sampler.py [--prompts 4] [--group-size 8] [--max-new-tokens 48] [--repeats 3]
+1. sampling: our loop (one prefill per prompt, finished rows leave the batch) vs transformers' generate;
+2. the training forward + backward: the prompt once per group vs every row carrying its prompt.
 
-Both sample the same prompts (the default task's chat prompts) at temperature 1.0; reported are the
-medians over repeats, run alternately in one process so machine noise hits both.
+    python benchmarks/speed.py [--prompts 4] [--group-size 8] [--max-new-tokens 48] [--repeats 3]
+
+Same prompts (the default task's chat prompts), temperature 1.0; medians over repeats, the two ways run
+alternately in one process so that machine noise hits both.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import time
 import torch
 
 from grouprl.config import ModelConfig, TaskConfig
+from grouprl.logprobs import completion_logprobs, grouped_completion_logprobs
 from grouprl.models import load_policy
 from grouprl.rollout import completion_mask_from_ids, eos_ids, sample
 from grouprl.tasks import build_task
@@ -58,6 +62,28 @@ def main() -> None:
         t = statistics.median(times[name])
         print(f"{name:22s} median {t:6.2f} s  {statistics.median(tokens[name]) / t:6.1f} completion tokens/s  "
               f"speed-up x{base / t:.2f}")
+
+    # training forward + backward over the last sampled batch
+    mask = completion_mask_from_ids(ids, eos)[0].long()
+    full_ids = torch.cat([enc.input_ids.repeat_interleave(g, 0), ids], 1)
+    full_att = torch.cat([enc.attention_mask.repeat_interleave(g, 0), mask], 1)
+    model.train()
+    fb: dict[str, list[float]] = {"every row carries its prompt": [], "prompt once per group": []}
+    for _ in range(args.repeats):
+        for name in fb:
+            t0 = time.perf_counter()
+            if name == "prompt once per group":
+                logp = grouped_completion_logprobs(model, enc.input_ids, enc.attention_mask, ids, mask, g).logp
+            else:
+                logp = completion_logprobs(model, full_ids, full_att, ids.shape[1]).logp
+            (logp * mask).sum().backward()
+            model.zero_grad(set_to_none=True)
+            fb[name].append(time.perf_counter() - t0)
+    base = statistics.median(fb["every row carries its prompt"])
+    print(f"forward + backward, {ids.shape[0]} sequences of {enc.input_ids.shape[1]} prompt + {ids.shape[1]} "
+          f"completion tokens (full fine-tuning):")
+    for name, ts in fb.items():
+        print(f"  {name:30s} median {statistics.median(ts):6.2f} s  speed-up x{base / statistics.median(ts):.2f}")
 
 
 if __name__ == "__main__":
