@@ -72,9 +72,14 @@ def eval_(
 
         before = None
         if baseline is not None:
-            if not baseline.is_file():
-                raise UserError(f"baseline {str(baseline)!r} not found: expected a JSON file written by eval -o")
-            before = json.loads(baseline.read_text())
+            try:
+                before = json.loads(baseline.read_text())
+            except (OSError, ValueError):
+                before = None
+            if not (isinstance(before, dict) and isinstance(before.get("metrics"), dict) and "model" in before):
+                raise UserError(f"baseline {str(baseline)!r}: expected a JSON file written by `grouprl eval -o`")
+        if output is not None and output.is_dir():
+            raise UserError(f"--output {str(output)!r} is a folder: expected a JSON file path")
         ckpt_cfg = Path(model) / "grouprl.yaml"
         cfg = load_config(config or (ckpt_cfg if ckpt_cfg.is_file() and config is None else None), set_)
         if data is not None:

@@ -88,8 +88,9 @@ class RolloutConfig(Section):
     prompts_per_step: int = Field(4, ge=1, description="Prompts per step; the batch is prompts_per_step * G.")
     max_new_tokens: int = Field(96, ge=1, description="L_max: completion length limit (tokens).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (also applied to the logprobs).")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
-    top_k: int = Field(0, ge=0, description="Top-k sampling; 0 disables it.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling. The logprobs and the KL use the full "
+                         "tempered distribution, not the truncated one (as TRL does): keep 1.0 for exact ratios.")
+    top_k: int = Field(0, ge=0, description="Top-k sampling; 0 disables it (same caveat as top_p).")
 
 
 AdvantageName = Literal["zscore", "mean", "rloo", "rank", "batch_std"]

@@ -13,7 +13,7 @@ from typing import Callable
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from grouprl.rewards import BUILTIN, answer_anywhere, extract_answer, strict_format
+from grouprl.rewards import BUILTIN, answer_anywhere, call_reward, extract_answer, strict_format
 from grouprl.rollout import generate
 from grouprl.tasks import Task
 
@@ -44,7 +44,7 @@ def evaluate(
         if on_batch:
             on_batch(len(out.completions))
     fmt = strict_format(prompts, greedy)
-    right = correct_fn(prompts, greedy, **columns)
+    right = call_reward(task.correctness, correct_fn, prompts, greedy, columns)
     anywhere = answer_anywhere(prompts, greedy, [str(r.get("answer", "")) for r in rows])
     n = len(rows)
     metrics = {
@@ -65,7 +65,7 @@ def evaluate(
                            temperature=temperature, prefill=prefill)
             cols = {key: [v for v in vals[s:s + per_batch] for _ in range(k)] for key, vals in columns.items()}
             rep_prompts = [p for p in prompts[s:s + per_batch] for _ in range(k)]
-            ok = correct_fn(rep_prompts, out.completions, **cols)
+            ok = call_reward(task.correctness, correct_fn, rep_prompts, out.completions, cols)
             for j in range(len(batch)):
                 group = out.completions[j * k:(j + 1) * k]
                 hits += any(ok[j * k:(j + 1) * k])

@@ -83,12 +83,14 @@ def grpo_update(
     """
     mask = rollout.completion_mask.clone()  # (N, C)
     adv = adv.to(mask.device)  # rewards are scored on the CPU
+    if not adv.any() and (reference is None or cfg.beta == 0):
+        return UpdateStats()  # every group flat and no KL: a step would only be AdamW momentum
     if cfg.mask_truncated:
         mask[rollout.truncated] = 0.0
     g = group_size
     num_groups = mask.shape[0] // g
     per_micro = max(1, cfg.micro_batch_size // g)
-    policy.train()
+    policy.eval()  # pi_old and pi_ref without dropout
     old_logp = None
     if cfg.mu > 1 or cfg.minibatches > 1:  # pi_old is the policy before this step's first update
         old_logp = sequence_logprobs(policy, rollout, g, per_micro, temperature, shared_prompt)
@@ -96,6 +98,7 @@ def grpo_update(
     if reference is not None and cfg.beta > 0:
         with reference.active() as ref_model:
             ref_logp = sequence_logprobs(ref_model, rollout, g, per_micro, temperature, shared_prompt)
+    policy.train()
 
     stats = UpdateStats()
     tokens_seen = 0.0

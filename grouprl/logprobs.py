@@ -73,7 +73,7 @@ def completion_logprobs(
         use_cache=False,
     ).logits[:, :-1]  # (N, C, V): position t predicts token t + 1
     if temperature != 1.0:
-        logits = logits / temperature
+        logits = logits.float() / temperature  # divide in float32, not in the model's bf16
     targets = input_ids[:, -completion_len:]
     logp = selective_log_softmax(logits, targets)
     return TokenLogprobs(logp, entropy(logits) if with_entropy else None)
@@ -110,6 +110,6 @@ def grouped_completion_logprobs(
                  logits_to_keep=c, **{key: cache}).logits[:, :-1]  # (N, C - 1, V): predicts o_1 ..
     logits = torch.cat([first, rest], 1)  # (N, C, V)
     if temperature != 1.0:
-        logits = logits / temperature
+        logits = logits.float() / temperature  # divide in float32, not in the model's bf16
     logp = selective_log_softmax(logits, completion_ids)
     return TokenLogprobs(logp, entropy(logits) if with_entropy else None)

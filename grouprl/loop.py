@@ -147,8 +147,13 @@ def train(cfg: TrainConfig, console: Console | None = None) -> TrainResult:
     console = console or Console()
     start = time.perf_counter()
     out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir {str(out)!r} is a file: expected a folder (new or empty)")
     if (out / "final").exists():
         raise UserError(f"output_dir {str(out)!r} already holds a finished run: choose another output_dir")
+    if (out / "metrics.jsonl").exists() or (out / "checkpoints").exists():
+        raise UserError(f"output_dir {str(out)!r} already holds a run (resume is not supported yet): "
+                        "choose another output_dir")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from grouprl.logprobs import cache_kwarg
@@ -177,11 +177,13 @@ def generate(
                                     max_new_tokens=max_new_tokens, eos=eos, pad_token_id=tokenizer.pad_token_id,
                                     temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy)
         if completion_ids is None:
-            sampling = {"do_sample": False} if greedy else {
-                "do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k or None,
-            }
-            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
-                                 eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling)
+            # A complete GenerationConfig, so that the model's own defaults (a repetition penalty, say) do
+            # not change the distribution that the logprobs and the KL assume.
+            gen = GenerationConfig(do_sample=not greedy, temperature=1.0 if greedy else temperature, top_p=top_p,
+                                   top_k=top_k, repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0,
+                                   max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                   pad_token_id=tokenizer.pad_token_id, use_cache=True)
+            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen)
             completion_ids = out[:, prompt_ids.shape[1]:]  # (N, C)
     model.train(was_training)
     completion_mask, truncated = completion_mask_from_ids(completion_ids, eos)

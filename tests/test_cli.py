@@ -59,9 +59,20 @@ def test_train_writes_metrics_completions_and_a_loadable_checkpoint(tiny_model, 
         assert 0.0 <= report["metrics"][key] <= 1.0, key
     assert report["metrics"]["problems"] == 4 and len(report["samples"]) == 4
 
-    # a finished run is never overwritten
+    # a finished run is never overwritten, nor is a run in progress
     res = run("train", *base_sets(tiny_model, toy_data, out))
     assert res.exit_code == 2 and "already holds a finished run" in res.output
+    (out / "final").rename(out / "kept")
+    res = run("train", *base_sets(tiny_model, toy_data, out))
+    assert res.exit_code == 2 and "already holds a run" in res.output
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+    # eval errors are caught before the work: a folder as output, a baseline that is not an eval JSON
+    res = run("eval", "--model", str(out / "kept"), "-o", str(tmp_path))
+    assert res.exit_code == 2 and "is a folder" in res.output
+    (tmp_path / "notes.txt").write_text("hello")
+    res = run("eval", "--model", str(out / "kept"), "--baseline", str(tmp_path / "notes.txt"))
+    assert res.exit_code == 2 and "expected a JSON file written by" in " ".join(res.output.split())
 
 
 def test_lora_checkpoint_is_an_adapter_with_merged_weights(tiny_model, toy_data, tmp_path):

@@ -66,3 +66,22 @@ def test_lora_reference_is_the_base_model(tiny_model):
         ref_logits = ref(ids).logits
     assert torch.allclose(ref_logits, base(ids).logits, atol=1e-5)
     assert not torch.allclose(policy(ids).logits, ref_logits, atol=1e-3)
+
+
+def test_flat_batch_without_kl_does_not_move_the_weights(tiny_model):
+    """All advantages zero and beta = 0: no signal, so no optimizer step (AdamW momentum would still move)."""
+    import torch
+
+    from grouprl.config import GRPOConfig, ModelConfig
+    from grouprl.grpo import grpo_update
+    from grouprl.models import load_policy
+    from grouprl.rollout import generate
+
+    policy, tok = load_policy(ModelConfig(name_or_path=str(tiny_model), device="cpu"))
+    ro = generate(policy, tok, ["<|user|>a<|end|><|assistant|>"], group_size=4, max_new_tokens=4)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-2, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0)
+    before = [p.detach().clone() for p in policy.parameters()]
+    grpo_update(policy, None, opt, sched, ro, torch.zeros(4), GRPOConfig(beta=0.0), temperature=1.0,
+                max_new_tokens=4, max_grad_norm=1.0, group_size=4)
+    assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))

@@ -43,7 +43,11 @@ class Task:
 
     def chat_prompt(self, tokenizer: PreTrainedTokenizerBase, row: dict, prefill: str) -> str:
         messages = [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": row["prompt"]}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # jinja raises from inside the model's own template
+            raise UserError(f"the model's chat template rejected the prompt ({type(e).__name__}: {e}); "
+                            "set task.system_prompt or use a model whose template takes a system message") from None
         return text + prefill
 
 
