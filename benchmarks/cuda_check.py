@@ -12,7 +12,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -58,8 +57,6 @@ def main() -> None:
                 "max_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
             }
     # bf16 placement and grouped-vs-plain log-probs on the GPU
-    from transformers import AutoModelForCausalLM
-
     from grouprl.config import ModelConfig
     from grouprl.models import load_causal_lm
 
@@ -78,7 +75,6 @@ def main() -> None:
         full = completion_logprobs(m, ids, att, clen).logp
         grouped = grouped_completion_logprobs(m, prompt, pm, comp, cm, g).logp
     report["grouped_vs_full_max_abs_diff_bf16"] = (full - grouped).abs().max().item()
-    del AutoModelForCausalLM
     print(json.dumps(report, indent=1))
 
 
