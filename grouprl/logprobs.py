@@ -45,6 +45,20 @@ def cache_kwarg(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
+def prefill_groups(model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, group_size: int):
+    """Run each of the B left-padded prompts once and repeat its KV cache G times (differentiably).
+
+    Returns (cache for N = B * G rows, last-position logits (N, V), the cache argument's name).
+    """
+    key = cache_kwarg(model)
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True, logits_to_keep=1,
+                position_ids=(prompt_mask.long().cumsum(-1) - 1).clamp(min=0))
+    cache = out.cache if key == "cache" else out.past_key_values
+    if hasattr(cache, "batch_repeat_interleave"):
+        cache.batch_repeat_interleave(group_size)  # (B, ...) -> (N, ...)
+    return cache, out.logits[:, -1].repeat_interleave(group_size, 0), key
+
+
 class TokenLogprobs(NamedTuple):
     logp: Tensor  # (N, C) logp of each completion token
     entropy: Tensor | None  # (N, C) next-token entropy, when asked for
@@ -95,13 +109,8 @@ def grouped_completion_logprobs(
     (N, C) with N = B * G, rows of group b at b*G .. b*G + G - 1.
     """
     g = group_size
-    pos = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P)
-    key = cache_kwarg(model)
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True,
-                logits_to_keep=1)
-    cache = out.cache if key == "cache" else out.past_key_values
-    cache.batch_repeat_interleave(g)  # (B, ...) -> (N, ...), differentiable
-    first = out.logits[:, -1:].repeat_interleave(g, 0)  # (N, 1, V): predicts o_0
+    cache, last, key = prefill_groups(model, prompt_ids, prompt_mask, g)
+    first = last.unsqueeze(1)  # (N, 1, V): predicts o_0
     c = completion_ids.shape[1]
     lengths = prompt_mask.long().sum(-1).repeat_interleave(g).unsqueeze(1)  # (N, 1)
     attention = torch.cat([prompt_mask.repeat_interleave(g, 0), completion_mask.to(prompt_mask.dtype)], 1)

@@ -23,7 +23,7 @@ from torch import Tensor
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from grouprl.logprobs import cache_kwarg
+from grouprl.logprobs import prefill_groups
 
 
 class Rollout(NamedTuple):
@@ -107,16 +107,12 @@ def sample(
 ) -> Tensor | None:
     """prompt_ids, prompt_mask: (B, P) left-padded. Returns completion ids (B * G, C), C <= max_new_tokens,
     padded with pad_token_id after each row's EOS; None when the model's cache cannot be re-indexed."""
-    key = cache_kwarg(model)
     b, g = prompt_ids.shape[0], group_size
     device = prompt_ids.device
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0),
-                use_cache=True, logits_to_keep=1)
-    cache = out.cache if key == "cache" else out.past_key_values
+    cache, logits, key = prefill_groups(model, prompt_ids, prompt_mask, g)  # one prefill per prompt
     if not (hasattr(cache, "batch_repeat_interleave") and hasattr(cache, "batch_select_indices")):
         return None
-    cache.batch_repeat_interleave(g)  # (B, ...) -> (N, ...): one prefill per prompt
-    logits = out.logits[:, -1].float().repeat_interleave(g, 0)  # (N, V)
+    logits = logits.float()  # (N, V)
     attention = prompt_mask.repeat_interleave(g, 0)  # (n, P + t) for the rows still active
     position = attention.sum(-1, keepdim=True)  # (n, 1) position of the next token
     active = torch.arange(b * g, device=device)  # (n,) rows still generating
