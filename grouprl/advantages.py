@@ -1,14 +1,19 @@
-"""Advantage estimators for GRPO: pure functions from outcome rewards to per-sequence advantages.
+"""Advantage estimators: pure functions from rewards (and, for PPO, critic values) to advantages.
 
-Every function takes rewards of shape (N,) laid out group by group (N = B * G: completions 0..G-1 answer
-prompt 0, G..2G-1 prompt 1, ...) and returns advantages of shape (N,), the same for every token of o_i.
-`ADVANTAGES` maps the config names to the functions.
+GRPO: every function in `ADVANTAGES` takes rewards of shape (N,) laid out group by group (N = B * G:
+completions 0..G-1 answer prompt 0, G..2G-1 prompt 1, ...) and returns advantages of shape (N,), the same
+for every token of o_i.
+
+PPO: `kl_shaped_rewards` turns the sequence score into per-token rewards (N, T), `gae` turns those and the
+critic's values into per-token advantages and returns, `whiten` normalises over the batch. mask (N, T) is
+1.0 on the completion tokens through EOS (right-padded: ones, then zeros).
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import Tensor
 
 
@@ -71,3 +76,38 @@ def zero_std_groups(rewards: Tensor, group_size: int) -> Tensor:
     """(B,) bool: groups whose G rewards are all equal, which carry no learning signal under any estimator."""
     r = _groups(rewards, group_size)
     return (r == r[:, :1]).all(1)
+
+
+def kl_shaped_rewards(score: Tensor, logp: Tensor, ref_logp: Tensor | None, mask: Tensor, kl_coef: float) -> Tensor:
+    """Per-token PPO rewards (N, T): r_t = -kl_coef * (logp - ref_logp)_t (the k1 KL estimate, Ziegler et al.
+    2019 / InstructGPT), plus the sequence score (N,) on the last completion token. Zero past the end."""
+    rewards = torch.zeros_like(mask)
+    if ref_logp is not None and kl_coef:
+        rewards = -kl_coef * (logp - ref_logp) * mask
+    last = (mask.sum(1).long() - 1).clamp(min=0)  # (N,) index of the last completion token
+    return rewards.index_put((torch.arange(len(score)), last), score.to(rewards.dtype), accumulate=True)
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016), per token, right to left:
+    delta_t = r_t + gamma V_{t+1} - V_t,  A_t = delta_t + gamma lam A_{t+1},  R_t = A_t + V_t,
+    with V and A taken as 0 after the last completion token. rewards, values, mask: (N, T).
+    Returns (advantages, returns), both (N, T) and zero outside the mask."""
+    rewards, values = rewards * mask, values * mask
+    adv = torch.zeros_like(rewards)
+    next_value = next_adv = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]
+        next_value = values[:, t]
+        adv[:, t] = next_adv
+    return adv, (adv + values) * mask
+
+
+def whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+    """(x - mean) / sqrt(var + eps) over the masked entries of the whole batch (var with Bessel's
+    correction); zero outside the mask."""
+    n = mask.sum()
+    mean = (x * mask).sum() / n
+    var = (((x - mean) * mask) ** 2).sum() / (n - 1).clamp(min=1)
+    return (x - mean) * torch.rsqrt(var + eps) * mask

@@ -6,6 +6,7 @@
     <dir>/grouprl.yaml                                      the resolved run config
     <dir>/trainer_state.json                                step, data position, metrics so far
     <dir>/optimizer.pt, rng.pt                              optimizer/scheduler and RNG states (tensors only)
+    <dir>/critic/ or value_head.safetensors                 PPO's critic (see critic.py)
 
 Everything is written into '<dir>.tmp' and renamed into place, so a crash never leaves a half checkpoint
 where a complete one was.
@@ -17,6 +18,7 @@ import copy
 import json
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -29,10 +31,12 @@ def save_checkpoint(
     tokenizer,
     cfg: TrainConfig,
     state: dict,
-    optimizer: torch.optim.Optimizer | None = None,
-    scheduler=None,
+    optim_state: dict | None = None,
     merged: bool = False,
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
+    """optim_state: optimizer and scheduler state dicts by name; extra(folder) writes what else the
+    algorithm keeps (PPO's critic)."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -44,9 +48,10 @@ def save_checkpoint(
         tokenizer.save_pretrained(tmp / "merged")
     save_config(cfg, tmp / "grouprl.yaml")
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-    if optimizer is not None:
-        torch.save({"optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None}, tmp / "optimizer.pt")
+    if optim_state is not None:
+        torch.save(optim_state, tmp / "optimizer.pt")
+    if extra is not None:
+        extra(tmp)
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -60,7 +65,7 @@ def save_checkpoint(
 
 
 def load_trainer_state(path: Path) -> tuple[dict, dict | None, dict]:
-    """(trainer_state, optimizer+scheduler state or None, rng state) of a checkpoint; tensors only."""
+    """(trainer_state, optimizer and scheduler states or None, rng state) of a checkpoint; tensors only."""
     state = json.loads((path / "trainer_state.json").read_text())
     opt = torch.load(path / "optimizer.pt", weights_only=True) if (path / "optimizer.pt").exists() else None
     rng = torch.load(path / "rng.pt", weights_only=True)

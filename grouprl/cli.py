@@ -38,13 +38,17 @@ def _fail(err: Exception) -> None:
 
 
 @app.command()
-def train(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
-    """Train a policy with GRPO; writes metrics, completions and checkpoints to output_dir."""
+def train(
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    algo: Optional[str] = typer.Option(None, help="grpo or ppo (shorthand for --set algo=...)."),
+) -> None:
+    """Train a policy with GRPO or PPO; writes metrics, completions and checkpoints to output_dir."""
     try:
         from grouprl.config import load_config
         from grouprl.loop import train as run
 
-        cfg = load_config(config, set_)
+        cfg = load_config(config, list(set_ or []) + ([f"algo={algo}"] if algo is not None else []))
         run(cfg)
     except UserError as e:
         _fail(e)

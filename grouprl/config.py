@@ -84,7 +84,7 @@ class RewardSpec(Section):
 
 
 class RolloutConfig(Section):
-    group_size: int = Field(8, ge=2, description="G: completions sampled per prompt.")
+    group_size: int = Field(8, ge=1, description="G: completions sampled per prompt (GRPO needs at least 2).")
     prompts_per_step: int = Field(4, ge=1, description="Prompts per step; the batch is prompts_per_step * G.")
     max_new_tokens: int = Field(96, ge=1, description="L_max: completion length limit (tokens).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (also applied to the logprobs).")
@@ -127,6 +127,45 @@ class GRPOConfig(Section):
     eps_std: float = Field(1e-4, gt=0, description="eps added to the std in zscore / batch_std.")
 
 
+class CriticConfig(Section):
+    kind: Literal["separate", "head"] = Field(
+        "separate",
+        description="separate: a value model of its own (a copy of the policy's backbone, or name_or_path, with "
+        "a scalar head) and its own optimizer; head: a scalar head on the policy's last hidden state (one model "
+        "in memory; the value loss also trains the shared trunk).",
+    )
+    name_or_path: str | None = Field(
+        None, description="separate: initialise the critic from this checkpoint (a causal LM folder or HF id, or "
+        "a grouprl checkpoint's critic/ folder); default: the policy's initial weights."
+    )
+    lr: float | None = Field(None, gt=0, description="Critic learning rate (value head included); default: optim.lr.")
+    lora: LoraConfig | None = Field(None, description="separate: LoRA for the critic; default: as model.lora.")
+
+
+class PPOConfig(Section):
+    gamma: float = Field(1.0, ge=0, le=1, description="GAE discount.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda (1: Monte Carlo returns, 0: one-step TD).")
+    eps: float = Field(0.2, ge=0, description="Policy ratio clip: rho in [1 - eps, 1 + eps].")
+    eps_value: float = Field(0.2, ge=0, description="Value clip: V within V_old +- eps_value (reward units).")
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
+    epochs: int = Field(4, ge=1, description="PPO epochs over each rollout batch.")
+    minibatches: int = Field(1, ge=1, description="Optimizer steps per epoch: the groups are split in this many.")
+    micro_batch_size: int = Field(16, ge=1, description="Sequences per forward/backward (gradient accumulation).")
+    kl_coef: float = Field(0.05, ge=0, description="beta of the per-token k1 KL penalty in the reward; 0 loads "
+                           "no reference. The initial value when kl_target is set.")
+    kl_target: float | None = Field(
+        None, gt=0, description="Adaptive KL (Ziegler et al. 2019): steer kl_coef so that the summed KL per "
+        "completion approaches this; None keeps kl_coef fixed."
+    )
+    kl_horizon: int = Field(10000, ge=1, description="Adaptive KL horizon, in sequences.")
+    whiten_advantages: bool = Field(True, description="Normalise the advantages over the batch (mean 0, std 1).")
+    missing_eos_penalty: float = Field(
+        0.0, ge=0, description="Subtracted from the score of a completion cut at max_new_tokens (no EOS)."
+    )
+    critic_warmup_steps: int = Field(0, ge=0, description="First steps that train only the critic.")
+    critic: CriticConfig = Field(default_factory=CriticConfig, description="The value function.")
+
+
 class OptimConfig(Section):
     lr: float = Field(1e-5, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
@@ -144,7 +183,9 @@ class EvalConfig(Section):
 
 
 class TrainConfig(Section):
-    algo: Literal["grpo"] = Field("grpo", description="The algorithm.")
+    algo: Literal["grpo", "ppo"] = Field(
+        "grpo", description="grpo: group-relative advantages, policy only; ppo: GAE over a learned critic."
+    )
     steps: int = Field(40, ge=1, description="Training steps (one rollout batch each).")
     seed: int = Field(0, description="Seed of sampling, shuffling and initialisation.")
     output_dir: str = Field("runs/grpo", description="Where metrics, completions and checkpoints go.")
@@ -163,7 +204,8 @@ class TrainConfig(Section):
         description="Reward functions and weights; the reward is their weighted sum.",
     )
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Sampling.")
-    grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="GRPO objective.")
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="GRPO objective (algo: grpo).")
+    ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO objective and critic (algo: ppo).")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
 
@@ -171,9 +213,13 @@ class TrainConfig(Section):
     def _check(self) -> TrainConfig:
         if self.task.name in ("gsm8k", "dataset") and not self.task.source:
             raise ValueError(f"task.source is required for task.name={self.task.name!r}")
-        if self.rollout.prompts_per_step % self.grpo.minibatches:
-            raise ValueError(f"grpo.minibatches={self.grpo.minibatches} must divide rollout.prompts_per_step="
+        minibatches = self.grpo.minibatches if self.algo == "grpo" else self.ppo.minibatches
+        if self.rollout.prompts_per_step % minibatches:
+            raise ValueError(f"{self.algo}.minibatches={minibatches} must divide rollout.prompts_per_step="
                              f"{self.rollout.prompts_per_step} (minibatches are made of whole groups)")
+        if self.algo == "grpo" and self.rollout.group_size < 2:
+            raise ValueError(f"rollout.group_size: must be at least 2 for GRPO, advantages are relative to the group "
+                             f"(got {self.rollout.group_size})")
         if self.grpo.ref_refresh_steps and self.model.lora.enabled:
             raise ValueError("grpo.ref_refresh_steps needs full fine-tuning: under LoRA the reference is the frozen base")
         return self
@@ -183,10 +229,10 @@ def format_validation_error(err: ValidationError) -> str:
     """One line per problem: 'field.path: message (got value)'."""
     parts = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "config"
+        loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         got = f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""
-        parts.append(f"{loc}: {msg}{got}")
+        parts.append(f"{loc}: {msg}{got}" if loc else msg)  # cross-field checks name their fields themselves
     return "; ".join(parts)
 
 

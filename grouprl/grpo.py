@@ -7,15 +7,19 @@ With mu = 1 and one minibatch, logp_old = logp_theta.detach() and no extra forwa
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from grouprl.config import GRPOConfig
-from grouprl.logprobs import TokenLogprobs, completion_logprobs, grouped_completion_logprobs
+from grouprl.advantages import ADVANTAGES
+from grouprl.config import GRPOConfig, TrainConfig
+from grouprl.logprobs import forward_groups, group_rows, sequence_logprobs
 from grouprl.losses import Normaliser, grpo_loss
 from grouprl.models import Reference
+from grouprl.optim import make_optimizer
 from grouprl.rollout import Rollout
 
 
@@ -28,38 +32,7 @@ class UpdateStats:
     entropy: float = 0.0
     grad_norm: float = 0.0
     tokens: float = 0.0
-
-
-def group_rows(groups: Tensor, group_size: int) -> Tensor:
-    """Group indices (k,) -> the indices of their rows (k * G,), group by group."""
-    return (groups.unsqueeze(1) * group_size + torch.arange(group_size)).flatten()
-
-
-def forward_groups(model, rollout: Rollout, rows: Tensor, group_size: int, temperature: float,
-                   with_entropy: bool = False, shared_prompt: bool = True) -> TokenLogprobs:
-    """Log-probs (n, C) of the completions in `rows` (whole groups, from group_rows).
-    With shared_prompt, each prompt runs once per group."""
-    g, p = group_size, rollout.prompt_len
-    if shared_prompt:
-        heads = rows[::g]
-        out = grouped_completion_logprobs(
-            model, rollout.input_ids[heads, :p], rollout.attention_mask[heads, :p], rollout.input_ids[rows, p:],
-            rollout.attention_mask[rows, p:], g, temperature, with_entropy)
-    else:
-        out = completion_logprobs(model, rollout.input_ids[rows], rollout.attention_mask[rows],
-                                  rollout.completion_len, temperature, with_entropy)
-    return out
-
-
-@torch.no_grad()
-def sequence_logprobs(model, rollout: Rollout, group_size: int, groups_per_micro: int, temperature: float,
-                      shared_prompt: bool) -> Tensor:
-    """(N, C) logp of every completion token under `model`, without gradients."""
-    logp = torch.zeros_like(rollout.completion_mask)
-    for groups in torch.arange(rollout.input_ids.shape[0] // group_size).split(groups_per_micro):
-        rows = group_rows(groups, group_size)
-        logp[rows] = forward_groups(model, rollout, rows, group_size, temperature, shared_prompt=shared_prompt).logp
-    return logp
+    prep_time: float = 0.0  # seconds in the no-grad forwards (pi_old, pi_ref)
 
 
 def grpo_update(
@@ -90,6 +63,7 @@ def grpo_update(
     g = group_size
     num_groups = mask.shape[0] // g
     per_micro = max(1, cfg.micro_batch_size // g)
+    t0 = time.perf_counter()
     policy.eval()  # pi_old and pi_ref without dropout
     old_logp = None
     if cfg.mu > 1 or cfg.minibatches > 1:  # pi_old is the policy before this step's first update
@@ -99,6 +73,7 @@ def grpo_update(
         with reference.active() as ref_model:
             ref_logp = sequence_logprobs(ref_model, rollout, g, per_micro, temperature, shared_prompt)
     policy.train()
+    prep_time = time.perf_counter() - t0
 
     stats = UpdateStats()
     tokens_seen = 0.0
@@ -137,5 +112,45 @@ def grpo_update(
     return UpdateStats(
         loss=stats.loss / steps, kl=stats.kl / denom, clip_frac=stats.clip_frac / denom,
         ratio=stats.ratio / denom, entropy=stats.entropy / denom, grad_norm=stats.grad_norm / steps,
-        tokens=tokens_seen / steps,
+        tokens=tokens_seen / steps, prep_time=prep_time,
     )
+
+
+class GRPO:
+    """GRPO for the training loop: advantages, the reference (when beta > 0) and the optimizer."""
+
+    name = "GRPO"
+
+    def __init__(self, cfg: TrainConfig, policy: torch.nn.Module):
+        self.cfg, self.policy = cfg, policy
+        self.reference = Reference(policy, cfg.model.lora.enabled) if cfg.grpo.beta > 0 else None
+        self.optimizer, self.scheduler = make_optimizer([p for p in policy.parameters() if p.requires_grad],
+                                                        cfg.optim.lr, cfg.optim)
+        self.models_trained = 1
+
+    def update(self, rollout: Rollout, score: Tensor, step: int) -> tuple[dict[str, float], Tensor]:
+        """One step; returns its metrics and the advantages (N,)."""
+        c = self.cfg
+        adv = ADVANTAGES[c.grpo.advantage](score, c.rollout.group_size, c.grpo.eps_std)  # (N,)
+        upd = grpo_update(self.policy, self.reference, self.optimizer, self.scheduler, rollout, adv, c.grpo,
+                          temperature=c.rollout.temperature, max_new_tokens=c.rollout.max_new_tokens,
+                          max_grad_norm=c.optim.max_grad_norm, group_size=c.rollout.group_size,
+                          shared_prompt=not c.model.gradient_checkpointing)
+        if self.reference is not None and c.grpo.ref_refresh_steps and step % c.grpo.ref_refresh_steps == 0:
+            self.reference.refresh(self.policy)
+        metrics = {"kl": upd.kl, "clip_frac": upd.clip_frac, "ratio": upd.ratio, "entropy": upd.entropy,
+                   "loss": upd.loss, "grad_norm": upd.grad_norm, "prep_time": upd.prep_time,
+                   "lr": self.scheduler.get_last_lr()[0]}
+        return metrics, adv
+
+    def console(self, m: dict[str, float]) -> str:
+        return f"kl {m['kl']:.4f}  clip {m['clip_frac']:.3f}  ent {m['entropy']:.2f}"
+
+    def optimizer_state(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def state(self) -> dict:
+        return {}
+
+    def save_extra(self, folder: Path) -> None:
+        pass

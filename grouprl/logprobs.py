@@ -13,11 +13,13 @@ fewer tokens through the model, forward and backward, with the same values and g
 from __future__ import annotations
 
 import inspect
-
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from grouprl.rollout import Rollout
 
 
 def selective_log_softmax(logits: Tensor, targets: Tensor, chunk: int = 4) -> Tensor:
@@ -45,23 +47,27 @@ def cache_kwarg(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
-def prefill_groups(model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, group_size: int):
+def prefill_groups(model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, group_size: int,
+                   with_hidden: bool = False):
     """Run each of the B left-padded prompts once and repeat its KV cache G times (differentiably).
 
-    Returns (cache for N = B * G rows, last-position logits (N, V), the cache argument's name).
+    Returns (cache for N = B * G rows, last-position logits (N, V), the cache argument's name, last-position
+    final hidden state (N, H) or None).
     """
     key = cache_kwarg(model)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True, logits_to_keep=1,
-                position_ids=(prompt_mask.long().cumsum(-1) - 1).clamp(min=0))
+                position_ids=(prompt_mask.long().cumsum(-1) - 1).clamp(min=0), output_hidden_states=with_hidden)
     cache = out.cache if key == "cache" else out.past_key_values
     if hasattr(cache, "batch_repeat_interleave"):
         cache.batch_repeat_interleave(group_size)  # (B, ...) -> (N, ...)
-    return cache, out.logits[:, -1].repeat_interleave(group_size, 0), key
+    hidden = out.hidden_states[-1][:, -1].repeat_interleave(group_size, 0) if with_hidden else None
+    return cache, out.logits[:, -1].repeat_interleave(group_size, 0), key, hidden
 
 
 class TokenLogprobs(NamedTuple):
-    logp: Tensor  # (N, C) logp of each completion token
+    logp: Tensor | None  # (N, C) logp of each completion token (None when not asked for)
     entropy: Tensor | None  # (N, C) next-token entropy, when asked for
+    hidden: Tensor | None = None  # (N, C, H) final hidden state at the position that predicts each token
 
 
 def completion_logprobs(
@@ -71,26 +77,35 @@ def completion_logprobs(
     completion_len: int,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    with_logp: bool = True,
+    with_hidden: bool = False,
 ) -> TokenLogprobs:
     """logp of the last `completion_len` tokens of each row given everything before them.
 
     input_ids, attention_mask: (N, P + C), prompts left-padded, completions right-padded.
     Logits are divided by the sampling temperature so that logp is that of the distribution sampled from.
+    with_hidden also returns the final hidden states at the same positions (for a value head); without
+    with_logp, the vocabulary projection is skipped (logits for one position only).
     """
+    c = completion_len
     # Positions follow the mask so that left padding does not shift them (as generate() does).
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    logits = model(
+    out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        logits_to_keep=completion_len + 1,
+        logits_to_keep=c + 1 if with_logp else 1,
         use_cache=False,
-    ).logits[:, :-1]  # (N, C, V): position t predicts token t + 1
+        output_hidden_states=with_hidden,
+    )
+    hidden = out.hidden_states[-1][:, -c - 1:-1] if with_hidden else None  # (N, C, H)
+    if not with_logp:
+        return TokenLogprobs(None, None, hidden)
+    logits = out.logits[:, :-1]  # (N, C, V): position t predicts token t + 1
     if temperature != 1.0:
         logits = logits.float() / temperature  # divide in float32, not in the model's bf16
-    targets = input_ids[:, -completion_len:]
-    logp = selective_log_softmax(logits, targets)
-    return TokenLogprobs(logp, entropy(logits) if with_entropy else None)
+    logp = selective_log_softmax(logits, input_ids[:, -c:])
+    return TokenLogprobs(logp, entropy(logits) if with_entropy else None, hidden)
 
 
 def grouped_completion_logprobs(
@@ -102,6 +117,8 @@ def grouped_completion_logprobs(
     group_size: int,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    with_logp: bool = True,
+    with_hidden: bool = False,
 ) -> TokenLogprobs:
     """Like `completion_logprobs`, with the prompt computed once per group.
 
@@ -109,16 +126,53 @@ def grouped_completion_logprobs(
     (N, C) with N = B * G, rows of group b at b*G .. b*G + G - 1.
     """
     g = group_size
-    cache, last, key = prefill_groups(model, prompt_ids, prompt_mask, g)
-    first = last.unsqueeze(1)  # (N, 1, V): predicts o_0
+    cache, last, key, last_hidden = prefill_groups(model, prompt_ids, prompt_mask, g, with_hidden)
     c = completion_ids.shape[1]
     lengths = prompt_mask.long().sum(-1).repeat_interleave(g).unsqueeze(1)  # (N, 1)
     attention = torch.cat([prompt_mask.repeat_interleave(g, 0), completion_mask.to(prompt_mask.dtype)], 1)
-    rest = model(input_ids=completion_ids, attention_mask=attention,
-                 position_ids=lengths + torch.arange(c, device=lengths.device), use_cache=True,
-                 logits_to_keep=c, **{key: cache}).logits[:, :-1]  # (N, C - 1, V): predicts o_1 ..
-    logits = torch.cat([first, rest], 1)  # (N, C, V)
+    out = model(input_ids=completion_ids, attention_mask=attention,
+                position_ids=lengths + torch.arange(c, device=lengths.device), use_cache=True,
+                logits_to_keep=c if with_logp else 1, output_hidden_states=with_hidden, **{key: cache})
+    hidden = None
+    if with_hidden:  # (N, C, H): the prompt's last position predicts o_0, completion position t predicts o_t+1
+        hidden = torch.cat([last_hidden.unsqueeze(1), out.hidden_states[-1][:, :-1]], 1)
+    if not with_logp:
+        return TokenLogprobs(None, None, hidden)
+    logits = torch.cat([last.unsqueeze(1), out.logits[:, :-1]], 1)  # (N, C, V)
     if temperature != 1.0:
         logits = logits.float() / temperature  # divide in float32, not in the model's bf16
     logp = selective_log_softmax(logits, completion_ids)
-    return TokenLogprobs(logp, entropy(logits) if with_entropy else None)
+    return TokenLogprobs(logp, entropy(logits) if with_entropy else None, hidden)
+
+
+# Rollout-level helpers: rows come in groups of G that share a prompt; batches are made of whole groups.
+
+def group_rows(groups: Tensor, group_size: int) -> Tensor:
+    """Group indices (k,) -> the indices of their rows (k * G,), group by group."""
+    return (groups.unsqueeze(1) * group_size + torch.arange(group_size)).flatten()
+
+
+def forward_groups(model, rollout: Rollout, rows: Tensor, group_size: int, temperature: float,
+                   with_entropy: bool = False, shared_prompt: bool = True, with_logp: bool = True,
+                   with_hidden: bool = False) -> TokenLogprobs:
+    """Log-probs (n, C) (and optionally hidden states (n, C, H)) of the completions in `rows` (whole
+    groups, from group_rows). With shared_prompt, each prompt runs once per group."""
+    g, p = group_size, rollout.prompt_len
+    if shared_prompt:
+        heads = rows[::g]
+        return grouped_completion_logprobs(
+            model, rollout.input_ids[heads, :p], rollout.attention_mask[heads, :p], rollout.input_ids[rows, p:],
+            rollout.attention_mask[rows, p:], g, temperature, with_entropy, with_logp, with_hidden)
+    return completion_logprobs(model, rollout.input_ids[rows], rollout.attention_mask[rows],
+                               rollout.completion_len, temperature, with_entropy, with_logp, with_hidden)
+
+
+@torch.no_grad()
+def sequence_logprobs(model, rollout: Rollout, group_size: int, groups_per_micro: int, temperature: float,
+                      shared_prompt: bool) -> Tensor:
+    """(N, C) logp of every completion token under `model`, without gradients."""
+    logp = torch.zeros_like(rollout.completion_mask)
+    for groups in torch.arange(rollout.input_ids.shape[0] // group_size).split(groups_per_micro):
+        rows = group_rows(groups, group_size)
+        logp[rows] = forward_groups(model, rollout, rows, group_size, temperature, shared_prompt=shared_prompt).logp
+    return logp

@@ -15,16 +15,19 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from grouprl.advantages import ADVANTAGES, zero_std_groups
+from grouprl.advantages import zero_std_groups
 from grouprl.checkpoint import save_checkpoint
 from grouprl.config import TrainConfig, save_config
 from grouprl.errors import UserError
-from grouprl.grpo import grpo_update
+from grouprl.grpo import GRPO
 from grouprl.metrics import MetricsLog
-from grouprl.models import Reference, load_policy, trainable_parameters
+from grouprl.models import load_policy, trainable_parameters
+from grouprl.ppo import PPO
 from grouprl.rewards import RewardSet
 from grouprl.rollout import Rollout, concat, generate, select
 from grouprl.tasks import Task, build_task
+
+LEARNERS = {"grpo": GRPO, "ppo": PPO}  # cfg.algo -> the update, with the models and optimizers it owns
 
 
 class PromptStream:
@@ -85,14 +88,15 @@ def check_rewards(rewards: RewardSet, task: Task, tokenizer, prefill: str) -> No
 def sample_and_score(policy, tokenizer, task: Task, rewards: RewardSet, stream: PromptStream,
                      cfg: TrainConfig) -> Scored:
     """Generate G completions for prompts_per_step prompts and score them. With dynamic sampling, groups
-    whose rewards are all equal are dropped and more prompts are sampled, up to max_sampling_rounds."""
+    whose rewards are all equal are dropped and more prompts are sampled, up to max_sampling_rounds (GRPO)."""
     ro, g = cfg.rollout, cfg.rollout.group_size
+    dynamic = cfg.algo == "grpo" and cfg.grpo.dynamic_sampling
     kept: list[Scored] = []
     groups_seen = groups_flat = 0
     n_kept = 0
     t_gen = t_score = tokens = 0.0
-    for _ in range(cfg.grpo.max_sampling_rounds if cfg.grpo.dynamic_sampling else 1):
-        rows = stream.take(ro.prompts_per_step - n_kept if cfg.grpo.dynamic_sampling else ro.prompts_per_step)
+    for _ in range(cfg.grpo.max_sampling_rounds if dynamic else 1):
+        rows = stream.take(ro.prompts_per_step - n_kept if dynamic else ro.prompts_per_step)
         prompts = [task.chat_prompt(tokenizer, r, cfg.task.prefill) for r in rows]
         t0 = time.perf_counter()
         rollout = generate(policy, tokenizer, prompts, group_size=g, max_new_tokens=ro.max_new_tokens,
@@ -107,7 +111,7 @@ def sample_and_score(policy, tokenizer, task: Task, rewards: RewardSet, stream: 
         flat = zero_std_groups(total, g)  # (B,)
         groups_seen += len(rows)
         groups_flat += int(flat.sum())
-        keep = ~flat.repeat_interleave(g) if cfg.grpo.dynamic_sampling else torch.ones(len(total), dtype=torch.bool)
+        keep = ~flat.repeat_interleave(g) if dynamic else torch.ones(len(total), dtype=torch.bool)
         if keep.any():
             idx = keep.nonzero().flatten()
             kept.append(Scored(select(rollout, keep), [seq_rows[i] for i in idx], [seq_prompts[i] for i in idx],
@@ -136,9 +140,9 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def _progress(console: Console) -> Progress:
+def _progress(console: Console, name: str) -> Progress:
     return Progress(
-        TextColumn("[bold]GRPO"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+        TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
     )
 
@@ -163,47 +167,39 @@ def train(cfg: TrainConfig, console: Console | None = None) -> TrainResult:
     rewards = RewardSet([(r.name, r.weight) for r in cfg.rewards])
     policy, tokenizer = load_policy(cfg.model)
     check_rewards(rewards, task, tokenizer, cfg.task.prefill)
-    reference = Reference(policy, cfg.model.lora.enabled) if cfg.grpo.beta > 0 else None
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
-    updates_per_step = cfg.grpo.mu * cfg.grpo.minibatches
-    warmup = cfg.optim.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / (warmup + 1)))
+    learner = LEARNERS[cfg.algo](cfg, policy)
+    updates_per_step = cfg.grpo.mu * cfg.grpo.minibatches if cfg.algo == "grpo" else cfg.ppo.epochs * cfg.ppo.minibatches
     stream = PromptStream(task.train, cfg.seed, in_order=cfg.task.name == "arithmetic" and cfg.task.curriculum)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "grouprl.yaml")
     log = MetricsLog(out)
-    console.print(f"[bold]grouprl[/] GRPO on {cfg.task.name} ({len(task.train)} train / {len(task.eval)} held-out "
+    critic = ""
+    if cfg.algo == "ppo":
+        critic = (f" + a value head on its trunk" if learner.critic.shared else
+                  f" + a critic with {sum(p.numel() for p in learner.critic.parameters()):,}")
+    console.print(f"[bold]grouprl[/] {learner.name} on {cfg.task.name} ({len(task.train)} train / {len(task.eval)} held-out "
                   f"problems), model {cfg.model.name_or_path}, {trainable_parameters(policy):,} trainable "
-                  f"parameters, batch {cfg.rollout.prompts_per_step} x G={cfg.rollout.group_size}, "
+                  f"parameters{critic}, batch {cfg.rollout.prompts_per_step} x G={cfg.rollout.group_size}, "
                   f"{updates_per_step} update(s)/step -> {out}")
 
     history: list[dict] = []
-    adv_fn = ADVANTAGES[cfg.grpo.advantage]
-    with _progress(console) as bar:
+    with _progress(console, learner.name) as bar:
         job = bar.add_task("train", total=cfg.steps, info="")
         for step in range(1, cfg.steps + 1):
             t0 = time.perf_counter()
             batch = sample_and_score(policy, tokenizer, task, rewards, stream, cfg)
-            adv = adv_fn(batch.total, cfg.rollout.group_size, cfg.grpo.eps_std)  # (N,)
             t1 = time.perf_counter()
-            upd = grpo_update(policy, reference, optimizer, scheduler, batch.rollout, adv, cfg.grpo,
-                              temperature=cfg.rollout.temperature, max_new_tokens=cfg.rollout.max_new_tokens,
-                              max_grad_norm=cfg.optim.max_grad_norm, group_size=cfg.rollout.group_size,
-                              shared_prompt=not cfg.model.gradient_checkpointing)
+            upd, adv = learner.update(batch.rollout, batch.total, step)
             t2 = time.perf_counter()
-            if reference is not None and cfg.grpo.ref_refresh_steps and step % cfg.grpo.ref_refresh_steps == 0:
-                reference.refresh(policy)
 
             lengths = batch.rollout.lengths
             m = {f"reward/{n}": batch.per_fn[:, k].mean().item() for k, n in enumerate(rewards.names)}
             m |= {f"reward_std/{n}": batch.per_fn[:, k].std().item() for k, n in enumerate(rewards.names)}
             m |= {
                 "reward": batch.total.mean().item(), "reward_std": batch.total.std().item(),
-                "zero_std_frac": batch.zero_std_frac, "kl": upd.kl, "clip_frac": upd.clip_frac,
-                "entropy": upd.entropy, "loss": upd.loss, "grad_norm": upd.grad_norm,
+                "zero_std_frac": batch.zero_std_frac, **upd,
                 "completion_len": lengths.mean().item(), "truncated_frac": batch.rollout.truncated.float().mean().item(),
-                "lr": scheduler.get_last_lr()[0], "step_time": t2 - t0, "gen_time": batch.gen_seconds,
+                "step_time": t2 - t0, "gen_time": batch.gen_seconds,
                 "score_time": batch.score_seconds, "update_time": t2 - t1,
                 "gen_tokens_per_s": batch.generated_tokens / max(batch.gen_seconds, 1e-9),
                 "elapsed": time.perf_counter() - start,
@@ -217,24 +213,24 @@ def train(cfg: TrainConfig, console: Console | None = None) -> TrainResult:
                                          batch.per_fn.tolist())
             ])
             fn_means = " ".join(f"{n}={m[f'reward/{n}']:.2f}" for n in rewards.names)
-            bar.console.print(f"step {step:>4}  reward {m['reward']:.3f}  {fn_means}  kl {upd.kl:.4f}  "
-                              f"clip {upd.clip_frac:.3f}  ent {upd.entropy:.2f}  len {m['completion_len']:.0f}  "
+            bar.console.print(f"step {step:>4}  reward {m['reward']:.3f}  {fn_means}  {learner.console(m)}  "
+                              f"len {m['completion_len']:.0f}  "
                               f"flat {batch.zero_std_frac:.2f}  {m['step_time']:.1f}s "
                               f"({m['gen_tokens_per_s']:.0f} tok/s)")
             bar.update(job, advance=1, info=f"reward {m['reward']:.2f}")
-            state = {"step": step, "data": stream.state(), "seed": cfg.seed}
+            state = {"step": step, "data": stream.state(), "seed": cfg.seed, **learner.state()}
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                 save_checkpoint(out / "checkpoints" / f"step-{step:06d}", policy, tokenizer, cfg, state,
-                                optimizer, scheduler, merged=cfg.save_merged)
-    final = save_checkpoint(out / "final", policy, tokenizer, cfg, state, optimizer, scheduler,
-                            merged=cfg.save_merged)
+                                learner.optimizer_state(), cfg.save_merged, learner.save_extra)
+    final = save_checkpoint(out / "final", policy, tokenizer, cfg, state, learner.optimizer_state(),
+                            cfg.save_merged, learner.save_extra)
     log.close()
     result = TrainResult(out, final, history, time.perf_counter() - start)
-    console.print(summary_table(result, rewards.names))
+    console.print(summary_table(result, rewards.names, learner.name))
     return result
 
 
-def summary_table(result: TrainResult, names: list[str]) -> Table:
+def summary_table(result: TrainResult, names: list[str], algo: str = "GRPO") -> Table:
     """First vs last steps (mean of up to 5 each) of every reward, plus speed and where things are."""
     h = result.history
     k = max(1, min(5, len(h) // 2))
@@ -243,11 +239,12 @@ def summary_table(result: TrainResult, names: list[str]) -> Table:
     def avg(rows, key):
         return sum(r[key] for r in rows) / len(rows)
 
-    table = Table(title=f"GRPO run summary ({len(h)} steps, {result.seconds / 60:.1f} min)")
+    table = Table(title=f"{algo} run summary ({len(h)} steps, {result.seconds / 60:.1f} min)")
     table.add_column("metric")
     table.add_column(f"first {k} steps", justify="right")
     table.add_column(f"last {k} steps", justify="right")
-    for key in ["reward"] + [f"reward/{n}" for n in names] + ["completion_len", "zero_std_frac", "kl"]:
+    extra = ["explained_var", "value_loss"] if algo == "PPO" else []
+    for key in ["reward"] + [f"reward/{n}" for n in names] + ["completion_len", "zero_std_frac", "kl"] + extra:
         table.add_row(key, f"{avg(first, key):.3f}", f"{avg(last, key):.3f}")
     table.add_row("step time (s, median)", "", f"{sorted(r['step_time'] for r in h)[len(h) // 2]:.1f}")
     table.add_row("checkpoint", "", str(result.final_checkpoint))

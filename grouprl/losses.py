@@ -1,7 +1,9 @@
-"""GRPO loss pieces as pure functions of tensors: ratios, the clipped surrogate, k3 KL, aggregation.
+"""Loss pieces as pure functions of tensors: ratios, the clipped surrogate, k3 KL, aggregation (GRPO);
+the token-mean clipped policy loss and the clipped value loss (PPO).
 
-Shapes: N sequences, T completion positions. logp, old_logp, ref_logp, mask: (N, T); adv: (N,).
-mask is 1.0 on the completion tokens that count (up to and including EOS) and 0.0 elsewhere.
+Shapes: N sequences, T completion positions. logp, old_logp, ref_logp, mask: (N, T); adv: (N,) for GRPO,
+(N, T) for PPO; values, old_values, returns: (N, T). mask is 1.0 on the completion tokens that count (up to
+and including EOS) and 0.0 elsewhere.
 """
 
 from __future__ import annotations
@@ -33,10 +35,10 @@ RATIOS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {"token": token_
 def clipped_surrogate(ratio: Tensor, adv: Tensor, eps_low: float, eps_high: float) -> tuple[Tensor, Tensor]:
     """PPO/GRPO objective per token: min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A).
 
-    Returns the objective (N, T) (to be maximised) and a bool (N, T) map of where the clipped branch is
-    taken and carries no gradient.
+    adv is (N,) (one advantage per sequence) or (N, T) (one per token). Returns the objective (N, T) (to be
+    maximised) and a bool (N, T) map of where the clipped branch is taken and carries no gradient.
     """
-    a = adv.unsqueeze(1)  # (N, 1)
+    a = adv.unsqueeze(1) if adv.dim() == 1 else adv  # (N, 1) or (N, T)
     unclipped = ratio * a
     clipped = ratio.clamp(1 - eps_low, 1 + eps_high) * a
     is_clipped = clipped < unclipped
@@ -119,3 +121,65 @@ def grpo_loss(
             ratio=(ratio * mask).sum().item(),
         )
     return loss, stats
+
+
+class PPOStats(NamedTuple):
+    """Sums over the masked tokens of a (micro-)batch; divide by `tokens` for means."""
+
+    tokens: float
+    clipped: float  # tokens where the clipped branch is active
+    approx_kl: float  # sum of (rho - 1) - log rho, the k3 estimate of KL(pi_old || pi_theta)
+    ratio: float  # sum of rho
+
+
+def ppo_policy_loss(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, norm: Normaliser,
+                    eps: float) -> tuple[Tensor, PPOStats]:
+    """Negative PPO clipped objective, token mean over the batch: -sum min(rho A, clip(rho, 1 +- eps) A) /
+    sum |o_i|. adv: (N, T), per token (GAE, whitened)."""
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    objective, is_clipped = clipped_surrogate(ratio, adv, eps, eps)
+    loss = -token_mean(objective, mask, norm)
+    with torch.no_grad():
+        stats = PPOStats(
+            tokens=mask.sum().item(),
+            clipped=(is_clipped.float() * mask).sum().item(),
+            approx_kl=(((ratio - 1) - log_ratio) * mask).sum().item(),
+            ratio=(ratio * mask).sum().item(),
+        )
+    return loss, stats
+
+
+class ValueStats(NamedTuple):
+    """Sums over the masked tokens of a (micro-)batch; divide by `tokens` for means."""
+
+    tokens: float
+    clipped: float  # tokens where the clipped value's error is the larger (the max picks the clipped branch)
+    values: float  # sum of V
+
+
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, norm: Normaliser,
+               eps_value: float) -> tuple[Tensor, ValueStats]:
+    """Clipped value loss (PPO2 / Ziegler et al.), token mean over the batch:
+    0.5 * max((V - R)^2, (clip(V, V_old - eps_v, V_old + eps_v) - R)^2). Not yet weighted by vf_coef."""
+    clipped_values = old_values + (values - old_values).clamp(-eps_value, eps_value)
+    unclipped_err = (values - returns) ** 2
+    clipped_err = (clipped_values - returns) ** 2
+    loss = 0.5 * token_mean(torch.maximum(unclipped_err, clipped_err), mask, norm)
+    with torch.no_grad():
+        stats = ValueStats(
+            tokens=mask.sum().item(),
+            clipped=((clipped_err > unclipped_err).float() * mask).sum().item(),
+            values=(values * mask).sum().item(),
+        )
+    return loss, stats
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+    """1 - Var(R - V) / Var(R) over the masked tokens: 1 is a perfect critic, 0 no better than a constant,
+    negative worse than one."""
+    n = mask.sum()
+    var_r = (((returns - (returns * mask).sum() / n) * mask) ** 2).sum() / n
+    err = (returns - values) * mask
+    var_err = (((err - err.sum() / n) * mask) ** 2).sum() / n
+    return float(1 - var_err / var_r) if var_r > 0 else float("nan")

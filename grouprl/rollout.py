@@ -109,7 +109,7 @@ def sample(
     padded with pad_token_id after each row's EOS; None when the model's cache cannot be re-indexed."""
     b, g = prompt_ids.shape[0], group_size
     device = prompt_ids.device
-    cache, logits, key = prefill_groups(model, prompt_ids, prompt_mask, g)  # one prefill per prompt
+    cache, logits, key, _ = prefill_groups(model, prompt_ids, prompt_mask, g)  # one prefill per prompt
     if not (hasattr(cache, "batch_repeat_interleave") and hasattr(cache, "batch_select_indices")):
         return None
     logits = logits.float()  # (N, V)

@@ -1,0 +1,108 @@
+"""The PPO critic V(s_t): a scalar head on a causal LM's final hidden state, at every completion position.
+
+V_t is read at the position that predicts completion token o_t (the last prompt position for o_0), the same
+positions whose logits give logp(o_t), so values line up with the policy's (N, C) log-probs.
+
+    kind 'separate'  a value model of its own: the policy's backbone (or another checkpoint) plus the head,
+                     its own optimizer and learning rate, LoRA optional. Two models trained.
+    kind 'head'      the head sits on the policy's trunk: one forward gives logp and V, one model in memory;
+                     the value loss also trains the shared trunk (weighted by vf_coef).
+
+Checkpoints: <dir>/critic/ (HF folder or peft adapter, plus value_head.safetensors) for 'separate';
+<dir>/value_head.safetensors for 'head'. A 'separate' critic can start from a saved critic/ folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from grouprl.config import TrainConfig
+from grouprl.logprobs import TokenLogprobs, forward_groups
+from grouprl.models import add_lora, load_causal_lm, resolve_model_path
+from grouprl.rollout import Rollout
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+class ValueHead(nn.Module):
+    """hidden (N, T, H) -> V (N, T) in float32. Zero-initialised: V = 0 until the critic has learned."""
+
+    def __init__(self, hidden_size: int, device: torch.device):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1, device=device, dtype=torch.float32)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.linear(hidden.float()).squeeze(-1)
+
+
+def _hidden_size(model: nn.Module) -> int:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return config.hidden_size
+
+
+class Critic:
+    """V(s_t) over a rollout's completion positions; `model` is the policy itself when `shared`."""
+
+    def __init__(self, model: nn.Module, head: ValueHead, shared: bool):
+        self.model, self.head, self.shared = model, head, shared
+
+    def parameters(self) -> list[nn.Parameter]:
+        """What the critic's optimizer trains: the head, plus the value model's trainable weights when separate
+        (a shared trunk is trained by the policy's optimizer)."""
+        own = [] if self.shared else [p for p in self.model.parameters() if p.requires_grad]
+        return own + list(self.head.parameters())
+
+    def train(self, mode: bool = True) -> None:
+        self.head.train(mode)
+        if not self.shared:
+            self.model.train(mode)
+
+    def values(self, rollout: Rollout, rows: Tensor, group_size: int, shared_prompt: bool,
+               policy_out: TokenLogprobs | None = None) -> Tensor:
+        """V (n, C) for `rows` (whole groups). A shared head reads the hidden states of `policy_out` (the
+        policy forward that also gave logp); without one, the trunk is run without gradient (head only)."""
+        if self.shared and policy_out is not None:
+            hidden = policy_out.hidden
+        elif self.shared:
+            with torch.no_grad():
+                hidden = forward_groups(self.model, rollout, rows, group_size, 1.0, shared_prompt=shared_prompt,
+                                        with_logp=False, with_hidden=True).hidden
+        else:
+            hidden = forward_groups(self.model, rollout, rows, group_size, 1.0, shared_prompt=shared_prompt,
+                                    with_logp=False, with_hidden=True).hidden
+        return self.head(hidden)
+
+    def save(self, checkpoint: Path) -> None:
+        if self.shared:
+            save_file(self.head.state_dict(), checkpoint / VALUE_HEAD_FILE)
+            return
+        folder = checkpoint / "critic"
+        self.model.save_pretrained(folder, safe_serialization=True)
+        save_file(self.head.state_dict(), folder / VALUE_HEAD_FILE)
+
+
+def load_critic(cfg: TrainConfig, policy: nn.Module) -> Critic:
+    """The critic that cfg.ppo.critic asks for. A checkpoint with value_head.safetensors restores the head too."""
+    spec = cfg.ppo.critic
+    device = next(policy.parameters()).device
+    if spec.kind == "head":
+        return Critic(policy, ValueHead(_hidden_size(policy), device), shared=True)
+    path = resolve_model_path(spec.name_or_path or cfg.model.name_or_path)
+    model = load_causal_lm(path, cfg.model)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    lora = spec.lora if spec.lora is not None else cfg.model.lora
+    if lora.enabled:
+        model = add_lora(model, lora)
+    head = ValueHead(_hidden_size(model), device)
+    saved = Path(path) / VALUE_HEAD_FILE
+    if saved.is_file():
+        head.load_state_dict(load_file(saved, device=str(device)))
+    return Critic(model, head, shared=False)
