@@ -64,6 +64,33 @@ def save_checkpoint(
     return path
 
 
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The checkpoint of `out_dir` (checkpoints/step-N or final) with the highest step, or None."""
+    found = [p for p in [out_dir / "final", *(out_dir / "checkpoints").glob("step-*")]
+             if (p / "trainer_state.json").is_file()]
+    return max(found, key=lambda p: json.loads((p / "trainer_state.json").read_text())["step"], default=None)
+
+
+def load_weights(model: torch.nn.Module, folder: Path) -> None:
+    """Put the weights that save_pretrained wrote in `folder` back into `model`: a peft adapter into a peft
+    model, or a full (possibly sharded) safetensors checkpoint."""
+    from safetensors.torch import load_file
+
+    if (folder / "adapter_model.safetensors").is_file():
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
+        return
+    if (folder / "model.safetensors.index.json").is_file():
+        from transformers.modeling_utils import load_sharded_checkpoint
+
+        load_sharded_checkpoint(model, str(folder), strict=False)
+        return
+    missing, unexpected = model.load_state_dict(load_file(folder / "model.safetensors"), strict=False)
+    assert not unexpected, unexpected
+    assert not missing or getattr(model.config, "tie_word_embeddings", False), missing  # only tied weights
+
+
 def load_trainer_state(path: Path) -> tuple[dict, dict | None, dict]:
     """(trainer_state, optimizer and scheduler states or None, rng state) of a checkpoint; tensors only."""
     state = json.loads((path / "trainer_state.json").read_text())

@@ -42,14 +42,22 @@ def train(
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
     algo: Optional[str] = typer.Option(None, help="grpo or ppo (shorthand for --set algo=...)."),
+    resume: Optional[Path] = typer.Option(
+        None, help="Continue the run in this output_dir from its latest checkpoint, with its saved config "
+        "(--set may change e.g. steps)."),
 ) -> None:
     """Train a policy with GRPO or PPO; writes metrics, completions and checkpoints to output_dir."""
     try:
         from grouprl.config import load_config
         from grouprl.loop import train as run
 
-        cfg = load_config(config, list(set_ or []) + ([f"algo={algo}"] if algo is not None else []))
-        run(cfg)
+        sets = list(set_ or []) + ([f"algo={algo}"] if algo is not None else [])
+        if resume is not None:
+            if not (resume / "grouprl.yaml").is_file():
+                raise UserError(f"--resume {str(resume)!r}: no grouprl.yaml there; expected a run's output_dir")
+            config = config or resume / "grouprl.yaml"
+            sets.append(f"output_dir={resume}")
+        run(load_config(config, sets), resume=resume is not None)
     except UserError as e:
         _fail(e)
 
@@ -119,6 +127,31 @@ def eval_(
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps({"model": model, "metrics": metrics, "samples": samples}, indent=1))
+
+
+@app.command()
+def compare(
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    run: Optional[list[str]] = typer.Option(
+        None, "--run", "-r", help="A run: a preset (grpo, ppo, ppo-head, dr-grpo, dapo, gspo, rank, rloo) or "
+        "'name:key=value key=value' (repeatable; default: grpo and ppo)."),
+    out: Path = typer.Option(Path("runs/compare"), "--out", "-o", help="Report folder (runs go in OUT/runs/)."),
+    eval_num: int = typer.Option(100, help="Held-out problems per evaluation."),
+    save_every: int = typer.Option(5, help="Checkpoint every N steps (resume points, equal-time evaluations)."),
+) -> None:
+    """Train GRPO, PPO and variants side by side, each in its own process, and write a report (markdown, JSON,
+    plots, HTML). Run it again to continue an interrupted comparison."""
+    try:
+        from grouprl.compare import compare as run_compare
+
+        if eval_num < 1 or save_every < 1:
+            raise UserError("--eval-num and --save-every must be at least 1")
+        run_compare(config, list(set_ or []), list(run or ["grpo", "ppo"]), out, eval_num=eval_num,
+                    save_every=save_every)
+        print(out / "index.html")
+    except UserError as e:
+        _fail(e)
 
 
 @app.command()

@@ -77,7 +77,8 @@ class TaskConfig(Section):
 
 class RewardSpec(Section):
     name: str = Field(
-        description="Built-in (strict_format, soft_format, tag_count, correctness, countdown, number) or "
+        description="Built-in (strict_format, soft_format, tag_count, correctness, answer_anywhere, countdown, "
+        "number), 'rm:<folder or HF id>' (a learned reward model: sequence classification, num_labels = 1), or "
         "'path/to/file.py:function' with signature (prompts, completions, **columns) -> list[float]."
     )
     weight: float = Field(1.0, description="Weight of this function in the summed reward.")
@@ -220,6 +221,10 @@ class TrainConfig(Section):
         if self.algo == "grpo" and self.rollout.group_size < 2:
             raise ValueError(f"rollout.group_size: must be at least 2 for GRPO, advantages are relative to the group "
                              f"(got {self.rollout.group_size})")
+        critic = self.ppo.critic
+        if critic.kind == "head" and (critic.name_or_path is not None or critic.lora is not None):
+            raise ValueError("ppo.critic.name_or_path and ppo.critic.lora need ppo.critic.kind: separate (a 'head' "
+                             "critic is a scalar head on the policy's own trunk)")
         if self.grpo.ref_refresh_steps and self.model.lora.enabled:
             raise ValueError("grpo.ref_refresh_steps needs full fine-tuning: under LoRA the reference is the frozen base")
         return self

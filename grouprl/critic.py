@@ -14,12 +14,15 @@ Checkpoints: <dir>/critic/ (HF folder or peft adapter, plus value_head.safetenso
 
 from __future__ import annotations
 
+import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from grouprl.checkpoint import load_weights
 from grouprl.config import TrainConfig
 from grouprl.logprobs import TokenLogprobs, forward_groups
 from grouprl.models import add_lora, load_causal_lm, resolve_model_path
@@ -68,12 +71,8 @@ class Critic:
         """V (n, C) for `rows` (whole groups). A shared head reads the hidden states of `policy_out` (the
         policy forward that also gave logp); without one, the trunk is run without gradient (head only)."""
         if self.shared and policy_out is not None:
-            hidden = policy_out.hidden
-        elif self.shared:
-            with torch.no_grad():
-                hidden = forward_groups(self.model, rollout, rows, group_size, 1.0, shared_prompt=shared_prompt,
-                                        with_logp=False, with_hidden=True).hidden
-        else:
+            return self.head(policy_out.hidden)
+        with torch.no_grad() if self.shared else nullcontext():
             hidden = forward_groups(self.model, rollout, rows, group_size, 1.0, shared_prompt=shared_prompt,
                                     with_logp=False, with_hidden=True).hidden
         return self.head(hidden)
@@ -87,6 +86,14 @@ class Critic:
         save_file(self.head.state_dict(), folder / VALUE_HEAD_FILE)
 
 
+    def load(self, checkpoint: Path) -> None:
+        """Resume: the weights that `save` wrote into `checkpoint`."""
+        folder = checkpoint if self.shared else checkpoint / "critic"
+        if not self.shared:
+            load_weights(self.model, folder)
+        self.head.load_state_dict(load_file(folder / VALUE_HEAD_FILE, device=str(self.head.linear.weight.device)))
+
+
 def load_critic(cfg: TrainConfig, policy: nn.Module) -> Critic:
     """The critic that cfg.ppo.critic asks for. A checkpoint with value_head.safetensors restores the head too."""
     spec = cfg.ppo.critic
@@ -94,12 +101,18 @@ def load_critic(cfg: TrainConfig, policy: nn.Module) -> Critic:
     if spec.kind == "head":
         return Critic(policy, ValueHead(_hidden_size(policy), device), shared=True)
     path = resolve_model_path(spec.name_or_path or cfg.model.name_or_path)
-    model = load_causal_lm(path, cfg.model)
+    adapter = Path(path) / "adapter_config.json"
+    base = json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.is_file() else path
+    model = load_causal_lm(resolve_model_path(base), cfg.model)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     lora = spec.lora if spec.lora is not None else cfg.model.lora
-    if lora.enabled:
+    if adapter.is_file():  # a LoRA critic saved by grouprl: its base, with the adapter trainable again
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, path, is_trainable=True)
+    elif lora.enabled:
         model = add_lora(model, lora)
     head = ValueHead(_hidden_size(model), device)
     saved = Path(path) / VALUE_HEAD_FILE

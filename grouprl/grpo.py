@@ -18,7 +18,7 @@ from grouprl.advantages import ADVANTAGES
 from grouprl.config import GRPOConfig, TrainConfig
 from grouprl.logprobs import forward_groups, group_rows, sequence_logprobs
 from grouprl.losses import Normaliser, grpo_loss
-from grouprl.models import Reference
+from grouprl.models import Reference, trainable_parameters
 from grouprl.optim import make_optimizer
 from grouprl.rollout import Rollout
 
@@ -127,6 +127,8 @@ class GRPO:
         self.optimizer, self.scheduler = make_optimizer([p for p in policy.parameters() if p.requires_grad],
                                                         cfg.optim.lr, cfg.optim)
         self.models_trained = 1
+        self.models_in_memory = 1 + (self.reference is not None and not self.reference.lora)
+        self.trainable_parameters = trainable_parameters(policy)
 
     def update(self, rollout: Rollout, score: Tensor, step: int) -> tuple[dict[str, float], Tensor]:
         """One step; returns its metrics and the advantages (N,)."""
@@ -154,3 +156,8 @@ class GRPO:
 
     def save_extra(self, folder: Path) -> None:
         pass
+
+    def load(self, folder: Path, optim_state: dict, state: dict) -> None:
+        """Resume: the optimizer and scheduler of a checkpoint (the policy's weights are loaded by the loop)."""
+        self.optimizer.load_state_dict(optim_state["optimizer"])
+        self.scheduler.load_state_dict(optim_state["scheduler"])

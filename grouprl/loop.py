@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -16,12 +17,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from grouprl.advantages import zero_std_groups
-from grouprl.checkpoint import save_checkpoint
+from grouprl.checkpoint import latest_checkpoint, load_trainer_state, load_weights, save_checkpoint
 from grouprl.config import TrainConfig, save_config
 from grouprl.errors import UserError
 from grouprl.grpo import GRPO
-from grouprl.metrics import MetricsLog
-from grouprl.models import load_policy, trainable_parameters
+from grouprl.metrics import MetricsLog, read_metrics
+from grouprl.models import load_policy
 from grouprl.ppo import PPO
 from grouprl.rewards import RewardSet
 from grouprl.rollout import Rollout, concat, generate, select
@@ -147,17 +148,35 @@ def _progress(console: Console, name: str) -> Progress:
     )
 
 
-def train(cfg: TrainConfig, console: Console | None = None) -> TrainResult:
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory of this process: max allocated on CUDA, the resident set size (ru_maxrss) on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep the lines of a metrics/completions log up to `last_step` (what a resumed run will write again)."""
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def train(cfg: TrainConfig, console: Console | None = None, resume: bool = False) -> TrainResult:
+    """Train cfg.steps steps. With resume, continue the run in cfg.output_dir from its latest checkpoint
+    (weights, optimizers, RNG, data position and logs as they were then), or start it if it has none."""
     console = console or Console()
     start = time.perf_counter()
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {str(out)!r} is a file: expected a folder (new or empty)")
-    if (out / "final").exists():
-        raise UserError(f"output_dir {str(out)!r} already holds a finished run: choose another output_dir")
-    if (out / "metrics.jsonl").exists() or (out / "checkpoints").exists():
-        raise UserError(f"output_dir {str(out)!r} already holds a run (resume is not supported yet): "
-                        "choose another output_dir")
+    ckpt = latest_checkpoint(out) if resume else None
+    if not resume and ((out / "final").exists() or (out / "metrics.jsonl").exists()
+                       or (out / "checkpoints").exists()):
+        raise UserError(f"output_dir {str(out)!r} already holds a run: choose another output_dir, or resume it "
+                        f"with `grouprl train --resume {out}`")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
@@ -169,23 +188,41 @@ def train(cfg: TrainConfig, console: Console | None = None) -> TrainResult:
     check_rewards(rewards, task, tokenizer, cfg.task.prefill)
     learner = LEARNERS[cfg.algo](cfg, policy)
     updates_per_step = cfg.grpo.mu * cfg.grpo.minibatches if cfg.algo == "grpo" else cfg.ppo.epochs * cfg.ppo.minibatches
-    stream = PromptStream(task.train, cfg.seed, in_order=cfg.task.name == "arithmetic" and cfg.task.curriculum)
+    in_order = cfg.task.name == "arithmetic" and cfg.task.curriculum
+    stream = PromptStream(task.train, cfg.seed, in_order=in_order)
+    history: list[dict] = []
+    first_step = 1
+    if ckpt is not None:
+        state, optim_state, rng = load_trainer_state(ckpt)
+        load_weights(policy, ckpt)
+        learner.load(ckpt, optim_state, state)
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        stream = PromptStream(task.train, cfg.seed, in_order, **state["data"])
+        first_step = state["step"] + 1
+        history = [m for m in read_metrics(out / "metrics.jsonl") if m["step"] < first_step]
+        start -= history[-1]["elapsed"] if history else 0.0
+    if resume:  # the steps after the checkpoint (or all, without one) are run again: drop their log lines
+        _truncate_jsonl(out / "metrics.jsonl", first_step - 1)
+        _truncate_jsonl(out / "completions.jsonl", first_step - 1)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "grouprl.yaml")
+    device = next(policy.parameters()).device
+    info = {"algo": cfg.algo, "models_trained": learner.models_trained, "models_in_memory": learner.models_in_memory,
+            "trainable_parameters": learner.trainable_parameters, "device": str(device)}
+    (out / "run_info.json").write_text(json.dumps(info, indent=1))
     log = MetricsLog(out)
-    critic = ""
-    if cfg.algo == "ppo":
-        critic = (f" + a value head on its trunk" if learner.critic.shared else
-                  f" + a critic with {sum(p.numel() for p in learner.critic.parameters()):,}")
-    console.print(f"[bold]grouprl[/] {learner.name} on {cfg.task.name} ({len(task.train)} train / {len(task.eval)} held-out "
-                  f"problems), model {cfg.model.name_or_path}, {trainable_parameters(policy):,} trainable "
-                  f"parameters{critic}, batch {cfg.rollout.prompts_per_step} x G={cfg.rollout.group_size}, "
-                  f"{updates_per_step} update(s)/step -> {out}")
+    console.print(f"[bold]grouprl[/] {learner.name} on {cfg.task.name} ({len(task.train)} train / {len(task.eval)} "
+                  f"held-out problems), model {cfg.model.name_or_path}, {learner.models_trained} model(s) trained, "
+                  f"{learner.trainable_parameters:,} trainable parameters, batch {cfg.rollout.prompts_per_step} x "
+                  f"G={cfg.rollout.group_size}, {updates_per_step} update(s)/step -> {out}"
+                  + (f", resumed after step {first_step - 1}" if ckpt is not None else ""))
 
-    history: list[dict] = []
+    state = {"step": first_step - 1, "data": stream.state(), "seed": cfg.seed, **learner.state()}
     with _progress(console, learner.name) as bar:
-        job = bar.add_task("train", total=cfg.steps, info="")
-        for step in range(1, cfg.steps + 1):
+        job = bar.add_task("train", total=cfg.steps, completed=first_step - 1, info="")
+        for step in range(first_step, cfg.steps + 1):
             t0 = time.perf_counter()
             batch = sample_and_score(policy, tokenizer, task, rewards, stream, cfg)
             t1 = time.perf_counter()
@@ -202,7 +239,7 @@ def train(cfg: TrainConfig, console: Console | None = None) -> TrainResult:
                 "step_time": t2 - t0, "gen_time": batch.gen_seconds,
                 "score_time": batch.score_seconds, "update_time": t2 - t1,
                 "gen_tokens_per_s": batch.generated_tokens / max(batch.gen_seconds, 1e-9),
-                "elapsed": time.perf_counter() - start,
+                "peak_mem_gib": peak_memory_gib(device), "elapsed": time.perf_counter() - start,
             }
             history.append({"step": step, **m})
             log.log(step, m)

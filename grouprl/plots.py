@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+
 from grouprl.metrics import read_metrics
 
 
@@ -35,7 +37,10 @@ def plot_rewards(run_dir: Path, out: Path, window: int = 5) -> Path:
     ax2.set_ylabel(f"mean per function ({window}-step mean)")
     ax2.legend()
     ax2.grid(alpha=0.3)
-    fig.suptitle(f"GRPO: {run_dir}")
+    algo = "grpo"
+    if (run_dir / "grouprl.yaml").is_file():
+        algo = yaml.safe_load((run_dir / "grouprl.yaml").read_text()).get("algo", "grpo")
+    fig.suptitle(f"{algo.upper()}: {run_dir}")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

@@ -24,7 +24,7 @@ from grouprl.config import PPOConfig, TrainConfig
 from grouprl.critic import Critic, load_critic
 from grouprl.logprobs import forward_groups, group_rows, sequence_logprobs
 from grouprl.losses import Normaliser, explained_variance, ppo_policy_loss, value_loss
-from grouprl.models import Reference
+from grouprl.models import Reference, trainable_parameters
 from grouprl.optim import make_optimizer
 from grouprl.rollout import Rollout
 
@@ -181,6 +181,9 @@ class PPO:
                                          cfg.optim)
         self.critic_opt = make_optimizer(self.critic.parameters(), cfg.ppo.critic.lr or cfg.optim.lr, cfg.optim)
         self.models_trained = 1 if self.critic.shared else 2
+        self.models_in_memory = self.models_trained + (self.reference is not None and not self.reference.lora)
+        self.trainable_parameters = trainable_parameters(policy) + sum(
+            p.numel() for p in self.critic.parameters())
 
     def update(self, rollout: Rollout, score: Tensor, step: int) -> tuple[dict[str, float], Tensor]:
         """One step; returns its metrics and a per-sequence advantage (token mean) for the completions log."""
@@ -215,3 +218,12 @@ class PPO:
 
     def save_extra(self, folder: Path) -> None:
         self.critic.save(folder)
+
+    def load(self, folder: Path, optim_state: dict, state: dict) -> None:
+        """Resume: the critic, both optimizers and schedulers, and the KL coefficient of a checkpoint."""
+        self.critic.load(folder)
+        self.policy_opt[0].load_state_dict(optim_state["optimizer"])
+        self.policy_opt[1].load_state_dict(optim_state["scheduler"])
+        self.critic_opt[0].load_state_dict(optim_state["critic_optimizer"])
+        self.critic_opt[1].load_state_dict(optim_state["critic_scheduler"])
+        self.kl_coef = state["kl_coef"]

@@ -7,8 +7,10 @@ included), and columns the task's other columns (e.g. `answer`), one value per c
     >>> strict_format(["q"], ["<reasoning>\\n2 + 2 = 4\\n</reasoning>\\n<answer>\\n4\\n</answer>"])
     [1.0]
 
-User functions are named 'path/to/file.py:function'. Every call is checked at this boundary: an exception,
-a wrong length, or a value that is not a finite number stops the run with one line naming the function.
+User functions are named 'path/to/file.py:function'; a learned reward model (a sequence-classification
+checkpoint with one output) is named 'rm:<folder or HF id>'. Every call is checked at this boundary: an
+exception, a wrong length, or a value that is not a finite number stops the run with one line naming the
+function.
 """
 
 from __future__ import annotations
@@ -168,13 +170,54 @@ BUILTIN: dict[str, RewardFn] = {
 }
 
 
+class RewardModel:
+    """A learned reward model as a reward function: `AutoModelForSequenceClassification` with num_labels = 1,
+    scoring each prompt + completion text (the prompt as the policy saw it, chat template included), in
+    batches, without gradients. Its score is the output at the last non-padding token."""
+
+    def __init__(self, name_or_path: str, batch_size: int = 16):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from grouprl.models import pick_device, pick_dtype, resolve_model_path
+
+        path = resolve_model_path(name_or_path)
+        self.device = pick_device("auto")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                path, dtype=pick_dtype("auto", self.device)).to(self.device).eval()
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load reward model {name_or_path!r}: {str(e).splitlines()[0]}") from None
+        if self.model.config.num_labels != 1:
+            raise UserError(f"reward model {name_or_path!r} has {self.model.config.num_labels} outputs: expected "
+                            "a sequence-classification model with num_labels = 1 (one scalar score)")
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = "right"
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id  # how HF finds the last real token
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], completions: list[str], **_: Any) -> list[float]:
+        texts = [p + c for p, c in zip(prompts, completions)]
+        scores: list[float] = []
+        for i in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(texts[i:i + self.batch_size], return_tensors="pt", padding=True,
+                                 add_special_tokens=False).to(self.device)  # the prompt carries its own specials
+            scores += self.model(**enc).logits[:, 0].float().tolist()
+        return scores
+
+
 def load_reward(name: str) -> RewardFn:
-    """A built-in by name, or 'path/to/file.py:function' loaded from that file."""
+    """A built-in by name, 'rm:<model>' (a learned reward model), or 'path/to/file.py:function'."""
     if name in BUILTIN:
         return BUILTIN[name]
+    if name.startswith("rm:"):
+        return RewardModel(name.removeprefix("rm:"))
     path, sep, func = name.rpartition(":")
     if not sep or not path.endswith(".py"):
-        raise UserError(f"reward {name!r}: expected one of {sorted(BUILTIN)} or 'path/to/file.py:function'")
+        raise UserError(f"reward {name!r}: expected one of {sorted(BUILTIN)}, 'rm:<reward model>' or "
+                        "'path/to/file.py:function'")
     file = Path(path).expanduser()
     if not file.is_file():
         raise UserError(f"reward file {path!r} not found (from reward {name!r})")

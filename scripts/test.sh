@@ -3,4 +3,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# The report page of `grouprl compare` is tested in a real headless browser: Debian's chromium, driven by
+# playwright (pip, in the [test] extra). Installed here when missing and we may (root); else that test skips.
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "warning: could not install chromium; the browser test will skip"
+fi
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -61,7 +61,7 @@ def test_train_writes_metrics_completions_and_a_loadable_checkpoint(tiny_model, 
 
     # a finished run is never overwritten, nor is a run in progress
     res = run("train", *base_sets(tiny_model, toy_data, out))
-    assert res.exit_code == 2 and "already holds a finished run" in res.output
+    assert res.exit_code == 2 and "already holds a run" in res.output and "--resume" in res.output
     (out / "final").rename(out / "kept")
     res = run("train", *base_sets(tiny_model, toy_data, out))
     assert res.exit_code == 2 and "already holds a run" in res.output

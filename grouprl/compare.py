@@ -1,0 +1,375 @@
+"""`grouprl compare`: GRPO, PPO and named variants on the same task, model, prompt budget and seed, each
+trained in a process of its own (so that its peak memory is its own), then evaluated and reported.
+
+    <out>/runs/<name>/     each run's output_dir (config.yaml, metrics, checkpoints every save_every steps)
+    <out>/report.json      every figure below, per run
+    <out>/report.md        the table
+    <out>/reward_vs_step.png, reward_vs_time.png
+    <out>/index.html       the table, the plots and sample completions of each run
+
+A comparison that is interrupted continues where it stopped when run again with the same arguments:
+finished runs are kept, an unfinished one resumes from its latest checkpoint (`train --resume`), and
+evaluations already written are reused.
+
+"At equal wall-clock time" compares each run at the training time of the fastest run (the sum of its step
+times): a run is evaluated at its latest checkpoint within that time.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from grouprl.config import TrainConfig, load_config, parse_overrides, save_config
+from grouprl.errors import UserError
+from grouprl.metrics import read_metrics
+
+# Named variants: overrides on top of the base config. Unnamed settings keep the base config's values.
+PRESETS: dict[str, list[str]] = {
+    "grpo": ["algo=grpo"],
+    "ppo": ["algo=ppo"],
+    "ppo-head": ["algo=ppo", "ppo.critic.kind=head"],
+    "dr-grpo": ["algo=grpo", "grpo.advantage=mean", "grpo.loss_agg=constant"],
+    "dapo": ["algo=grpo", "grpo.eps_high=0.28", "grpo.loss_agg=token_mean", "grpo.dynamic_sampling=true"],
+    "gspo": ["algo=grpo", "grpo.ratio=sequence"],
+    "rank": ["algo=grpo", "grpo.advantage=rank"],
+    "rloo": ["algo=grpo", "grpo.advantage=rloo"],
+}
+LAST = 5  # steps averaged for "reward at the end" and "reward at equal time"
+
+
+@dataclass
+class RunSpec:
+    name: str
+    overrides: list[str]
+
+    @staticmethod
+    def parse(text: str) -> RunSpec:
+        """'ppo' (a preset), or 'label:key=value key=value' (overrides on the preset of that name, if any)."""
+        name, _, rest = text.partition(":")
+        name = name.strip()
+        if not name or not name.replace("-", "").replace("_", "").isalnum():
+            raise UserError(f"--run {text!r}: expected a name (letters, digits, - or _), e.g. 'ppo' or "
+                            "'mine:grpo.advantage=rank grpo.beta=0.01'")
+        if not rest and name not in PRESETS:
+            raise UserError(f"--run {text!r}: {name!r} is not a preset ({', '.join(PRESETS)}); "
+                            "give overrides as 'name:key=value ...'")
+        overrides = PRESETS.get(name, []) + shlex.split(rest)
+        parse_overrides(overrides)  # a malformed key=value fails here, naming it
+        return RunSpec(name, overrides)
+
+
+def run_configs(config: Path | None, sets: list[str], specs: list[RunSpec], out: Path,
+                save_every: int) -> dict[str, TrainConfig]:
+    """Each run's validated config: base file + --set + the run's overrides, in out/runs/<name>."""
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise UserError(f"--run names must differ, got {names}")
+    cfgs = {}
+    for spec in specs:
+        try:
+            cfg = load_config(config, sets + spec.overrides + [f"output_dir={out / 'runs' / spec.name}",
+                                                               f"save_every={save_every}"])
+        except UserError as e:
+            raise UserError(f"run {spec.name!r}: {e}") from None
+        cfgs[spec.name] = cfg
+    steps = {c.steps for c in cfgs.values()}
+    budget = {(c.rollout.prompts_per_step, c.rollout.group_size, c.task.model_dump_json(), c.model.name_or_path,
+               c.seed) for c in cfgs.values()}
+    if len(steps) > 1 or len(budget) > 1:
+        raise UserError("the runs must share steps, prompts_per_step, group_size, task, model and seed "
+                        "(the comparison holds the prompt budget fixed); leave those out of --run")
+    return cfgs
+
+
+def _done_steps(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.is_file() else 0
+
+
+def _finished(run_dir: Path, steps: int) -> bool:
+    state = run_dir / "final" / "trainer_state.json"
+    return state.is_file() and json.loads(state.read_text())["step"] >= steps
+
+
+def train_run(name: str, cfg: TrainConfig, on_progress) -> None:
+    """Train one run in a child process, resuming it if it has started; `on_progress(steps done)` is called
+    while it runs. A failed child stops the comparison with the tail of its log."""
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_file = run_dir / "config.yaml"
+    save_config(cfg, config_file)
+    args = ["train", "--config", str(config_file)]
+    if (run_dir / "grouprl.yaml").is_file():
+        args += ["--resume", str(run_dir)]
+    log = (run_dir / "train.log").open("a")
+    child = subprocess.Popen([sys.executable, "-m", "grouprl", *args], stdout=log, stderr=subprocess.STDOUT)
+    while child.poll() is None:
+        on_progress(_done_steps(run_dir))
+        time.sleep(1.0)
+    log.close()
+    on_progress(_done_steps(run_dir))
+    if child.returncode != 0:
+        tail = (run_dir / "train.log").read_text().strip().splitlines()[-1:] or ["(empty log)"]
+        raise UserError(f"run {name!r} failed (exit {child.returncode}): {tail[0]} (log: {run_dir / 'train.log'}); "
+                        "run compare again to continue")
+
+
+def evaluate_checkpoint(model: str, cfg: TrainConfig, num: int, cache: Path) -> dict:
+    """Held-out greedy format rate and accuracy of a checkpoint (or the base model), cached in `cache`."""
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    import torch
+
+    from grouprl.evaluate import evaluate
+    from grouprl.models import load_for_inference
+    from grouprl.tasks import build_task
+
+    task = build_task(cfg.task)
+    rows = task.eval[:num]
+    net, tok = load_for_inference(model, cfg.model)
+    torch.manual_seed(cfg.seed)
+    metrics, _ = evaluate(net, tok, task, rows, prefill=cfg.task.prefill,
+                          max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+                          batch_size=cfg.eval.batch_size)
+    result = {"model": model, "problems": len(rows), **metrics}
+    cache.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _median(rows: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _cumulative_time(rows: list[dict]) -> list[float]:
+    out, t = [], 0.0
+    for r in rows:
+        t += r["step_time"]
+        out.append(t)
+    return out
+
+
+def checkpoint_at(run_dir: Path, step: int, steps: int) -> tuple[int, Path]:
+    """The latest checkpoint at or before `step`: final for the last step, else checkpoints/step-N."""
+    if step >= steps:
+        return steps, run_dir / "final"
+    saved = sorted(int(p.name.removeprefix("step-")) for p in (run_dir / "checkpoints").glob("step-*"))
+    before = [s for s in saved if s <= step]
+    if not before:
+        return 0, Path()
+    return before[-1], run_dir / "checkpoints" / f"step-{before[-1]:06d}"
+
+
+def summarise(cfgs: dict[str, TrainConfig], overrides: dict[str, list[str]], out: Path, eval_num: int,
+              on_eval) -> dict:
+    """Every figure of the report, from the runs' files (and evaluations, computed once and cached)."""
+    histories = {n: read_metrics(Path(c.output_dir) / "metrics.jsonl") for n, c in cfgs.items()}
+    equal_time = min(_cumulative_time(h)[-1] for h in histories.values())
+    first = next(iter(cfgs.values()))
+    base = evaluate_checkpoint(first.model.name_or_path, first, eval_num, out / "eval-base.json")
+    on_eval()
+    runs = []
+    for name, cfg in cfgs.items():
+        run_dir, h = Path(cfg.output_dir), histories[name]
+        info = json.loads((run_dir / "run_info.json").read_text())
+        times = _cumulative_time(h)
+        within = [r for r, t in zip(h, times) if t <= equal_time + 1e-9]
+        final = evaluate_checkpoint(str(run_dir / "final"), cfg, eval_num, run_dir / f"eval-step-{cfg.steps}.json")
+        on_eval()
+        eq_step, eq_dir = checkpoint_at(run_dir, within[-1]["step"] if within else 0, cfg.steps)
+        if eq_step == 0:
+            eq_eval = base
+        else:
+            eq_eval = evaluate_checkpoint(str(eq_dir), cfg, eval_num, run_dir / f"eval-step-{eq_step}.json")
+        on_eval()
+        update = [r["update_time"] - r.get("prep_time", 0.0) for r in h]
+        runs.append({
+            "name": name, "algo": cfg.algo, "overrides": overrides[name],
+            "models_trained": info["models_trained"], "models_in_memory": info["models_in_memory"],
+            "trainable_parameters": info["trainable_parameters"], "device": info["device"],
+            "peak_memory_gib": max(r["peak_mem_gib"] for r in h),
+            "median_step_s": _median(h, "step_time"), "median_generation_s": _median(h, "gen_time"),
+            "median_scoring_s": _median(h, "score_time"),
+            "median_ref_critic_forward_s": statistics.median(r.get("prep_time", 0.0) for r in h),
+            "median_update_s": statistics.median(update),
+            "generated_tokens_per_s": _median(h, "gen_tokens_per_s"),
+            "train_time_s": times[-1], "steps": len(h),
+            "reward_first": _mean([r["reward"] for r in h[:LAST]]),
+            "reward_last": _mean([r["reward"] for r in h[-LAST:]]),
+            "reward_at_equal_time": _mean([r["reward"] for r in within[-LAST:]]),
+            "steps_at_equal_time": len(within),
+            "eval_at_equal_steps": {"step": cfg.steps, "accuracy": final["accuracy"],
+                                    "format_rate": final["format_rate"]},
+            "eval_at_equal_time": {"step": eq_step, "accuracy": eq_eval["accuracy"],
+                                   "format_rate": eq_eval["format_rate"]},
+        })
+    return {"equal_time_s": equal_time, "eval_problems": base["problems"],
+            "base_eval": {"accuracy": base["accuracy"], "format_rate": base["format_rate"]},
+            "model": first.model.name_or_path, "task": first.task.name, "steps": first.steps,
+            "prompts_per_step": first.rollout.prompts_per_step, "group_size": first.rollout.group_size,
+            "seed": first.seed, "runs": runs}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
+    """The comparison table: one column per run."""
+    runs = report["runs"]
+    header = ["", *[r["name"] for r in runs]]
+    rows = [
+        ["models trained", *[str(r["models_trained"]) for r in runs]],
+        ["models held in memory", *[str(r["models_in_memory"]) for r in runs]],
+        ["trainable parameters", *[f"{r['trainable_parameters']:,}" for r in runs]],
+        ["peak memory (GiB)", *[f"{r['peak_memory_gib']:.2f}" for r in runs]],
+        ["median step (s)", *[f"{r['median_step_s']:.1f}" for r in runs]],
+        ["- generation (s)", *[f"{r['median_generation_s']:.1f}" for r in runs]],
+        ["- scoring (s)", *[f"{r['median_scoring_s']:.2f}" for r in runs]],
+        ["- reference / critic forward (s)", *[f"{r['median_ref_critic_forward_s']:.1f}" for r in runs]],
+        ["- update (s)", *[f"{r['median_update_s']:.1f}" for r in runs]],
+        ["generated tokens/s", *[f"{r['generated_tokens_per_s']:.0f}" for r in runs]],
+        ["training time (min)", *[f"{r['train_time_s'] / 60:.1f}" for r in runs]],
+        [f"reward, first {LAST} steps", *[f"{r['reward_first']:.3f}" for r in runs]],
+        [f"reward, last {LAST} steps", *[f"{r['reward_last']:.3f}" for r in runs]],
+        [f"held-out accuracy at step {report['steps']}", *[_pct(r["eval_at_equal_steps"]["accuracy"]) for r in runs]],
+        [f"held-out format rate at step {report['steps']}",
+         *[_pct(r["eval_at_equal_steps"]["format_rate"]) for r in runs]],
+        [f"steps done in {report['equal_time_s'] / 60:.1f} min (equal time)",
+         *[str(r["steps_at_equal_time"]) for r in runs]],
+        [f"reward at equal time (last {LAST} steps)", *[f"{r['reward_at_equal_time']:.3f}" for r in runs]],
+        ["held-out accuracy at equal time (checkpoint step)",
+         *[f"{_pct(r['eval_at_equal_time']['accuracy'])} ({r['eval_at_equal_time']['step']})" for r in runs]],
+        ["held-out format rate at equal time", *[_pct(r["eval_at_equal_time"]["format_rate"]) for r in runs]],
+    ]
+    return header, rows
+
+
+def markdown(report: dict) -> str:
+    header, rows = table_rows(report)
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    b = report["base_eval"]
+    return (f"# grouprl compare: {', '.join(r['name'] for r in report['runs'])}\n\n"
+            f"Model {report['model']}, task {report['task']}, {report['steps']} steps of "
+            f"{report['prompts_per_step']} prompts x G = {report['group_size']}, seed {report['seed']}. "
+            f"Held-out: {report['eval_problems']} problems, greedy; the base model scores "
+            f"{_pct(b['accuracy'])} accuracy, {_pct(b['format_rate'])} format rate.\n\n"
+            + "\n".join(lines) + "\n\n![reward vs step](reward_vs_step.png)\n![reward vs time](reward_vs_time.png)\n")
+
+
+def plot(cfgs: dict[str, TrainConfig], out: Path, window: int = 5) -> list[Path]:
+    """Reward (a `window`-step moving average) against step and against training time, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for x_key, label, fname in [("step", "step", "reward_vs_step.png"),
+                                ("time", "training time (min)", "reward_vs_time.png")]:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for i, (name, cfg) in enumerate(cfgs.items()):
+            h = read_metrics(Path(cfg.output_dir) / "metrics.jsonl")
+            xs = [r["step"] for r in h] if x_key == "step" else [t / 60 for t in _cumulative_time(h)]
+            ys = [r["reward"] for r in h]
+            smooth = [_mean(ys[max(0, k - window + 1):k + 1]) for k in range(len(ys))]
+            ax.plot(xs, ys, color=f"C{i}", alpha=0.25)
+            ax.plot(xs, smooth, color=f"C{i}", label=name)
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"reward ({window}-step mean)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=100)
+        plt.close(fig)
+        paths.append(out / fname)
+    return paths
+
+
+def samples(cfg: TrainConfig, k: int = 3) -> list[dict]:
+    """The first k completions of the run's last step, with their rewards."""
+    path = Path(cfg.output_dir) / "completions.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    last = [r for r in rows if r["step"] == rows[-1]["step"]]
+    return last[:k]
+
+
+def html_page(report: dict, cfgs: dict[str, TrainConfig]) -> str:
+    header, rows = table_rows(report)
+    e = html.escape
+    table = ("<table id='comparison'><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr></thead><tbody>"
+             + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows) + "</tbody></table>")
+    sections = []
+    for name, cfg in cfgs.items():
+        items = "".join(f"<div class='sample'><div class='meta'>reward {s['reward']:.2f} · answer {e(str(s.get('answer')))}"
+                        f"</div><pre>{e(s['completion'])}</pre></div>" for s in samples(cfg))
+        sections.append(f"<section class='run' data-run='{e(name)}'><h3>{e(name)}</h3>{items}</section>")
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>grouprl compare</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 1100px; }}
+table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
+td:first-child {{ text-align: left; }} img {{ max-width: 49%; }}
+pre {{ background: #f6f6f6; padding: 8px; white-space: pre-wrap; }} .meta {{ color: #555; font-size: 90%; }}
+</style></head><body>
+<h1>grouprl compare</h1>
+<p>{e(report['model'])}, task {e(report['task'])}, {report['steps']} steps of {report['prompts_per_step']} prompts
+x G = {report['group_size']}, seed {report['seed']}; held-out: {report['eval_problems']} problems, greedy.</p>
+{table}
+<h2>Reward</h2>
+<img id="by-step" src="reward_vs_step.png" alt="reward vs step"><img id="by-time" src="reward_vs_time.png" alt="reward vs time">
+<h2>Sample completions (last step)</h2>
+{''.join(sections)}
+</body></html>
+"""
+
+
+def compare(config: Path | None, sets: list[str], run_texts: list[str], out: Path, *, eval_num: int,
+            save_every: int, console: Console | None = None) -> dict:
+    """Run the comparison (continuing an interrupted one) and write the report; returns the report dict."""
+    console = console or Console()
+    specs = [RunSpec.parse(t) for t in run_texts]
+    cfgs = run_configs(config, sets, specs, out, save_every)
+    out.mkdir(parents=True, exist_ok=True)
+    total_steps = sum(c.steps for c in cfgs.values())
+    evals = 1 + 2 * len(cfgs)
+    with Progress(TextColumn("[bold]compare"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console) as bar:
+        job = bar.add_task("compare", total=total_steps + evals, info="")
+        done_before = 0
+        for name, cfg in cfgs.items():
+            run_dir = Path(cfg.output_dir)
+            if _finished(run_dir, cfg.steps):
+                bar.console.print(f"{name}: finished earlier, kept")
+            else:
+                verb = "resuming" if (run_dir / "grouprl.yaml").is_file() else "training"
+                bar.console.print(f"{name}: {verb} ({cfg.algo}) -> {run_dir}")
+
+                def progress(n: int, base=done_before, label=name) -> None:
+                    bar.update(job, completed=base + n, info=f"{label} step {n}")
+
+                train_run(name, cfg, progress)
+            done_before += cfg.steps
+            bar.update(job, completed=done_before)
+        bar.update(job, info="held-out evaluation")
+        report = summarise(cfgs, {s.name: s.overrides for s in specs}, out, eval_num, lambda: bar.advance(job))
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    plot(cfgs, out)
+    (out / "report.md").write_text(markdown(report))
+    (out / "index.html").write_text(html_page(report, cfgs))
+    return report

@@ -1,0 +1,113 @@
+"""`grouprl compare` on the tiny model: the report's files and fields, continuing an interrupted comparison,
+the one-line errors, and the HTML page in a real headless browser (Debian's chromium, driven by playwright)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from grouprl.cli import app
+from grouprl.compare import PRESETS, RunSpec, compare
+from grouprl.errors import UserError
+from test_learning import toy_config
+
+RUNS = ["grpo", "ppo", "rank"]
+
+
+def base_sets(tiny_model, toy_data, toy_reward) -> list[str]:
+    return [s for s in toy_config(tiny_model, toy_data, toy_reward, "unused", **{
+        "steps": 3, "rollout.group_size": 4, "rollout.prompts_per_step": 2, "rollout.max_new_tokens": 6,
+        "ppo.epochs": 1, "eval.batch_size": 8}) if not s.startswith("output_dir=")]
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory, tiny_model, toy_data, toy_reward):
+    out = tmp_path_factory.mktemp("compare") / "report"
+    compare(None, base_sets(tiny_model, toy_data, toy_reward), RUNS, out, eval_num=4, save_every=1,
+            console=Console(quiet=True))
+    return out
+
+
+def test_report_has_every_figure_for_every_run(report_dir):
+    report = json.loads((report_dir / "report.json").read_text())
+    runs = {r["name"]: r for r in report["runs"]}
+    assert list(runs) == RUNS
+    assert (runs["grpo"]["models_trained"], runs["ppo"]["models_trained"]) == (1, 2)
+    # PPO: policy, critic and a frozen reference for its KL penalty (kl_coef 0.05, full fine-tuning);
+    # GRPO here has beta 0: the policy alone
+    assert runs["ppo"]["models_in_memory"] == 3 and runs["grpo"]["models_in_memory"] == 1
+    assert runs["ppo"]["trainable_parameters"] > runs["grpo"]["trainable_parameters"]
+    for r in runs.values():
+        assert r["peak_memory_gib"] > 0.1 and r["steps"] == 3
+        for key in ("median_step_s", "median_generation_s", "median_update_s", "generated_tokens_per_s",
+                    "train_time_s"):
+            assert r[key] > 0, key
+        assert r["median_scoring_s"] >= 0 and r["median_ref_critic_forward_s"] >= 0
+        for when in ("eval_at_equal_steps", "eval_at_equal_time"):
+            assert 0 <= r[when]["accuracy"] <= 1 and 0 <= r[when]["format_rate"] <= 1
+        assert 1 <= r["steps_at_equal_time"] <= 3
+        assert r["eval_at_equal_time"]["step"] <= r["steps_at_equal_time"]
+    assert runs["ppo"]["median_ref_critic_forward_s"] > 0  # the critic's forward is counted apart
+    assert runs["rank"]["overrides"] == PRESETS["rank"]
+    assert min(r["train_time_s"] for r in runs.values()) == pytest.approx(report["equal_time_s"])
+    md = (report_dir / "report.md").read_text()
+    assert "|  | grpo | ppo | rank |" in md and "models held in memory" in md and "peak memory" in md
+    for png in ("reward_vs_step.png", "reward_vs_time.png"):
+        assert (report_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (report_dir / "eval-base.json").is_file()
+
+
+def test_an_interrupted_comparison_continues_where_it_stopped(report_dir, tiny_model, toy_data, toy_reward):
+    grpo_log = (report_dir / "runs" / "grpo" / "metrics.jsonl").read_text()
+    ppo = report_dir / "runs" / "ppo"
+    shutil.rmtree(ppo / "final")  # as if stopped during step 3: its latest checkpoint is step 2
+    for cache in ppo.glob("eval-step-*.json"):
+        cache.unlink()
+    console = Console(record=True, width=200)
+    compare(None, base_sets(tiny_model, toy_data, toy_reward), RUNS, report_dir, eval_num=4, save_every=1,
+            console=console)
+    text = console.export_text()
+    assert "grpo: finished earlier, kept" in text and "ppo: resuming" in text
+    assert (report_dir / "runs" / "grpo" / "metrics.jsonl").read_text() == grpo_log
+    steps = [json.loads(x)["step"] for x in (ppo / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    assert "resumed after step 2" in " ".join((ppo / "train.log").read_text().split())
+
+
+def test_bad_runs_fail_in_one_line(tiny_model, toy_data, toy_reward, tmp_path):
+    with pytest.raises(UserError, match="not a preset"):
+        RunSpec.parse("nonsense")
+    with pytest.raises(UserError, match="must share"):
+        compare(None, base_sets(tiny_model, toy_data, toy_reward), ["grpo", "long:steps=9"], tmp_path,
+                eval_num=2, save_every=1)
+    res = CliRunner().invoke(app, ["compare", "--run", "grpo", "--run", "x:grpo.beta=-1", "-o", str(tmp_path)])
+    assert res.exit_code == 2 and "run 'x'" in res.output and "grpo.beta" in res.output
+
+
+def test_report_page_in_a_headless_browser(report_dir):
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (scripts/test.sh installs it when run as root)")
+    from playwright.sync_api import sync_playwright
+
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=flags)
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto((report_dir / "index.html").as_uri())
+        assert page.locator("#comparison thead th").all_inner_texts() == ["", *RUNS]
+        labels = page.locator("#comparison tbody tr td:first-child").all_inner_texts()
+        assert "models trained" in labels and "peak memory (GiB)" in labels and len(labels) >= 15
+        for img in ("#by-step", "#by-time"):  # the plots load and have a size
+            assert page.eval_on_selector(img, "i => i.complete && i.naturalWidth > 300 && i.naturalHeight > 200")
+        assert page.locator("section.run").count() == len(RUNS)
+        for name in RUNS:
+            assert page.locator(f"section.run[data-run='{name}'] pre").count() >= 1
+        page.screenshot(path=str(report_dir / "screenshot.png"), full_page=True)
+        browser.close()
+    assert (report_dir / "screenshot.png").stat().st_size > 10_000

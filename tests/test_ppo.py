@@ -1,0 +1,177 @@
+"""PPO's parts on the tiny model: the CLI, the critic's checkpoint, the shared value head and warm-up, the
+missing-EOS penalty, and a learned reward model as a reward function for both algorithms."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from grouprl.cli import app
+from grouprl.config import load_config
+from grouprl.errors import UserError
+from grouprl.loop import train
+from grouprl.rewards import RewardSet
+from test_learning import toy_config
+
+
+@pytest.fixture(scope="module")
+def length_reward(tmp_path_factory):
+    """A reward that is never all zero (a random model rarely says 'a'), so the critic has returns to fit."""
+    path = tmp_path_factory.mktemp("len") / "length.py"
+    path.write_text("def length(prompts, completions, **kw):\n    return [len(c) / 10 for c in completions]\n")
+    return f"[{{name: '{path}:length', weight: 1.0}}]"
+
+
+def quick(tiny_model, toy_data, toy_reward, out, **extra) -> list[str]:
+    return toy_config(tiny_model, toy_data, toy_reward, out, **{
+        "algo": "ppo", "steps": 2, "rollout.group_size": 4, "rollout.prompts_per_step": 2,
+        "rollout.max_new_tokens": 6, **extra})
+
+
+def test_cli_train_algo_ppo_writes_ppo_metrics_and_the_critic(tiny_model, toy_data, toy_reward, tmp_path):
+    out = tmp_path / "run"
+    sets = [a for s in quick(tiny_model, toy_data, toy_reward, out) if not s.startswith("algo=")
+            for a in ("--set", s)]
+    res = CliRunner().invoke(app, ["train", "--algo", "ppo", *sets], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    for key in ("value_loss", "explained_var", "value_clip_frac", "approx_kl", "clip_frac", "kl", "kl_coef",
+                "entropy", "reward", "critic_grad_norm", "prep_time", "gen_time", "update_time"):
+        assert key in m, key
+    assert (out / "final" / "critic" / "value_head.safetensors").is_file()
+    opt = torch.load(out / "final" / "optimizer.pt", weights_only=True)
+    assert {"optimizer", "scheduler", "critic_optimizer", "critic_scheduler"} <= set(opt)
+    assert json.loads((out / "final" / "trainer_state.json").read_text())["kl_coef"] == pytest.approx(0.05)
+
+
+def test_critic_starts_from_a_saved_critic(tiny_model, toy_data, toy_reward, length_reward, tmp_path):
+    from grouprl.critic import load_critic
+    from grouprl.models import load_policy
+
+    first = train(load_config(None, quick(tiny_model, toy_data, toy_reward, tmp_path / "a",
+                                          **{"ppo.critic.lr": 1e-2, "rewards": length_reward})),
+                  console=Console(quiet=True))
+    saved = first.final_checkpoint / "critic"
+    head = load_file(saved / "value_head.safetensors")
+    assert head["linear.weight"].abs().sum() > 0  # the head learned something
+    cfg = load_config(None, quick(tiny_model, toy_data, toy_reward, tmp_path / "b",
+                                  **{"ppo.critic.name_or_path": str(saved)}))
+    policy, _ = load_policy(cfg.model)
+    critic = load_critic(cfg, policy)
+    torch.testing.assert_close(critic.head.linear.weight.detach(), head["linear.weight"])
+    trunk = load_file(saved / "model.safetensors")
+    name = next(k for k in trunk if k.endswith("layers.0.mlp.up_proj.weight"))
+    torch.testing.assert_close(dict(critic.model.named_parameters())[name].detach(), trunk[name])
+
+
+def test_shared_value_head_and_critic_warmup_leave_the_policy_alone(tiny_model, toy_data, toy_reward, length_reward,
+                                                                   tmp_path):
+    """During warm-up only the critic trains: with a head on the policy's trunk, the trunk must not move."""
+    sets = quick(tiny_model, toy_data, toy_reward, tmp_path / "h", **{
+        "ppo.critic.kind": "head", "ppo.critic_warmup_steps": 2, "ppo.critic.lr": 1e-2, "rewards": length_reward})
+    result = train(load_config(None, sets), console=Console(quiet=True))
+    before = load_file(tiny_model / "model.safetensors")
+    after = load_file(result.final_checkpoint / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    head = load_file(result.final_checkpoint / "value_head.safetensors")
+    assert head["linear.bias"].abs().sum() > 0
+    assert all(h["grad_norm"] == 0 and h["critic_grad_norm"] > 0 for h in result.history)
+    assert not (result.final_checkpoint / "critic").exists()
+
+
+def test_missing_eos_penalty_lands_on_the_last_token(tiny_model):
+    from grouprl.config import PPOConfig, TrainConfig
+    from grouprl.critic import load_critic
+    from grouprl.models import load_policy
+    from grouprl.optim import make_optimizer
+    from grouprl.ppo import ppo_update
+    from grouprl.rollout import generate
+
+    cfg = TrainConfig.model_validate({"model": {"name_or_path": str(tiny_model), "device": "cpu"}})
+    policy, tok = load_policy(cfg.model)
+    critic = load_critic(cfg, policy)  # zero head: V_old = 0, so the advantage is the reward to go
+    torch.manual_seed(0)
+    ro = generate(policy, tok, ["<|user|>a<|end|><|assistant|>"] * 2, group_size=4, max_new_tokens=3)
+    assert ro.truncated.any()
+    ppo = PPOConfig(missing_eos_penalty=1.5, whiten_advantages=False, kl_coef=0.0, lam=1.0, epochs=1)
+    opt = make_optimizer([p for p in policy.parameters()], 1e-3, cfg.optim)
+    copt = make_optimizer(critic.parameters(), 1e-3, cfg.optim)
+    score = torch.arange(8, dtype=torch.float32)
+    _, adv = ppo_update(policy, critic, None, opt, copt, ro, score, ppo, kl_coef=0.0, temperature=1.0,
+                        max_new_tokens=3, max_grad_norm=1.0, group_size=4)
+    expected = score - 1.5 * ro.truncated.float()
+    # gamma = lam = 1 and V = 0: every token's advantage is the final score
+    torch.testing.assert_close(adv, expected.unsqueeze(1) * ro.completion_mask)
+
+
+@pytest.fixture(scope="module")
+def tiny_reward_model(tmp_path_factory, tiny_model):
+    from transformers import AutoConfig, AutoTokenizer, LlamaForSequenceClassification
+
+    path = tmp_path_factory.mktemp("rm") / "rm"
+    config = AutoConfig.from_pretrained(tiny_model, num_labels=1)
+    torch.manual_seed(1)
+    LlamaForSequenceClassification(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(path)
+    return path
+
+
+def test_reward_model_scores_each_text_as_the_model_does(tiny_reward_model):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rewards = RewardSet([(f"rm:{tiny_reward_model}", 2.0)])
+    prompts, completions = ["<|user|>hi<|end|><|assistant|>"] * 3, ["a", "abc abc", "the answer is 4"]
+    per_fn, total = rewards.score(prompts, completions, {})
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_reward_model).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_reward_model)
+    with torch.no_grad():  # one text at a time: no padding to get wrong
+        alone = [model(**tok(p + c, return_tensors="pt", add_special_tokens=False)).logits[0, 0].item()
+                 for p, c in zip(prompts, completions)]
+    torch.testing.assert_close(per_fn[:, 0], torch.tensor(alone), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(total, 2.0 * torch.tensor(alone), rtol=1e-5, atol=1e-5)
+
+
+def test_reward_model_with_two_outputs_is_refused(tmp_path, tiny_model):
+    from transformers import AutoConfig, AutoTokenizer, LlamaForSequenceClassification
+
+    LlamaForSequenceClassification(AutoConfig.from_pretrained(tiny_model, num_labels=2)).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="num_labels = 1"):
+        RewardSet([(f"rm:{tmp_path}", 1.0)])
+    with pytest.raises(UserError, match="not found"):
+        RewardSet([(f"rm:{tmp_path / 'missing'}", 1.0)])
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_reward_model_drives_either_algorithm(algo, tiny_model, toy_data, toy_reward, tiny_reward_model, tmp_path):
+    sets = quick(tiny_model, toy_data, toy_reward, tmp_path / algo, algo=algo,
+                 rewards=f"[{{name: 'rm:{tiny_reward_model}', weight: 1.0}}]")
+    result = train(load_config(None, sets), console=Console(quiet=True))
+    assert len(result.history) == 2 and all(r["reward_std"] > 0 for r in result.history)
+
+
+def test_lora_critic_resumes_from_its_adapter(tiny_model, toy_data, toy_reward, length_reward, tmp_path):
+    from grouprl.critic import load_critic
+    from grouprl.models import load_policy
+
+    lora = {"model.lora.enabled": "true", "model.lora.r": 4, "ppo.critic.lr": 1e-2, "rewards": length_reward}
+    first = train(load_config(None, quick(tiny_model, toy_data, toy_reward, tmp_path / "a", **lora)),
+                  console=Console(quiet=True))
+    saved = first.final_checkpoint / "critic"
+    assert (saved / "adapter_model.safetensors").is_file() and not (saved / "model.safetensors").exists()
+    cfg = load_config(None, quick(tiny_model, toy_data, toy_reward, tmp_path / "b",
+                                  **lora, **{"ppo.critic.name_or_path": str(saved)}))
+    critic = load_critic(cfg, load_policy(cfg.model)[0])
+    adapter = load_file(saved / "adapter_model.safetensors")
+    params = dict(critic.model.named_parameters())
+    moved = [k for k, v in adapter.items() if "lora_B" in k and v.abs().sum() > 0]
+    assert moved  # the adapter learned, and it is loaded, trainable, in the new critic
+    for k in moved:
+        name = next(n for n in params if n.startswith(k.removesuffix(".weight")))
+        assert params[name].requires_grad
+        torch.testing.assert_close(params[name].detach(), adapter[k])
