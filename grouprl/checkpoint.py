@@ -81,12 +81,13 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
 
         set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
         return
-    if (folder / "model.safetensors.index.json").is_file():
-        from transformers.modeling_utils import load_sharded_checkpoint
-
-        load_sharded_checkpoint(model, str(folder), strict=False)
-        return
-    missing, unexpected = model.load_state_dict(load_file(folder / "model.safetensors"), strict=False)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():  # sharded: every file the index names
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state = {k: v for shard in shards for k, v in load_file(folder / shard).items()}
+    else:
+        state = load_file(folder / "model.safetensors")
+    missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected, unexpected
     assert not missing or getattr(model.config, "tie_word_embeddings", False), missing  # only tied weights
 
@@ -94,6 +95,7 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
 def load_trainer_state(path: Path) -> tuple[dict, dict | None, dict]:
     """(trainer_state, optimizer and scheduler states or None, rng state) of a checkpoint; tensors only."""
     state = json.loads((path / "trainer_state.json").read_text())
-    opt = torch.load(path / "optimizer.pt", weights_only=True) if (path / "optimizer.pt").exists() else None
-    rng = torch.load(path / "rng.pt", weights_only=True)
+    opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True) \
+        if (path / "optimizer.pt").exists() else None  # optimizers move their state to the parameters' device
+    rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
     return state, opt, rng

@@ -30,7 +30,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from grouprl.config import TrainConfig, load_config, parse_overrides, save_config
+from grouprl.config import TrainConfig, config_changes, load_config, parse_overrides, save_config
 from grouprl.errors import UserError
 from grouprl.metrics import read_metrics
 
@@ -102,6 +102,15 @@ def _finished(run_dir: Path, steps: int) -> bool:
     return state.is_file() and json.loads(state.read_text())["step"] >= steps
 
 
+def check_unchanged(name: str, cfg: TrainConfig) -> None:
+    """A run already in the report folder must have been made with the same settings (steps may grow)."""
+    saved = Path(cfg.output_dir) / "grouprl.yaml"
+    changed = config_changes(load_config(saved), cfg) if saved.is_file() else []
+    if changed:
+        raise UserError(f"run {name!r} in {str(Path(cfg.output_dir).parent.parent)!r} was made with other settings "
+                        f"({', '.join(changed)}): use another --out, or delete {str(Path(cfg.output_dir))!r}")
+
+
 def train_run(name: str, cfg: TrainConfig, on_progress) -> None:
     """Train one run in a child process, resuming it if it has started; `on_progress(steps done)` is called
     while it runs. A failed child stops the comparison with the tail of its log."""
@@ -126,17 +135,21 @@ def train_run(name: str, cfg: TrainConfig, on_progress) -> None:
 
 
 def evaluate_checkpoint(model: str, cfg: TrainConfig, num: int, cache: Path) -> dict:
-    """Held-out greedy format rate and accuracy of a checkpoint (or the base model), cached in `cache`."""
-    if cache.is_file():
-        return json.loads(cache.read_text())
-    import torch
-
-    from grouprl.evaluate import evaluate
-    from grouprl.models import load_for_inference
+    """Held-out greedy format rate and accuracy of a checkpoint (or the base model), cached in `cache` (reused
+    only for the same model and number of problems)."""
     from grouprl.tasks import build_task
 
     task = build_task(cfg.task)
     rows = task.eval[:num]
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if cached.get("model") == model and cached.get("problems") == len(rows):
+            return cached
+    import torch
+
+    from grouprl.evaluate import evaluate
+    from grouprl.models import load_for_inference
+
     net, tok = load_for_inference(model, cfg.model)
     torch.manual_seed(cfg.seed)
     metrics, _ = evaluate(net, tok, task, rows, prefill=cfg.task.prefill,
@@ -204,7 +217,7 @@ def summarise(cfgs: dict[str, TrainConfig], overrides: dict[str, list[str]], out
             "peak_memory_gib": max(r["peak_mem_gib"] for r in h),
             "median_step_s": _median(h, "step_time"), "median_generation_s": _median(h, "gen_time"),
             "median_scoring_s": _median(h, "score_time"),
-            "median_ref_critic_forward_s": statistics.median(r.get("prep_time", 0.0) for r in h),
+            "median_nograd_forward_s": statistics.median(r.get("prep_time", 0.0) for r in h),
             "median_update_s": statistics.median(update),
             "generated_tokens_per_s": _median(h, "gen_tokens_per_s"),
             "train_time_s": times[-1], "steps": len(h),
@@ -240,7 +253,7 @@ def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
         ["median step (s)", *[f"{r['median_step_s']:.1f}" for r in runs]],
         ["- generation (s)", *[f"{r['median_generation_s']:.1f}" for r in runs]],
         ["- scoring (s)", *[f"{r['median_scoring_s']:.2f}" for r in runs]],
-        ["- reference / critic forward (s)", *[f"{r['median_ref_critic_forward_s']:.1f}" for r in runs]],
+        ["- no-grad forwards: pi_old, reference, critic (s)", *[f"{r['median_nograd_forward_s']:.1f}" for r in runs]],
         ["- update (s)", *[f"{r['median_update_s']:.1f}" for r in runs]],
         ["generated tokens/s", *[f"{r['generated_tokens_per_s']:.0f}" for r in runs]],
         ["training time (min)", *[f"{r['train_time_s'] / 60:.1f}" for r in runs]],
@@ -345,6 +358,8 @@ def compare(config: Path | None, sets: list[str], run_texts: list[str], out: Pat
     console = console or Console()
     specs = [RunSpec.parse(t) for t in run_texts]
     cfgs = run_configs(config, sets, specs, out, save_every)
+    for name, cfg in cfgs.items():
+        check_unchanged(name, cfg)
     out.mkdir(parents=True, exist_ok=True)
     total_steps = sum(c.steps for c in cfgs.values())
     evals = 1 + 2 * len(cfgs)

@@ -221,6 +221,8 @@ class TrainConfig(Section):
         if self.algo == "grpo" and self.rollout.group_size < 2:
             raise ValueError(f"rollout.group_size: must be at least 2 for GRPO, advantages are relative to the group "
                              f"(got {self.rollout.group_size})")
+        if self.ppo.kl_target is not None and self.ppo.kl_coef == 0:
+            raise ValueError("ppo.kl_target needs ppo.kl_coef > 0 (its starting value; 0 loads no reference)")
         critic = self.ppo.critic
         if critic.kind == "head" and (critic.name_or_path is not None or critic.lora is not None):
             raise ValueError("ppo.critic.name_or_path and ppo.critic.lora need ppo.critic.kind: separate (a 'head' "
@@ -228,6 +230,19 @@ class TrainConfig(Section):
         if self.grpo.ref_refresh_steps and self.model.lora.enabled:
             raise ValueError("grpo.ref_refresh_steps needs full fine-tuning: under LoRA the reference is the frozen base")
         return self
+
+
+RESUMABLE_CHANGES = {"steps", "save_every", "save_merged", "threads", "output_dir", "eval"}
+
+
+def config_changes(old: TrainConfig, new: TrainConfig) -> list[str]:
+    """Dotted names of the fields that differ, outside those a resumed run may change (RESUMABLE_CHANGES)."""
+    def walk(a, b, prefix: str) -> list[str]:
+        if isinstance(a, dict) and isinstance(b, dict):
+            return [n for k in a.keys() | b.keys() if f"{prefix}{k}" not in RESUMABLE_CHANGES
+                    for n in walk(a.get(k), b.get(k), f"{prefix}{k}.")]
+        return [] if a == b else [prefix.rstrip(".")]
+    return sorted(walk(old.model_dump(mode="json"), new.model_dump(mode="json"), ""))
 
 
 def format_validation_error(err: ValidationError) -> str:

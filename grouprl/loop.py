@@ -18,7 +18,7 @@ from rich.table import Table
 
 from grouprl.advantages import zero_std_groups
 from grouprl.checkpoint import latest_checkpoint, load_trainer_state, load_weights, save_checkpoint
-from grouprl.config import TrainConfig, save_config
+from grouprl.config import TrainConfig, config_changes, load_config, save_config
 from grouprl.errors import UserError
 from grouprl.grpo import GRPO
 from grouprl.metrics import MetricsLog, read_metrics
@@ -193,9 +193,20 @@ def train(cfg: TrainConfig, console: Console | None = None, resume: bool = False
     history: list[dict] = []
     first_step = 1
     if ckpt is not None:
+        changed = config_changes(load_config(ckpt / "grouprl.yaml"), cfg)
+        if changed:
+            raise UserError(f"cannot resume {str(out)!r} with other settings ({', '.join(changed)}): only "
+                            "steps, save_every, save_merged, threads and eval may change")
         state, optim_state, rng = load_trainer_state(ckpt)
+        k = cfg.grpo.ref_refresh_steps if cfg.algo == "grpo" and cfg.grpo.beta > 0 else 0
+        if k and state["step"] % k:
+            raise UserError(f"cannot resume exactly after step {state['step']}: the reference was last refreshed "
+                            f"at step {state['step'] // k * k} and is not saved; resume from a checkpoint at a "
+                            f"multiple of grpo.ref_refresh_steps={k}")
         load_weights(policy, ckpt)
         learner.load(ckpt, optim_state, state)
+        if k:
+            learner.reference.refresh(policy)  # it was refreshed at exactly this step
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])

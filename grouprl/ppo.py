@@ -47,7 +47,7 @@ class PPOStepStats:
     approx_kl: float = 0.0  # KL(pi_old || pi_theta), k3, during the update
     ratio: float = 0.0
     entropy: float = 0.0
-    grad_norm: float = 0.0  # policy (with a shared head: policy + head)
+    grad_norm: float = 0.0  # policy (a shared trunk included; its head counts under critic_grad_norm)
     critic_grad_norm: float = 0.0
     kl: float = 0.0  # k1 KL to the reference per token, at rollout time
     kl_seq: float = 0.0  # the same summed over each completion, mean over completions
@@ -226,4 +226,5 @@ class PPO:
         self.policy_opt[1].load_state_dict(optim_state["scheduler"])
         self.critic_opt[0].load_state_dict(optim_state["critic_optimizer"])
         self.critic_opt[1].load_state_dict(optim_state["critic_scheduler"])
-        self.kl_coef = state["kl_coef"]
+        if self.cfg.ppo.kl_target is not None:  # adaptive: where the controller had moved it
+            self.kl_coef = state["kl_coef"]

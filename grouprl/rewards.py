@@ -196,6 +196,8 @@ class RewardModel:
         self.tokenizer.padding_side = "right"
         self.model.config.pad_token_id = self.tokenizer.pad_token_id  # how HF finds the last real token
         self.batch_size = batch_size
+        limits = (self.tokenizer.model_max_length, getattr(self.model.config, "max_position_embeddings", None))
+        self.max_length = min((n for n in limits if isinstance(n, int) and 0 < n < 1_000_000), default=None)
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], completions: list[str], **_: Any) -> list[float]:
@@ -203,6 +205,7 @@ class RewardModel:
         scores: list[float] = []
         for i in range(0, len(texts), self.batch_size):
             enc = self.tokenizer(texts[i:i + self.batch_size], return_tensors="pt", padding=True,
+                                 truncation=self.max_length is not None, max_length=self.max_length,
                                  add_special_tokens=False).to(self.device)  # the prompt carries its own specials
             scores += self.model(**enc).logits[:, 0].float().tolist()
         return scores

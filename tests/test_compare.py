@@ -46,12 +46,12 @@ def test_report_has_every_figure_for_every_run(report_dir):
         for key in ("median_step_s", "median_generation_s", "median_update_s", "generated_tokens_per_s",
                     "train_time_s"):
             assert r[key] > 0, key
-        assert r["median_scoring_s"] >= 0 and r["median_ref_critic_forward_s"] >= 0
+        assert r["median_scoring_s"] >= 0 and r["median_nograd_forward_s"] >= 0
         for when in ("eval_at_equal_steps", "eval_at_equal_time"):
             assert 0 <= r[when]["accuracy"] <= 1 and 0 <= r[when]["format_rate"] <= 1
         assert 0 <= r["steps_at_equal_time"] <= 3  # 0: not one step done in the fastest run's time
         assert r["eval_at_equal_time"]["step"] <= r["steps_at_equal_time"]
-    assert runs["ppo"]["median_ref_critic_forward_s"] > 0  # the critic's forward is counted apart
+    assert runs["ppo"]["median_nograd_forward_s"] > 0  # pi_old, reference and critic forwards, counted apart
     assert runs["rank"]["overrides"] == PRESETS["rank"]
     assert min(r["train_time_s"] for r in runs.values()) == pytest.approx(report["equal_time_s"])
     assert max(r["steps_at_equal_time"] for r in runs.values()) == 3  # the fastest run, all its steps
@@ -87,6 +87,12 @@ def test_bad_runs_fail_in_one_line(tiny_model, toy_data, toy_reward, tmp_path):
                 eval_num=2, save_every=1)
     res = CliRunner().invoke(app, ["compare", "--run", "grpo", "--run", "x:grpo.beta=-1", "-o", str(tmp_path)])
     assert res.exit_code == 2 and "run 'x'" in res.output and "grpo.beta" in res.output
+
+
+def test_a_report_folder_made_with_other_settings_is_refused(report_dir, tiny_model, toy_data, toy_reward):
+    sets = base_sets(tiny_model, toy_data, toy_reward) + ["optim.lr=0.5"]
+    with pytest.raises(UserError, match=r"run 'grpo' .* other settings \(optim.lr\)"):
+        compare(None, sets, RUNS, report_dir, eval_num=4, save_every=1)
 
 
 def test_report_page_in_a_headless_browser(report_dir):

@@ -46,3 +46,19 @@ def test_train_and_eval_embedded_model(tmp_path):
                               "-o", str(tmp_path / "e.json")], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "e.json").read_text())["metrics"]["problems"] == 3
+
+
+def test_ppo_on_the_embedded_model_with_its_config(tmp_path):
+    """configs/ppo.yaml, shrunk to one small step: a LoRA critic beside the LoRA policy, both saved."""
+    out = tmp_path / "ppo"
+    sets = {"steps": 1, "rollout.group_size": 2, "rollout.prompts_per_step": 2, "rollout.max_new_tokens": 8,
+            "output_dir": str(out), "task.num_train": 20, "task.num_eval": 4, "ppo.kl_coef": 0.05}
+    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    res = runner.invoke(app, ["train", "--config", "configs/ppo.yaml", *args], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "PPO run summary" in res.output
+    metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert metrics["prep_time"] > 0 and "explained_var" in metrics
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["models_trained"] == 2 and info["models_in_memory"] == 2  # LoRA: the reference is the base
+    assert (out / "final" / "critic" / "adapter_model.safetensors").is_file()

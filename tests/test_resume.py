@@ -20,6 +20,7 @@ from test_learning import toy_config
 CASES = {
     "grpo": {"grpo.mu": 2, "grpo.minibatches": 2, "grpo.beta": 0.01},  # randperm, pi_old, a reference
     "ppo": {"algo": "ppo", "ppo.epochs": 2, "ppo.minibatches": 2, "ppo.kl_target": 0.5, "ppo.kl_horizon": 50},
+    "ppo-lora": {"algo": "ppo", "model.lora.enabled": "true", "model.lora.r": 4, "optim.lr": 1e-2},  # adapters
 }
 
 
@@ -30,7 +31,8 @@ def small(tiny_model, toy_data, toy_reward, out, algo: str, steps: int) -> list[
 
 
 def weights(folder):
-    return load_file(folder / "model.safetensors")
+    full = folder / "model.safetensors"
+    return load_file(full if full.is_file() else folder / "adapter_model.safetensors")
 
 
 @pytest.mark.parametrize("algo", sorted(CASES))
@@ -46,7 +48,8 @@ def test_stopped_and_resumed_equals_uninterrupted(algo, tiny_model, toy_data, to
     shutil.rmtree(out / "final")
     resumed = train(load_config(None, small(tiny_model, toy_data, toy_reward, out, algo, 4)), quiet, resume=True)
 
-    keys = ["reward", "loss", "kl", "clip_frac", "completion_len"] + (["value_loss", "kl_coef"] if algo == "ppo" else [])
+    ppo = algo.startswith("ppo")
+    keys = ["reward", "loss", "kl", "clip_frac", "completion_len"] + (["value_loss", "kl_coef"] if ppo else [])
     assert [h["step"] for h in resumed.history] == [1, 2, 3, 4]
     for a, b in zip(straight.history, resumed.history):
         assert {k: a[k] for k in keys} == {k: b[k] for k in keys}, a["step"]
@@ -57,7 +60,7 @@ def test_stopped_and_resumed_equals_uninterrupted(algo, tiny_model, toy_data, to
                            (tmp_path / "a" / "completions.jsonl").read_text().splitlines()]
     a, b = weights(straight.final_checkpoint), weights(resumed.final_checkpoint)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    if algo == "ppo":
+    if ppo:
         ca = load_file(straight.final_checkpoint / "critic" / "value_head.safetensors")
         cb = load_file(resumed.final_checkpoint / "critic" / "value_head.safetensors")
         assert all(torch.equal(ca[k], cb[k]) for k in ca)
@@ -80,3 +83,11 @@ def test_a_used_output_dir_is_refused_without_resume(tiny_model, toy_data, toy_r
         train(load_config(None, small(tiny_model, toy_data, toy_reward, out, "grpo", 2)), Console(quiet=True))
     res = CliRunner().invoke(app, ["train", "--resume", str(tmp_path / "nothing")])
     assert res.exit_code == 2 and "no grouprl.yaml" in res.output
+
+
+def test_resume_with_other_settings_is_refused(tiny_model, toy_data, toy_reward, tmp_path):
+    out = tmp_path / "run"
+    train(load_config(None, small(tiny_model, toy_data, toy_reward, out, "grpo", 2)), Console(quiet=True))
+    changed = small(tiny_model, toy_data, toy_reward, out, "grpo", 3) + ["algo=ppo", "optim.lr=0.1"]
+    with pytest.raises(UserError, match=r"other settings \(algo, optim.lr\)"):
+        train(load_config(None, changed), Console(quiet=True), resume=True)

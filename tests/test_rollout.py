@@ -54,3 +54,28 @@ def test_generate_groups_masks_and_prefill(tiny_model):
         assert has_eos != bool(ro.truncated[i])
     both = concat([ro, select(ro, torch.tensor([True, True, True, False, False, False]))], tok.pad_token_id)
     assert both.input_ids.shape[0] == 9 and both.prompt_index == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+def test_lora_merged_sampling_matches_the_adapter_and_leaves_the_base_exact(tiny_model):
+    """Sampling with the adapter folded in gives the logits of the unmerged adapter, and the frozen base
+    weights come back bit for bit (merge/unmerge in place would move them by rounding)."""
+    import torch
+
+    from grouprl.config import LoraConfig, ModelConfig
+    from grouprl.models import load_policy
+    from grouprl.rollout import lora_merged
+
+    policy, _ = load_policy(ModelConfig(name_or_path=str(tiny_model), device="cpu",
+                                          lora=LoraConfig(enabled=True, r=4)))
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    base = {n: p.detach().clone() for n, p in policy.named_parameters() if "base_layer" in n}
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        unmerged = policy(ids).logits
+        with lora_merged(policy):
+            merged = policy(ids).logits
+    torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(p, base[n]) for n, p in policy.named_parameters() if "base_layer" in n)
