@@ -123,10 +123,15 @@ def train_run(name: str, cfg: TrainConfig, on_progress) -> None:
         args += ["--resume", str(run_dir)]
     log = (run_dir / "train.log").open("a")
     child = subprocess.Popen([sys.executable, "-m", "grouprl", *args], stdout=log, stderr=subprocess.STDOUT)
-    while child.poll() is None:
-        on_progress(_done_steps(run_dir))
-        time.sleep(1.0)
-    log.close()
+    try:
+        while child.poll() is None:
+            on_progress(_done_steps(run_dir))
+            time.sleep(1.0)
+    finally:  # an interrupted comparison stops its child too (it resumes from the last checkpoint later)
+        if child.poll() is None:
+            child.terminate()
+            child.wait()
+        log.close()
     on_progress(_done_steps(run_dir))
     if child.returncode != 0:
         tail = (run_dir / "train.log").read_text().strip().splitlines()[-1:] or ["(empty log)"]

@@ -177,6 +177,10 @@ def train(cfg: TrainConfig, console: Console | None = None, resume: bool = False
                        or (out / "checkpoints").exists()):
         raise UserError(f"output_dir {str(out)!r} already holds a run: choose another output_dir, or resume it "
                         f"with `grouprl train --resume {out}`")
+    changed = config_changes(load_config(ckpt / "grouprl.yaml"), cfg) if ckpt is not None else []
+    if changed:  # checked before any model is loaded
+        raise UserError(f"cannot resume {str(out)!r} with other settings ({', '.join(changed)}): only "
+                        "steps, save_every, save_merged, threads and eval may change")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
@@ -193,10 +197,6 @@ def train(cfg: TrainConfig, console: Console | None = None, resume: bool = False
     history: list[dict] = []
     first_step = 1
     if ckpt is not None:
-        changed = config_changes(load_config(ckpt / "grouprl.yaml"), cfg)
-        if changed:
-            raise UserError(f"cannot resume {str(out)!r} with other settings ({', '.join(changed)}): only "
-                            "steps, save_every, save_merged, threads and eval may change")
         state, optim_state, rng = load_trainer_state(ckpt)
         k = cfg.grpo.ref_refresh_steps if cfg.algo == "grpo" and cfg.grpo.beta > 0 else 0
         if k and state["step"] % k:
