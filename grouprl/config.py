@@ -73,6 +73,14 @@ class TaskConfig(Section):
     prefill: str = Field(
         "<reasoning>\n", description="Text that opens every assistant turn; counted as part of the completion."
     )
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="Longest prompt in tokens (chat template and prefill included); default: the "
+        "model's context length minus rollout.max_new_tokens. Checked for every row before any work."
+    )
+    long_prompts: Literal["error", "truncate_left", "drop"] = Field(
+        "error", description="A prompt over max_prompt_tokens: error (name the row and stop), truncate_left (keep "
+        "the end of the question), or drop the row."
+    )
 
 
 class RewardSpec(Section):
@@ -192,6 +200,16 @@ class TrainConfig(Section):
     output_dir: str = Field("runs/grpo", description="Where metrics, completions and checkpoints go.")
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
     save_merged: bool = Field(False, description="With LoRA, also save merged full weights in merged/.")
+    save_total_limit: int | None = Field(
+        None, ge=1, description="Keep only the newest K step checkpoints (final/ is always kept); None keeps all."
+    )
+    max_nonfinite_steps: int = Field(
+        3, ge=1, description="A non-finite loss or gradient norm skips that optimizer step; this many in a row "
+        "stop the run (its last good checkpoint is kept)."
+    )
+    rewards_timeout_s: float = Field(
+        60.0, gt=0, description="Longest time one call of one reward function may take (seconds)."
+    )
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 leaves torch's default.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Policy model.")
     task: TaskConfig = Field(default_factory=TaskConfig, description="Task and prompts.")
@@ -232,7 +250,8 @@ class TrainConfig(Section):
         return self
 
 
-RESUMABLE_CHANGES = {"steps", "save_every", "save_merged", "threads", "output_dir", "eval"}
+RESUMABLE_CHANGES = {"steps", "save_every", "save_merged", "save_total_limit", "max_nonfinite_steps",
+                     "rewards_timeout_s", "threads", "output_dir", "eval"}
 
 
 def config_changes(old: TrainConfig, new: TrainConfig) -> list[str]:
