@@ -2,7 +2,8 @@
 
 GRPO: every function in `ADVANTAGES` takes rewards of shape (N,) laid out group by group (N = B * G:
 completions 0..G-1 answer prompt 0, G..2G-1 prompt 1, ...) and returns advantages of shape (N,), the same
-for every token of o_i.
+for every token of o_i. A group whose G rewards are all equal (`zero_std_groups`) gets A = 0 exactly under
+every estimator, so "no signal" is a test of `adv.any()`, not a tolerance.
 
 PPO: `kl_shaped_rewards` turns the sequence score into per-token rewards (N, T), `gae` turns those and the
 critic's values into per-token advantages and returns, `whiten` normalises over the batch. mask (N, T) is
@@ -22,22 +23,35 @@ def _groups(rewards: Tensor, group_size: int) -> Tensor:
     return rewards.view(-1, group_size)  # (B, G)
 
 
+def _zero_flat_groups(adv: Tensor, rewards: Tensor, group_size: int) -> Tensor:
+    """adv (N,) with A_i = 0 exactly in every group where `zero_std_groups` holds.
+
+    In floating point the mean of G equal values need not equal them: 8 copies of float32 2.7 are summed in
+    an order that rounds, so r - mean(r) is one ulp (2.4e-7) and z-score's one ulp / (std ~ 2.5e-7 + eps
+    1e-4) is 2.4e-3, not 0. Masking with the same predicate the sampler uses keeps one definition of flat.
+    """
+    flat = zero_std_groups(rewards, group_size).repeat_interleave(group_size)  # (N,)
+    return torch.where(flat, torch.zeros_like(adv), adv)
+
+
 def group_zscore(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
     """DeepSeekMath: A_i = (r_i - mean(r)) / (std(r) + eps), std with Bessel's correction (as torch.std)."""
     r = _groups(rewards, group_size)
-    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).flatten()
+    adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).flatten()
+    return _zero_flat_groups(adv, rewards, group_size)
 
 
 def group_mean(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
     """Dr. GRPO: A_i = r_i - mean(r). No std division, so easy/hard groups are not up-weighted."""
     r = _groups(rewards, group_size)
-    return (r - r.mean(1, keepdim=True)).flatten()
+    return _zero_flat_groups((r - r.mean(1, keepdim=True)).flatten(), rewards, group_size)
 
 
 def leave_one_out(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
     """RLOO: A_i = r_i - (sum_{j != i} r_j) / (G - 1)  (= G / (G - 1) * (r_i - mean(r)))."""
     r = _groups(rewards, group_size)
-    return (r - (r.sum(1, keepdim=True) - r) / (group_size - 1)).flatten()
+    adv = (r - (r.sum(1, keepdim=True) - r) / (group_size - 1)).flatten()
+    return _zero_flat_groups(adv, rewards, group_size)
 
 
 def rank(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
@@ -51,14 +65,16 @@ def rank(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
     equal = (r.unsqueeze(2) == r.unsqueeze(1)).sum(2).to(r.dtype)  # (B, G): ties, r_i itself included
     mean_rank = less + (equal + 1) / 2
     half = (group_size - 1) / 2
-    return ((mean_rank - (group_size + 1) / 2) / half).flatten()
+    # ties are found by ==, as in zero_std_groups, so a flat group is already exactly 0; masked all the same
+    return _zero_flat_groups(((mean_rank - (group_size + 1) / 2) / half).flatten(), rewards, group_size)
 
 
 def batch_std(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
     """REINFORCE++ baseline: A_i = (r_i - mean(r of its group)) / (std(r over the whole batch) + eps).
 
     The batch std (Bessel-corrected) is steadier than a group std of G values and keeps the relative scale
-    of groups: a group with a small spread gets small advantages.
+    of groups: a group with a small spread gets small advantages. Flat groups are 0 exactly (group_mean's
+    numerator is), even when the whole batch is flat and rewards.std() is rounding noise.
     """
     return group_mean(rewards, group_size) / (rewards.std() + eps)
 

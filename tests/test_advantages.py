@@ -181,3 +181,59 @@ def test_no_signal_from_all_equal_groups(name):
     assert adv[4:].sum().abs() < 1e-12
     # higher reward -> higher advantage
     assert adv[4] > adv[5] and adv[7] > adv[6]
+
+
+# ---------------------------------------------------------------- flat groups in float32 are exactly 0
+
+
+W = torch.tensor([0.2, 0.5, 2.0])  # reward-function weights; the total is per_fn @ W, as in rewards.py
+# group 0: every function returns 1 -> r = 0.2 + 0.5 + 2.0 = 2.7 for all 8 (float32 2.70000005)
+# group 1: rows [1, 0, 0] and [0, 0, 0] alternate -> r = 0.2, 0, 0.2, 0, ...
+PER_FN = torch.cat([torch.ones(8, 3), torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]] * 4)])  # (16, 3)
+SIGNED = t([1, -1] * 4, torch.float32)  # the sign pattern of group 1's advantages
+# group 1 by hand: mean 0.1, deviations +-0.1
+#   zscore: Bessel var 8 * 0.01 / 7 = 0.08 / 7, std sqrt(0.08 / 7) = 0.106904...; A = +-0.1 / (std + 1e-4)
+#   mean: +-0.1;  rloo: 8 / 7 * +-0.1 = +-0.8 / 7
+#   rank: the four 0s share rank 2.5, the four 0.2s share 6.5; centre 4.5, half-range 3.5 -> +-2 / 3.5 = +-4 / 7
+#   batch_std: batch = 8 x 2.7, 4 x 0.2, 4 x 0; mean 22.4 / 16 = 1.4; squares 8 * 1.3^2 + 4 * 1.2^2 + 4 * 1.4^2
+#              = 13.52 + 5.76 + 7.84 = 27.12; Bessel var 27.12 / 15 = 1.808; A = +-0.1 / (sqrt(1.808) + 1e-4)
+GROUP1 = {
+    "zscore": 0.1 / (math.sqrt(0.08 / 7) + EPS),
+    "mean": 0.1,
+    "rloo": 0.8 / 7,
+    "rank": 4 / 7,
+    "batch_std": 0.1 / (math.sqrt(1.808) + EPS),
+}
+
+
+def test_float32_flat_group_has_a_noisy_mean():
+    # why the estimators mask flat groups: 8 equal float32 values do not average to themselves. 3 * 2.7f
+    # already needs 26 significant bits, so any summation order that adds them one by one rounds; torch's
+    # CPU mean here comes out one ulp (2^-22 = 2.4e-7) off, and the old z-score was 2.4e-7 / (2.5e-7 + 1e-4)
+    # = 2.4e-3 on every row of a group with no signal. (If a torch build averages exactly, this test is moot,
+    # not wrong: the fix is then a no-op.)
+    r = (PER_FN @ W).view(2, 8)
+    assert (r[0] == r[0, 0]).all()
+    noisy = [(x - x.mean()).abs().max().item() for x in (r[0], torch.full((7,), 0.7), torch.full((16,), 0.3))]
+    if max(noisy) == 0:
+        pytest.skip("this torch build averages equal float32 values exactly")
+    assert max(noisy) < 1e-6
+
+
+@pytest.mark.parametrize("name", sorted(ADVANTAGES))
+def test_float32_flat_group_is_exactly_zero(name):
+    total = PER_FN @ W  # (16,) float32
+    assert zero_std_groups(total, 8).tolist() == [True, False]
+    adv = ADVANTAGES[name](total, 8, EPS)
+    assert adv.dtype == torch.float32
+    assert (adv[:8] == 0).all()  # exactly, so the trainer's `if not adv.any()` sees no signal
+    assert_close(adv[8:], GROUP1[name] * SIGNED, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(ADVANTAGES))
+@pytest.mark.parametrize("value, group_size", [(2.7, 8), (0.7, 7), (0.3, 16), (0.1, 3)])
+def test_float32_all_flat_batch_has_no_signal(name, value, group_size):
+    # every group flat: before the fix zscore and batch_std gave |A| up to 2.4e-3 (2.7, G = 8), rloo and mean
+    # one ulp; now not one entry is nonzero
+    rewards = torch.full((2 * group_size,), value, dtype=torch.float32)
+    assert not ADVANTAGES[name](rewards, group_size, EPS).any()
