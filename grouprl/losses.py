@@ -54,17 +54,34 @@ def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
 
 
 class Normaliser(NamedTuple):
-    """Batch-wide counts that aggregation divides by, so micro-batches add up to the full-batch loss."""
+    """Batch-wide counts that aggregation divides by, so micro-batches add up to the full-batch loss.
 
-    num_seqs: int  # N over the whole batch
+    Convention: a sequence whose mask is all zero (e.g. cut at L_max under mask_truncated, DAPO's overlong
+    filtering) is treated as absent from the batch, not as a sequence with loss 0: it counts in neither
+    num_tokens nor num_seqs, so every aggregation gives the loss of the batch without it. Build with `of`.
+    """
+
+    num_seqs: int  # N: sequences of the whole batch with at least one unmasked token
     num_tokens: float  # sum_i |o_i| over the whole batch (masked tokens)
     max_len: int  # L_max, the generation limit
+
+    @classmethod
+    def of(cls, mask: Tensor, max_len: int) -> "Normaliser":
+        """Counts of a whole (mini-)batch from its mask (N, T): num_seqs = #{i : sum_t mask_{i,t} > 0},
+        num_tokens = sum mask. Build it once over the rows that share an optimizer step, before splitting
+        them into micro-batches."""
+        return cls(num_seqs=int((mask.sum(1) > 0).sum()), num_tokens=float(mask.sum()), max_len=max_len)
 
 
 def seq_mean_token_mean(per_token: Tensor, mask: Tensor, norm: Normaliser) -> Tensor:
     """DeepSeekMath GRPO: (1/N) sum_i (1/|o_i|) sum_t L_{i,t}. Each sequence weighs the same, so a token
-    of a short answer weighs more than one of a long answer (a length bias)."""
-    return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / norm.num_seqs
+    of a short answer weighs more than one of a long answer (a length bias).
+
+    N = norm.num_seqs counts only sequences with |o_i| > 0 (`Normaliser.of`): a fully masked sequence adds 0
+    to the sum and 0 to N, as in verl's agg_loss "seq-mean-token-mean" (its seq_mask excludes fully masked
+    sequences). TRL's "grpo" loss takes .mean() over all rows instead, so masking k of N sequences there also
+    scales the step by (N - k) / N."""
+    return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / max(norm.num_seqs, 1)
 
 
 def token_mean(per_token: Tensor, mask: Tensor, norm: Normaliser) -> Tensor:
@@ -73,8 +90,9 @@ def token_mean(per_token: Tensor, mask: Tensor, norm: Normaliser) -> Tensor:
 
 
 def constant_norm(per_token: Tensor, mask: Tensor, norm: Normaliser) -> Tensor:
-    """Dr. GRPO: sum_{i,t} L_{i,t} / (N * L_max). A constant divisor: no length bias at all."""
-    return (per_token * mask).sum() / (norm.num_seqs * norm.max_len)
+    """Dr. GRPO: sum_{i,t} L_{i,t} / (N * L_max). A constant divisor: no length bias at all. N as in
+    seq_mean_token_mean: fully masked sequences are not counted."""
+    return (per_token * mask).sum() / (max(norm.num_seqs, 1) * norm.max_len)
 
 
 AGGREGATIONS: dict[str, Callable[[Tensor, Tensor, Normaliser], Tensor]] = {
@@ -154,15 +172,22 @@ class ValueStats(NamedTuple):
     """Sums over the masked tokens of a (micro-)batch; divide by `tokens` for means."""
 
     tokens: float
-    clipped: float  # tokens where the clipped value's error is the larger (the max picks the clipped branch)
+    clipped: float  # tokens where the clipped error is strictly larger (the max takes the clipped branch)
     values: float  # sum of V
 
 
 def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, norm: Normaliser,
                eps_value: float) -> tuple[Tensor, ValueStats]:
     """Clipped value loss (PPO2 / Ziegler et al.), token mean over the batch:
-    0.5 * max((V - R)^2, (clip(V, V_old - eps_v, V_old + eps_v) - R)^2). Not yet weighted by vf_coef."""
-    clipped_values = old_values + (values - old_values).clamp(-eps_value, eps_value)
+    0.5 * max((V - R)^2, (clip(V, V_old - eps_v, V_old + eps_v) - R)^2). Not yet weighted by vf_coef.
+
+    V is clamped between the bounds, as TRL's PPOTrainer and verl's compute_value_loss do, and not written
+    V_old + clip(V - V_old, -eps_v, eps_v): inside the range that rounds (V_old 0.1, V 0.03 in float32 gives
+    0.03 + 1 ulp), so the clipped error came out a hair larger and in-range tokens were counted as clipped.
+    Clamped, an in-range V is returned bit for bit and `clipped` counts only tokens where clipping moved V
+    and the max took that branch (TRL's and verl's vf_clipfrac). Outside the range both forms give the same
+    bound, so the loss is unchanged (inside, it differs by at most that ulp)."""
+    clipped_values = values.clamp(old_values - eps_value, old_values + eps_value)
     unclipped_err = (values - returns) ** 2
     clipped_err = (clipped_values - returns) ** 2
     loss = 0.5 * token_mean(torch.maximum(unclipped_err, clipped_err), mask, norm)

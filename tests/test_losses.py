@@ -191,6 +191,31 @@ def test_micro_batches_add_up_to_the_batch(name, split):
     assert_close(parts, whole, atol=1e-12, rtol=0)
 
 
+def test_normaliser_of_counts_sequences_with_a_token():
+    # rows: 3 tokens, none (a truncated completion under mask_truncated), 2 tokens
+    # num_seqs = 2 (the empty row is not a sequence of the batch), num_tokens = 3 + 0 + 2 = 5
+    mask = t([[1, 1, 1, 0], [0, 0, 0, 0], [1, 1, 0, 0]])
+    assert Normaliser.of(mask, max_len=4) == Normaliser(num_seqs=2, num_tokens=5.0, max_len=4)
+    assert Normaliser.of(torch.zeros(2, 3), max_len=3) == Normaliser(num_seqs=0, num_tokens=0.0, max_len=3)
+
+
+@pytest.mark.parametrize("name, expected", [("seq_mean_token_mean", 8.5), ("token_mean", 7.2), ("constant", 4.5)])
+def test_fully_masked_sequence_is_as_if_absent(name, expected):
+    # PER_TOKEN / MASK with a fully masked row of 100s slipped in between: every aggregation gives the numbers
+    # of the two-row batch above, seq_mean_token_mean (2 + 0 + 15) / 2 = 8.5 (not / 3 = 5.67),
+    # token_mean 36 / 5 = 7.2, constant 36 / (2 * 4) = 4.5 (not / (3 * 4) = 3)
+    per_token = t([PER_TOKEN[0], [100.0] * 4, PER_TOKEN[1]])
+    mask = t([MASK[0], [0, 0, 0, 0], MASK[1]])
+    norm = Normaliser.of(mask, max_len=4)
+    agg = AGGREGATIONS[name]
+    assert_close(agg(per_token, mask, norm), t(expected), atol=1e-12, rtol=0)
+    # micro-batches [row 0, masked row] + [row 2] still add up to it
+    assert_close(agg(per_token[:2], mask[:2], norm) + agg(per_token[2:], mask[2:], norm), t(expected),
+                 atol=1e-12, rtol=0)
+    # a batch with every row masked gives 0, not 0 / 0
+    assert agg(per_token, torch.zeros_like(mask), Normaliser.of(torch.zeros_like(mask), 4)).item() == 0.0
+
+
 # ---------------------------------------------------------------- grpo_loss
 
 

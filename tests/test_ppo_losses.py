@@ -78,6 +78,30 @@ def test_value_loss_takes_the_larger_error_in_each_regime():
     assert_close(v.grad, T([[0.0, -0.4 / 3, -1.0 / 3]]))
 
 
+def test_value_loss_counts_no_clip_inside_the_range():
+    # float32, eps_value 0.2, R = 0 on t0, 1 elsewhere
+    # t0: V_old 0.1, V 0.03: |V - V_old| = 0.07, well inside. Written V_old + clip(V - V_old), the clipped
+    #     value was 0.1f + fl(0.03f - 0.1f) = 0.030000001 (0.03f is 0.029999999), one ulp above V, so its
+    #     error 0.03^2 came out a hair larger and t0 counted as clipped; clamping V returns V itself -> not
+    #     counted, error 0.0009
+    # t1: V_old 0.5, V 1.0 clipped to 0.7: errors (1 - 1)^2 = 0 and (0.7 - 1)^2 = 0.09 -> 0.09, counted
+    # t2: V_old 0.5, V 0.0 clipped to 0.3: errors 1.0 and 0.49 -> 1.0, the unclipped branch, not counted
+    v = T([[0.03, 1.0, 0.0]], requires_grad=True)
+    old, ret = T([[0.1, 0.5, 0.5]]), T([[0.0, 1.0, 1.0]])
+    old_form = old + (v.detach() - old).clamp(-0.2, 0.2)
+    assert old_form[0, 0] > v[0, 0]  # the rounding that made t0 count, on this build
+    loss, stats = value_loss(v, old, ret, torch.ones(1, 3), Normaliser(1, 3.0, 3), eps_value=0.2)
+    assert stats.clipped == 1 and stats.tokens == 3
+    # 0.5 * 1.0909 / 3 = 0.181816..., to float32 rounding (one ulp there is 1.5e-8)
+    assert_close(loss, T(0.5 * (0.0009 + 0.09 + 1.0) / 3), atol=3e-8, rtol=0)
+    # the loss is the old form's loss, to that same rounding
+    old_loss = 0.5 * torch.maximum((v.detach() - ret) ** 2, (old_form - ret) ** 2).mean()
+    assert_close(loss.detach(), old_loss, atol=3e-8, rtol=0)
+    loss.backward()
+    # d/dV of 0.5 (V - R)^2 / 3 = (V - R) / 3 on t0 and t2; t1 is clipped: 0
+    assert_close(v.grad, T([[0.03 / 3, 0.0, -1.0 / 3]]), atol=1e-8, rtol=0)
+
+
 def test_ppo_policy_loss_clips_each_side_and_stops_their_gradient():
     rho = T([[1.5, 0.5, 1.1, 0.5]])
     adv = T([[1.0, -1.0, 2.0, 1.0]])
