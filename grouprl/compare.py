@@ -139,15 +139,29 @@ def train_run(name: str, cfg: TrainConfig, on_progress) -> None:
 
 
 def evaluate_checkpoint(model: str, cfg: TrainConfig, num: int, cache: Path) -> dict:
-    """Held-out greedy format rate and accuracy of a checkpoint (or the base model), cached in `cache` (reused
-    only for the same model and number of problems)."""
+    """Held-out greedy format rate and accuracy of a checkpoint (or the base model), cached in `cache`.
+
+    The cache is reused only when its key matches, the key being what decides the greedy completions: the
+    model (its path and, for a folder, name, size and mtime of its weight and config files, so a checkpoint
+    trained again at the same path is evaluated again), the task section (problems, system prompt, prefill)
+    and the number of problems, max_new_tokens as used, eval.batch_size (left padding changes the numerics
+    of batched greedy decoding), dtype and device. eval.k and eval.temperature are left out: greedy only."""
     from grouprl.tasks import build_task
 
     task = build_task(cfg.task)
     rows = task.eval[:num]
+    max_new_tokens = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
+    folder = Path(model)
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")
+                   or p.name in ("config.json", "adapter_config.json")) if folder.is_dir() else []
+    key = json.loads(json.dumps({  # as it reads back from the cache file
+        "model": model, "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
+        "task": cfg.task.model_dump_json(), "problems": len(rows), "max_new_tokens": max_new_tokens,
+        "batch_size": cfg.eval.batch_size, "dtype": cfg.model.dtype, "device": cfg.model.device,
+    }))
     if cache.is_file():
         cached = json.loads(cache.read_text())
-        if cached.get("model") == model and cached.get("problems") == len(rows):
+        if cached.get("key") == key:
             return cached
     import torch
 
@@ -156,10 +170,9 @@ def evaluate_checkpoint(model: str, cfg: TrainConfig, num: int, cache: Path) -> 
 
     net, tok = load_for_inference(model, cfg.model)
     torch.manual_seed(cfg.seed)
-    metrics, _ = evaluate(net, tok, task, rows, prefill=cfg.task.prefill,
-                          max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+    metrics, _ = evaluate(net, tok, task, rows, prefill=cfg.task.prefill, max_new_tokens=max_new_tokens,
                           batch_size=cfg.eval.batch_size)
-    result = {"model": model, "problems": len(rows), **metrics}
+    result = {"model": model, "problems": len(rows), **metrics, "key": key}
     cache.write_text(json.dumps(result, indent=1))
     return result
 

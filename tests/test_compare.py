@@ -118,3 +118,51 @@ def test_report_page_in_a_headless_browser(report_dir):
         page.screenshot(path=str(report_dir / "screenshot.png"), full_page=True)
         browser.close()
     assert (report_dir / "screenshot.png").stat().st_size > 10_000
+
+
+def test_evaluation_cache_is_keyed_on_what_changes_the_result(tiny_model, toy_data, toy_reward, tmp_path,
+                                                              monkeypatch):
+    import os
+
+    import grouprl.evaluate
+    import grouprl.models
+    from grouprl.compare import evaluate_checkpoint
+    from grouprl.config import load_config
+
+    calls = []
+
+    def fake_evaluate(net, tok, task, rows, *, prefill, max_new_tokens, batch_size, **kw):
+        calls.append((prefill, max_new_tokens, batch_size))
+        return {"problems": len(rows), "format_rate": 0.5, "accuracy": 0.25}, []
+
+    monkeypatch.setattr(grouprl.evaluate, "evaluate", fake_evaluate)
+    monkeypatch.setattr(grouprl.models, "load_for_inference", lambda path, cfg: (None, None))
+    model = tmp_path / "model"  # a checkpoint of our own, to write again below
+    shutil.copytree(tiny_model, model)
+    cache = tmp_path / "eval.json"
+    sets = toy_config(tiny_model, toy_data, toy_reward, tmp_path / "run")
+
+    def run(*extra, num=4):
+        return evaluate_checkpoint(str(model), load_config(None, sets + list(extra)), num, cache)
+
+    assert run()["accuracy"] == 0.25 and calls == [("", 12, 64)]  # rollout.max_new_tokens 12, batch 64
+    run()
+    run("eval.k=4", "eval.temperature=1.0")  # not used by a greedy evaluation: still cached
+    assert len(calls) == 1
+    run("eval.max_new_tokens=5")
+    assert calls[-1] == ("", 5, 64)
+    run("eval.max_new_tokens=5")  # the new result is the cached one now
+    assert len(calls) == 2
+    run("eval.max_new_tokens=5", "task.prefill=<think>")
+    assert calls[-1] == ("<think>", 5, 64)
+    run("eval.max_new_tokens=5", "task.prefill=<think>", num=3)
+    assert len(calls) == 4
+    weights = model / "model.safetensors"  # trained again at the same path: the weights file is new
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    run("eval.max_new_tokens=5", "task.prefill=<think>", num=3)
+    assert len(calls) == 5
+    # a cache written before the key (model and problem count only) is not trusted
+    cache.write_text(json.dumps({"model": str(model), "problems": 3, "format_rate": 1.0, "accuracy": 1.0}))
+    assert run("eval.max_new_tokens=5", "task.prefill=<think>", num=3)["accuracy"] == 0.25
+    assert len(calls) == 6
