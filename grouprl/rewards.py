@@ -9,15 +9,24 @@ included), and columns the task's other columns (e.g. `answer`), one value per c
 
 User functions are named 'path/to/file.py:function'; a learned reward model (a sequence-classification
 checkpoint with one output) is named 'rm:<folder or HF id>'. Every call is checked at this boundary: an
-exception, a wrong length, or a value that is not a finite number stops the run with one line naming the
-function.
+exception or exit, a call over its time limit, a wrong length, or a value that is not a finite number stops
+the run with one line naming the function.
 """
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
+import functools
 import importlib.util
 import math
+import numbers
+import os
 import re
+import signal
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Set
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,6 +41,24 @@ STRICT = re.compile(r"^<reasoning>\n(.+?)\n</reasoning>\n<answer>\n(.+?)\n</answ
 SOFT = re.compile(r"<reasoning>(.+?)</reasoning>\s*<answer>(.+?)</answer>", re.DOTALL)
 ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 NUMBER = re.compile(r"^-?\d+(?:,\d{3})*(?:\.\d+)?$")
+TAG_BODY = re.compile(r"<(answer|reasoning)>(.*?)</\1>", re.DOTALL)
+# Texts that system prompts have shown as placeholders (compared as `_norm` writes them): never the model's own
+# answer or reasoning, whatever the prompt. A model trained on the old prompt answered "the final number".
+PLACEHOLDERS = frozenset({"thefinalnumber", "finalnumber", "thenumber", "youranswer", "yourfinalanswer",
+                          "finalanswer", "theanswer", "answer", "yourworking", "yourreasoning", "working",
+                          "reasoning"})
+
+# Bounds on the symbolic comparison in answers_match. sympy may spend minutes on an answer such as
+# 9^{9^{9^9}} while a real final answer compares in milliseconds; a bounded comparison counts as no match.
+ANSWER_TIME_S = 1.0  # both parses and the verify together
+ANSWER_MAX_CHARS = 1000  # real final answers are short, and parsing time grows with length
+# Refused before math-verify sees them: a power tower of numbers (9^{9^9}, 9**9**9) or an exponent or factorial
+# of 6+ digits. CPython computes 9^(10^7) in C for seconds (10^7! likewise), where no alarm can stop it, and
+# outside the main thread there is no alarm at all.
+COSTLY = re.compile(r"\d\s*(\^|\*\*)\s*[{(]?\s*\d+\s*(\^|\*\*)|(\^|\*\*)\s*[{(]?\s*\d{6,}|\d{6,}\s*!")
+# How long past its timeout a reward call may run before the watchdog ends the process. The alarm stops
+# Python code at the timeout; only code stuck in C, or a call outside the main thread, gets this far.
+WATCHDOG_GRACE_S = 3.0
 
 
 def extract_answer(completion: str) -> str | None:
@@ -44,21 +71,35 @@ def _says_something(body: str) -> bool:
     return bool(body.strip(". \n\t"))
 
 
+def _norm(text: str) -> str:
+    """Text as copies are compared: no whitespace at all, case-folded, no punctuation around it, so that
+    'The final number.' and 'the final\nnumber' count as the same words."""
+    return "".join(text.split()).casefold().strip(".,;:!?'\"`<>[]()")
+
+
+@functools.lru_cache(maxsize=256)
+def _prompt_bodies(prompt: str) -> frozenset[str]:
+    """`_norm` of every <answer> and <reasoning> body shown in the prompt (placeholders, worked examples).
+    Cached: the G completions of a group share one prompt."""
+    return frozenset(_norm(m.group(2)) for m in TAG_BODY.finditer(prompt))
+
+
+def _own_text(body: str, prompt: str) -> bool:
+    """Says something, is no known placeholder, and is not the body of a tag shown in the prompt."""
+    key = _norm(body)
+    return _says_something(body) and key not in PLACEHOLDERS and key not in _prompt_bodies(prompt)
+
+
 def _real_reasoning(body: str, prompt: str) -> bool:
-    """A reasoning earns format credit only if it says something and is not copied from the prompt
-    (placeholder text such as '...' or 'your working', or the reasoning of an example shown there).
-    Answers are not checked against the prompt: a right answer may well equal the example's."""
-    body = body.strip()
-    return _says_something(body) and f"<reasoning>\n{body}\n</reasoning>" not in prompt \
-        and f"<reasoning>{body}</reasoning>" not in prompt
+    """A reasoning earns format credit only if it is the model's own (see `_own_text`): not '...', not
+    'your working', not the reasoning of an example shown in the prompt."""
+    return _own_text(body, prompt)
 
 
 def _real_answer(body: str, prompt: str) -> bool:
-    """An answer earns format credit if it says something and is not placeholder text copied from the
-    prompt's layout; a number may equal the example's number by right (11 is 11)."""
-    body = body.strip()
-    copied = f"<answer>\n{body}\n</answer>" in prompt or f"<answer>{body}</answer>" in prompt
-    return _says_something(body) and (not copied or _as_number(body) is not None)
+    """An answer earns format credit if it is the model's own (see `_own_text`) or a number: a number may
+    equal the example's number by right (11 is 11), a placeholder never is one."""
+    return _as_number(body) is not None or _own_text(body, prompt)
 
 
 def _layout_matches(pattern: re.Pattern, prompt: str, completion: str) -> float:
@@ -68,7 +109,8 @@ def _layout_matches(pattern: re.Pattern, prompt: str, completion: str) -> float:
 
 def strict_format(prompts: list[str], completions: list[str], **_: Any) -> list[float]:
     """1.0 when the whole completion is exactly '<reasoning>\\n...\\n</reasoning>\\n<answer>\\n...\\n</answer>'
-    (trailing whitespace allowed) with real, non-copied content in both tags; else 0.0."""
+    (trailing whitespace allowed) with the model's own content in both tags (no placeholder, nothing copied
+    from the prompt's tags; see `_own_text`); else 0.0."""
     return [_layout_matches(STRICT, p, c) for p, c in zip(prompts, completions)]
 
 
@@ -80,12 +122,14 @@ def soft_format(prompts: list[str], completions: list[str], **_: Any) -> list[fl
 def tag_count(prompts: list[str], completions: list[str], **_: Any) -> list[float]:
     """Partial credit, 0.25 for each of the four tags present exactly once with its newlines
     ('<reasoning>\\n', '\\n</reasoning>\\n', '\\n<answer>\\n', '\\n</answer>'), minus 0.001 per character
-    after '</answer>' (text the format does not allow). At most 1.0. A closed reasoning that is empty or
-    copied from the prompt voids the credit: the tags must hold the model's own work."""
+    after '</answer>' (text the format does not allow). At most 1.0. A closed reasoning or answer that is
+    empty, a placeholder or copied from the prompt voids the credit: the tags must hold the model's own work."""
     out = []
     for p, c in zip(prompts, completions):
         closed = re.search(r"<reasoning>(.*?)</reasoning>", c, re.DOTALL)
-        if closed and not _real_reasoning(closed.group(1), p):
+        answer = extract_answer(c)
+        if (closed and not _real_reasoning(closed.group(1), p)) or \
+                (answer is not None and not _real_answer(answer, p)):
             out.append(0.0)
             continue
         score = sum(0.25 for tag in ("<reasoning>\n", "\n</reasoning>\n", "\n<answer>\n", "\n</answer>")
@@ -102,16 +146,43 @@ def _as_number(text: str) -> float | None:
 
 
 def answers_match(predicted: str, reference: str) -> bool:
-    """Numeric equality when both are plain numbers; otherwise symbolic equivalence by math-verify."""
+    """Numeric equality when both are plain numbers; otherwise symbolic equivalence by math-verify.
+
+    The symbolic comparison is bounded: a predicted answer longer than ANSWER_MAX_CHARS or matching COSTLY
+    (a power tower, a huge exponent or factorial) is not compared, and a comparison that runs past
+    ANSWER_TIME_S (main thread only) is cut short; all three count as not a match."""
     a, b = _as_number(predicted), _as_number(reference)
     if a is not None and b is not None:
         return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
-    from math_verify import parse, verify
+    if len(predicted) > ANSWER_MAX_CHARS or COSTLY.search(predicted):
+        return False
+    parse, verify = _math_verify()  # outside the limit: an import cut short would leave half-loaded modules
+    matched = False
+    with _time_limit(ANSWER_TIME_S):
+        matched = _symbolic_match(parse, verify, predicted, reference)
+    return matched
 
+
+@functools.cache
+def _math_verify() -> tuple[Callable, Callable]:
+    """math-verify's parse and verify, imported and warmed up (its parsers load lazily) once, with its
+    one-time 'timeout is disabled' warning turned off: `_symbolic_match` bounds it instead."""
+    import math_verify.grader
+    import math_verify.parser
+
+    math_verify.parser.TIMEOUT_WARNING_SHOWN = math_verify.grader.TIMEOUT_WARNING_SHOWN = True
+    parse, verify = math_verify.parse, math_verify.verify
+    verify(parse("$\\frac{1}{2}$", parsing_timeout=None), parse("$0.5$", parsing_timeout=None), timeout_seconds=None)
+    return parse, verify
+
+
+def _symbolic_match(parse: Callable, verify: Callable, predicted: str, reference: str) -> bool:
+    # math-verify's own timeouts are off: they call signal.alarm(n) and then alarm(0), which would cancel an
+    # enclosing reward timeout (and they count whole seconds); answers_match's _time_limit nests instead.
     try:
-        gold = parse(reference if "$" in reference else f"${reference}$")
-        pred = parse(predicted if "$" in predicted else f"${predicted}$")
-        return bool(gold) and bool(pred) and bool(verify(gold, pred))
+        gold = parse(reference if "$" in reference else f"${reference}$", parsing_timeout=None)
+        pred = parse(predicted if "$" in predicted else f"${predicted}$", parsing_timeout=None)
+        return bool(gold) and bool(pred) and bool(verify(gold, pred, timeout_seconds=None))
     except Exception:  # math-verify parses free text; anything it cannot handle is simply not a match
         return False
 
@@ -229,44 +300,219 @@ def load_reward(name: str) -> RewardFn:
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
-    except Exception as e:
-        raise UserError(f"reward file {path!r} failed to import: {type(e).__name__}: {e}") from None
+    except KeyboardInterrupt:
+        raise  # the user's Ctrl-C
+    except SystemExit as e:
+        raise UserError(f"reward file {path!r} called {_exit_call(e)} while being imported: a reward file must "
+                        "only define functions") from None
+    except BaseException as e:
+        raise UserError(f"reward file {path!r} failed to import: {type(e).__name__}: {_first_line(e)}") from None
     fn = getattr(module, func, None)
     if not callable(fn):
         raise UserError(f"reward file {path!r} has no function {func!r}")
     return fn
 
 
-def call_reward(name: str, fn: RewardFn, prompts: list[str], completions: list[str], columns: dict) -> list[float]:
-    """Call one reward function and check what it returns. Raises UserError naming the function."""
+def _first_line(e: BaseException) -> str:
+    lines = str(e).splitlines()
+    return lines[0] if lines else ""
+
+
+def _exit_call(e: SystemExit) -> str:
+    """How the code called exit: 'exit()', 'exit(3)', "exit('bad data')"."""
+    return "exit()" if e.code is None else f"exit({e.code!r})"
+
+
+class _Timeout(BaseException):
+    """Raised inside the timed code by `_time_limit`'s alarm; it carries its `_Limit`. A BaseException so
+    that an `except Exception` in reward code or in math-verify does not swallow it."""
+
+
+class _Limit:
+    """One `_time_limit`. `expired` is set by the alarm itself, so a timeout that the timed code caught and
+    ignored is still seen; `closing` makes an alarm that comes while the limit is being lifted do nothing."""
+
+    def __init__(self) -> None:
+        self.expired = self.closing = False
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float | None):
+    """Stop the body with SIGALRM (raised as `_Timeout`) after `seconds`, then carry on after the `with`
+    with `limit.expired` set. No limit with None or outside the main thread, where signals are unavailable.
+
+    Limits nest: an enclosing limit that falls due first still fires on time (the alarm is passed on to its
+    handler), and on exit the previous handler and the rest of the previous timer are put back."""
+    limit = _Limit()
+    if seconds is None or threading.current_thread() is not threading.main_thread():
+        yield limit
+        return
+    start = time.monotonic()
+    outer_left = signal.getitimer(signal.ITIMER_REAL)[0]  # 0.0: no timer running
+    outer_first = 0 < outer_left < seconds
+    previous = signal.getsignal(signal.SIGALRM)
+    passed_on = False
+
+    def on_alarm(signum, frame):
+        nonlocal passed_on
+        if limit.closing:
+            return
+        if outer_first and not passed_on:  # the enclosing limit's turn; ours comes next, should it return
+            passed_on = True
+            signal.setitimer(signal.ITIMER_REAL, max(start + seconds - time.monotonic(), 1e-6))
+            if callable(previous):
+                previous(signum, frame)
+            return
+        limit.expired = True
+        raise _Timeout(limit)
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, outer_left if outer_first else seconds)
     try:
-        values = fn(prompts=prompts, completions=completions, **columns)
-    except Exception as e:
-        raise UserError(f"reward function {name!r} raised {type(e).__name__}: {e}") from None
+        yield limit
+    except _Timeout as e:
+        if e.args[0] is not limit:
+            raise  # an enclosing limit's: its owner handles it
+    finally:
+        limit.closing = True
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if outer_left > 0 and not passed_on:  # the enclosing timer, less the time spent here (due now: at once)
+            signal.setitimer(signal.ITIMER_REAL, max(outer_left - (time.monotonic() - start), 1e-6))
+
+
+@contextlib.contextmanager
+def _watchdog(seconds: float | None, message: str):
+    """End the process (exit code 2, 'error: <message>' on stderr) if the body still runs after `seconds`.
+
+    The last resort where `_time_limit` cannot reach: a blocking C call that ignores signals, or a call
+    outside the main thread. A thread cannot be stopped from outside, so the whole process ends. Nothing
+    saved is lost: checkpoints are written to a temporary folder and renamed into place.
+
+    C code that holds the GIL and never returns to the interpreter (a huge bigint power) stops every Python
+    thread, this one included. For that, faulthandler's C-level timer ends the process WATCHDOG_GRACE_S later
+    still: 'Timeout' and every thread's traceback (the reward function's frame among them), exit code 1."""
+    if seconds is None:
+        yield
+        return
+    timer = threading.Timer(seconds, _die, args=(message,))
+    timer.daemon = True
+    timer.start()
+    # one such timer per process, which is enough: reward calls run one at a time. fd 2, since sys.stderr
+    # may have no file descriptor (a notebook, captured output)
+    faulthandler.dump_traceback_later(seconds + WATCHDOG_GRACE_S, exit=True, file=2)
     try:
-        values = [float(v) for v in values]
-    except (TypeError, ValueError):
-        raise UserError(f"reward function {name!r} must return a list of floats, got {type(values).__name__}") from None
-    if len(values) != len(completions):
-        raise UserError(f"reward function {name!r} returned {len(values)} values for {len(completions)} completions")
-    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
-    if bad:
-        raise UserError(f"reward function {name!r} returned a non-finite value ({values[bad[0]]}) at index {bad[0]}")
+        yield
+    finally:
+        timer.cancel()
+        faulthandler.cancel_dump_traceback_later()
+
+
+def _die(message: str) -> None:
+    # os.write, not print: the stuck thread may hold sys.stderr's lock; os._exit, since the stuck thread
+    # would keep a normal exit waiting forever.
+    os.write(2, f"error: {message}\n".encode())
+    os._exit(2)
+
+
+def call_reward(name: str, fn: RewardFn, prompts: list[str], completions: list[str], columns: dict,
+                timeout_s: float | None = None) -> list[float]:
+    """Call one reward function and check what it returns. Raises UserError naming the function.
+
+    It must return one real number per completion, finite in float32 (|x| < 3.4e38): a list, a tuple, an
+    array or a generator of int, float, bool (a number in Python: True is 1.0, False 0.0), numpy scalars or
+    0-d tensors. With `timeout_s`, a call that runs longer is stopped (`_time_limit`) and reported; one that
+    cannot be stopped ends the process WATCHDOG_GRACE_S later (`_watchdog`). A Ctrl-C (KeyboardInterrupt)
+    passes through unchanged: stopping the run is the training loop's business."""
+    values = _call(name, fn, prompts, completions, columns, timeout_s)
+    return _checked(name, values, len(completions))
+
+
+def _call(name: str, fn: RewardFn, prompts: list[str], completions: list[str], columns: dict,
+          timeout_s: float | None) -> Any:
+    slow = (f"reward function {name!r} took longer than {timeout_s:g}s on {len(completions)} completions: "
+            "make it faster or raise rewards_timeout_s") if timeout_s is not None else ""
+    try:
+        with _watchdog(None if timeout_s is None else timeout_s + WATCHDOG_GRACE_S, slow), \
+                _time_limit(timeout_s) as limit:
+            values = fn(prompts=prompts, completions=completions, **columns)
+            if isinstance(values, Iterator):
+                values = list(values)  # a generator runs the user's code only now: inside the limits
+    except (KeyboardInterrupt, _Timeout):
+        raise  # the user's Ctrl-C; an enclosing time limit's timeout, for its owner
+    except SystemExit as e:
+        raise UserError(f"reward function {name!r} called {_exit_call(e)}: a reward function must return its "
+                        "values, not exit") from None
+    except BaseException as e:  # any Exception, and GeneratorExit-like BaseExceptions
+        raise UserError(f"reward function {name!r} raised {type(e).__name__}: {_first_line(e)}") from None
+    if limit.expired:
+        raise UserError(slow)
     return values
 
 
-class RewardSet:
-    """The configured reward functions with their weights."""
+def _number(v: Any) -> float | None:
+    """`v` as a float when it is one real number (bool, numpy scalar and 0-d tensor included), else None."""
+    if isinstance(v, numbers.Real):
+        return float(v)
+    if getattr(v, "ndim", None) == 0 and hasattr(v, "item"):  # numpy scalar or 0-d array / tensor
+        item = v.item()
+        return float(item) if isinstance(item, numbers.Real) else None
+    return None
 
-    def __init__(self, specs: list[tuple[str, float]]):
+
+def _short_repr(v: Any) -> str:
+    text = " ".join(repr(v).split())
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _checked(name: str, values: Any, n: int) -> list[float]:
+    """`values` as n floats, each finite in float32, or UserError naming the function and the bad index."""
+    try:
+        if isinstance(values, (str, bytes, Mapping, Set)) or not isinstance(values, Iterable):
+            raise TypeError
+        values = list(values)
+    except TypeError:  # also a 0-d array, which has __iter__ but cannot be iterated
+        raise UserError(f"reward function {name!r} must return a list of numbers, one per completion; got "
+                        f"a {type(values).__name__}") from None
+    if len(values) != n:
+        raise UserError(f"reward function {name!r} returned {len(values)} values for {n} completions")
+    floats = [_number(v) for v in values]
+    for i, (v, f) in enumerate(zip(values, floats)):
+        if f is None:
+            what = "None" if v is None else f"a {type(v).__name__} ({_short_repr(v)})"
+            raise UserError(f"reward function {name!r} returned {what} at index {i}: expected a number")
+    # Checked as float32, the rewards' dtype: 1e39 is a finite Python float but inf in float32.
+    bad = (~torch.isfinite(torch.tensor(floats, dtype=torch.float32))).nonzero().flatten().tolist()
+    if bad:
+        raise UserError(f"reward function {name!r} returned {floats[bad[0]]!r} at index {bad[0]}: expected a "
+                        "finite number within float32's range (|x| < 3.4e38)")
+    return floats
+
+
+class RewardSet:
+    """The configured reward functions with their weights; each call of each function limited to
+    `timeout_s` seconds (TrainConfig.rewards_timeout_s)."""
+
+    def __init__(self, specs: list[tuple[str, float]], timeout_s: float = 60.0):
         self.names = [n for n, _ in specs]
         self.weights = torch.tensor([w for _, w in specs], dtype=torch.float32)
+        for name, w in zip(self.names, self.weights.tolist()):
+            if not math.isfinite(w):
+                raise UserError(f"reward {name!r}: weight is not a finite float32 number (|w| < 3.4e38)")
+        self.timeout_s = timeout_s
         self.fns = [load_reward(n) for n in self.names]
 
     def score(self, prompts: list[str], completions: list[str], columns: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (per-function rewards (N, K), weighted total (N,))."""
         per_fn = torch.tensor(
-            [call_reward(n, f, prompts, completions, columns) for n, f in zip(self.names, self.fns)],
+            [call_reward(n, f, prompts, completions, columns, self.timeout_s) for n, f in zip(self.names, self.fns)],
             dtype=torch.float32,
         ).T.reshape(len(completions), len(self.fns))
-        return per_fn, per_fn @ self.weights
+        total = per_fn @ self.weights  # (N, K) @ (K,) -> (N,)
+        bad = (~torch.isfinite(total)).nonzero().flatten().tolist()
+        if bad:
+            weights = ", ".join(f"{n}: {w:g}" for n, w in zip(self.names, self.weights.tolist()))
+            rewards = ", ".join(f"{r:g}" for r in per_fn[bad[0]].tolist())
+            raise UserError(f"the weighted reward of completion {bad[0]} is not finite in float32 (rewards "
+                            f"[{rewards}] x weights {{{weights}}}): lower the weights or the rewards' scale")
+        return per_fn, total

@@ -85,8 +85,10 @@ def test_strict_format_refuses_copied_placeholder():
     # the whole example copied from the prompt
     copied_example = "<reasoning>\n7 + 4 = 11\n</reasoning>\n<answer>\n11\n</answer>"
     assert one(strict_format, copied_example, prompt=EXAMPLE_PROMPT) == 0.0
-    # the same completion is fine under a prompt that does not show it
-    assert one(strict_format, copied, prompt="What is 2 + 3?") == 1.0
+    # the same completion is fine under a prompt that does not show it (the example's reasoning is real work)
+    assert one(strict_format, copied_example, prompt="What is 2 + 3?") == 1.0
+    # 'your working' is a known placeholder: refused under any prompt
+    assert one(strict_format, copied, prompt="What is 2 + 3?") == 0.0
     # real content under the placeholder prompt is fine
     assert one(strict_format, GOOD, prompt=PLACEHOLDER_PROMPT) == 1.0
 
@@ -302,12 +304,12 @@ def test_call_reward_ok_and_columns_forwarded():
         (lambda prompts, completions, **_: 1 / 0, "ZeroDivisionError"),  # raises
         (lambda prompts, completions, **_: [1.0], "returned 1 values for 2"),  # wrong length
         (lambda prompts, completions, **_: [1.0, 2.0, 3.0], "returned 3 values for 2"),
-        (lambda prompts, completions, **_: [1.0, float("nan")], "non-finite"),  # NaN
-        (lambda prompts, completions, **_: [float("inf"), 1.0], "non-finite"),
-        (lambda prompts, completions, **_: ["good", "bad"], "list of floats"),  # not numbers
-        (lambda prompts, completions, **_: [None, None], "list of floats"),
-        (lambda prompts, completions, **_: None, "list of floats"),
-        (lambda prompts, completions, **_: 1.0, "list of floats"),
+        (lambda prompts, completions, **_: [1.0, float("nan")], r"returned nan at index 1: expected a finite"),
+        (lambda prompts, completions, **_: [float("inf"), 1.0], r"returned inf at index 0: expected a finite"),
+        (lambda prompts, completions, **_: ["good", "bad"], r"returned a str \('good'\) at index 0"),
+        (lambda prompts, completions, **_: [None, None], "returned None at index 0: expected a number"),
+        (lambda prompts, completions, **_: None, "must return a list of numbers.*got a NoneType"),
+        (lambda prompts, completions, **_: 1.0, "must return a list of numbers.*got a float"),
     ],
 )
 def test_call_reward_rejects(fn, message):
@@ -435,3 +437,68 @@ def test_copied_answer_placeholder_refused_but_a_number_is_not():
     placeholder = "Answer as:\n<reasoning>\nwork\n</reasoning>\n<answer>\nthe number\n</answer>"
     copied = "<reasoning>\n5 + 6 = 11\n</reasoning>\n<answer>\nthe number\n</answer>"
     assert strict_format([placeholder], [copied]) == [0.0]
+
+
+# ---------------------------------------------------------------- placeholders and copies (format credit)
+
+WORK = "<reasoning>\n2 + 3 = 5\n</reasoning>\n"
+
+
+@pytest.mark.parametrize("answer", ["the final number", "The final number", "the final number.", "THE FINAL NUMBER",
+                                    "the  final\nnumber", "your answer", "Your answer:", "final answer", "Answer",
+                                    "...", "<your answer>", "the answer"])
+@pytest.mark.parametrize("prompt", [PLACEHOLDER_PROMPT, "What is 2 + 3?"])
+def test_placeholder_answer_earns_no_format_credit(prompt, answer):
+    # a trained model answered literally 'the final number' (the old system prompt's placeholder): no
+    # credit from any format reward, whether or not the prompt shows the placeholder
+    completion = f"{WORK}<answer>\n{answer}\n</answer>"
+    assert one(strict_format, completion, prompt=prompt) == 0.0
+    assert one(soft_format, completion, prompt=prompt) == 0.0
+    assert one(soft_format, f"<reasoning>2 + 3 = 5</reasoning> <answer>{answer}</answer>", prompt=prompt) == 0.0
+    assert one(tag_count, completion, prompt=prompt) == 0.0
+
+
+@pytest.mark.parametrize("reasoning", ["your working", "Your working.", "YOUR WORKING", "your reasoning", "reasoning"])
+def test_placeholder_reasoning_earns_no_format_credit(reasoning):
+    completion = f"<reasoning>\n{reasoning}\n</reasoning>\n<answer>\n5\n</answer>"
+    for fn in (strict_format, soft_format, tag_count):
+        assert one(fn, completion) == 0.0, fn.__name__
+
+
+def test_copied_tag_text_refused_in_any_case_or_spacing():
+    # text shown inside the prompt's tags (not a known placeholder): a copy, however it is spaced or cased
+    prompt = "Format:\n<reasoning>\nAdd the numbers up\n</reasoning>\n<answer>\nthe sum\n</answer>\nWhat is 2 + 3?"
+    copied_answer = f"{WORK}<answer>\nThe  Sum\n</answer>"
+    copied_reasoning = "<reasoning>\nadd the numbers\nup.\n</reasoning>\n<answer>\n5\n</answer>"
+    for fn in (strict_format, soft_format, tag_count):
+        assert one(fn, copied_answer, prompt=prompt) == 0.0, fn.__name__
+        assert one(fn, copied_reasoning, prompt=prompt) == 0.0, fn.__name__
+        # the same completions under a prompt that does not show that text are the model's own
+        assert one(fn, copied_answer) == 1.0, fn.__name__
+        assert one(fn, copied_reasoning) == 1.0, fn.__name__
+
+
+def test_copied_number_answer_keeps_format_credit():
+    # 11 is 11: a number shown in the prompt's example may be the right answer, in any format reward
+    prompt = EXAMPLE_PROMPT.replace("What is 2 + 3?", "What is 5 + 6?")
+    genuine = "<reasoning>\n5 + 6 = 11\n</reasoning>\n<answer>\n11\n</answer>"
+    for fn in (strict_format, soft_format, tag_count):
+        assert one(fn, genuine, prompt=prompt) == 1.0, fn.__name__
+
+
+def test_tag_count_voids_credit_for_a_copied_or_empty_answer():
+    assert one(tag_count, f"{WORK}<answer>\n5\n</answer>") == 1.0
+    assert one(tag_count, f"{WORK}<answer>\nthe final number\n</answer>") == 0.0  # would be 1.0 by tags alone
+    assert one(tag_count, f"{WORK}<answer>\n\n</answer>") == 0.0
+    assert one(tag_count, "<answer>\nyour answer\n</answer>") == 0.0  # would be .25
+
+
+# ---------------------------------------------------------------- neutral text
+
+
+@pytest.mark.parametrize("completion", ["ok", ""])
+def test_builtins_give_nothing_for_neutral_text(completion):
+    # the loop probes every reward with neutral text before training: no built-in may reward it
+    columns = {"answer": ["5"], "numbers": [[2, 3, 4]], "target": [14]}
+    for name, fn in BUILTIN.items():
+        assert fn(["What is 2 + 3?"], [completion], **columns) == [0.0], name
