@@ -1,28 +1,75 @@
-"""Checkpoints in the standard Hugging Face layout, written atomically, with what an exact resume needs.
+"""Checkpoints in the standard Hugging Face layout, written so that a kill at any moment loses nothing saved.
 
     <dir>/config.json, model.safetensors, tokenizer files   full fine-tuning (plain from_pretrained)
     <dir>/adapter_config.json, adapter_model.safetensors    LoRA (peft; from_pretrained loads it too)
     <dir>/merged/                                           LoRA merged into full weights, on request
     <dir>/grouprl.yaml                                      the resolved run config
-    <dir>/trainer_state.json                                step, data position, metrics so far
+    <dir>/trainer_state.json                                step, data position, reward-file hashes
     <dir>/optimizer.pt, rng.pt                              optimizer/scheduler and RNG states (tensors only)
     <dir>/critic/ or value_head.safetensors                 PPO's critic (see critic.py)
+    <dir>/COMPLETE                                          the commit marker, written last
 
-Everything is written into '<dir>.tmp' and renamed into place, so a crash never leaves a half checkpoint
-where a complete one was.
+How a write commits: everything goes into '<dir>.tmp'; every file and folder in it is flushed to disk
+(fsync), then the marker is written and flushed, then '<dir>.tmp' is renamed to '<dir>' (an existing
+'<dir>' is first renamed to '<dir>.old' and removed afterwards). A checkpoint is a folder named
+`step-NNNNNN` or `final` that holds the marker; `complete_checkpoints` is the one function that lists
+them, and every reader (resume, compare, eval of a run folder) goes through it. Leftovers of a kill
+(`.tmp`, `.old`, folders without the marker) are never read, and `clean_leftovers` tidies them on resume.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
+import re
 import shutil
+import signal
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from grouprl.config import TrainConfig, save_config
+
+MARKER = "COMPLETE"
+STEP_DIR = re.compile(r"step-(\d{6,})")
+LEFTOVER = re.compile(r"(step-\d{6,}|final)(\.tmp|\.old)?")
+
+
+def fault_point(name: str) -> None:
+    """Test hook for the fault-injection tests: with GROUPRL_FAULT='name@k' in the environment, the k-th
+    time the code passes `name` the process kills itself with SIGKILL (a power cut at that spot)."""
+    want = os.environ.get("GROUPRL_FAULT")
+    if not want or want.partition("@")[0] != name:
+        return
+    count = fault_point.counts.get(name, 0) + 1  # type: ignore[attr-defined]
+    fault_point.counts[name] = count  # type: ignore[attr-defined]
+    if count == int(want.partition("@")[2] or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+fault_point.counts = {}  # type: ignore[attr-defined]
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file and folder under `folder` (itself included) to disk."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            fd = os.open(Path(root) / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(root))
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(
@@ -35,13 +82,14 @@ def save_checkpoint(
     merged: bool = False,
     extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """optim_state: optimizer and scheduler state dicts by name; extra(folder) writes what else the
-    algorithm keeps (PPO's critic)."""
+    """Write a checkpoint at `path` (see the module docstring for how it commits). optim_state: optimizer
+    and scheduler state dicts by name; extra(folder) writes what else the learner keeps (PPO's critic)."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    fault_point("checkpoint:weights")
     if merged and hasattr(model, "merge_and_unload"):
         full = copy.deepcopy(model).merge_and_unload()
         full.save_pretrained(tmp / "merged", safe_serialization=True)
@@ -50,25 +98,76 @@ def save_checkpoint(
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
     if optim_state is not None:
         torch.save(optim_state, tmp / "optimizer.pt")
+    fault_point("checkpoint:optimizer")
     if extra is not None:
         extra(tmp)
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save(rng, tmp / "rng.pt")
+    _fsync_tree(tmp)
+    fault_point("checkpoint:before-marker")
+    (tmp / MARKER).write_text(json.dumps({"step": state["step"]}))
+    _fsync_tree(tmp)
     old = path.with_name(path.name + ".old")
     if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
         path.rename(old)
+        fault_point("checkpoint:swap")
     tmp.rename(path)
+    _fsync_dir(path.parent)
     shutil.rmtree(old, ignore_errors=True)
     return path
 
 
+def is_complete(folder: Path) -> bool:
+    return (folder / MARKER).is_file()
+
+
+def checkpoint_step(folder: Path) -> int:
+    return int(json.loads((folder / MARKER).read_text())["step"])
+
+
+def complete_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    """Every complete checkpoint of a run folder, (step, folder) sorted by step; `final` sorts after a step
+    checkpoint of the same step. Only `checkpoints/step-NNNNNN` and `final` holding the marker count."""
+    found = [(checkpoint_step(p), 0, p) for p in sorted((out_dir / "checkpoints").glob("step-*"))
+             if STEP_DIR.fullmatch(p.name) and p.is_dir() and is_complete(p)]
+    if is_complete(out_dir / "final"):
+        found.append((checkpoint_step(out_dir / "final"), 1, out_dir / "final"))
+    return [(step, p) for step, _, p in sorted(found)]
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The checkpoint of `out_dir` (checkpoints/step-N or final) with the highest step, or None."""
-    found = [p for p in [out_dir / "final", *(out_dir / "checkpoints").glob("step-*")]
-             if (p / "trainer_state.json").is_file()]
-    return max(found, key=lambda p: json.loads((p / "trainer_state.json").read_text())["step"], default=None)
+    """The complete checkpoint of `out_dir` with the highest step (final on a tie), or None."""
+    found = complete_checkpoints(out_dir)
+    return found[-1][1] if found else None
+
+
+def clean_leftovers(out_dir: Path) -> list[Path]:
+    """Tidy what a kill mid-write left behind; returns what was removed. A '<dir>.tmp' or '<dir>.old' that
+    is complete while '<dir>' is missing (a kill between the two renames) is put back in place."""
+    removed = []
+    candidates = [*(out_dir / "checkpoints").glob("*"), *out_dir.glob("final*")]
+    for p in sorted(candidates):
+        if not p.is_dir() or not LEFTOVER.fullmatch(p.name):
+            continue  # not ours: never touched
+        base = p.with_name(p.name.removesuffix(".tmp").removesuffix(".old"))
+        if p != base and not base.exists() and is_complete(p):
+            p.rename(base)
+        elif p != base or not is_complete(p):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def prune_checkpoints(out_dir: Path, keep: int | None) -> None:
+    """save_total_limit: keep the newest `keep` step checkpoints (final/ is never removed)."""
+    if keep is None:
+        return
+    steps = [p for _, p in complete_checkpoints(out_dir) if p.name != "final"]
+    for p in steps[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def load_weights(model: torch.nn.Module, folder: Path) -> None:

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from grouprl.errors import UserError
+from grouprl.errors import Stopped, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="GRPO for language models with verifiable rewards.")
 model_app = typer.Typer(no_args_is_help=True, help="Model utilities.")
@@ -32,9 +32,39 @@ def _quiet() -> None:
     hf_logging.disable_progress_bar()  # our own progress bar is the one to watch
 
 
-def _fail(err: Exception) -> None:
+TrustOpt = typer.Option(False, "--trust-remote-code", help="Allow modelling code shipped with the model "
+                        "(never taken from a checkpoint's grouprl.yaml without this flag).")
+
+
+def _fail(err: Exception, code: int = 2) -> None:
     Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
+
+
+def _ignore_stop_signals() -> None:
+    """The run has stopped and says so: a further Ctrl-C must not cut that line short."""
+    import signal
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+
+
+def _io_error(e: OSError) -> UserError:
+    """A failed read or write (a full disk, a folder that vanished) as one line naming the file."""
+    where = f" {str(e.filename)!r}" if e.filename else ""
+    return UserError(f"cannot read or write{where}: {e.strerror or e}; what was saved before is intact")
+
+
+def _inherited_config(folder: Path, trust_remote_code: bool):
+    """The settings saved in a checkpoint's or run's grouprl.yaml, as data: they may not switch on
+    trust_remote_code; only the command line can (--trust-remote-code)."""
+    from grouprl.config import load_config
+
+    cfg = load_config(folder / "grouprl.yaml")
+    if cfg.model.trust_remote_code and not trust_remote_code:
+        raise UserError(f"{str(folder / 'grouprl.yaml')!r} asks for model.trust_remote_code, which runs code shipped "
+                        "with the model: pass --trust-remote-code to allow it")
+    return cfg
 
 
 @app.command()
@@ -45,21 +75,34 @@ def train(
     resume: Optional[Path] = typer.Option(
         None, help="Continue the run in this output_dir from its latest checkpoint, with its saved config "
         "(--set may change e.g. steps)."),
+    trust_remote_code: bool = TrustOpt,
 ) -> None:
-    """Train a policy with GRPO or PPO; writes metrics, completions and checkpoints to output_dir."""
+    """Train a policy with GRPO or PPO; writes metrics, completions and checkpoints to output_dir.
+    Ctrl-C (or SIGTERM) stops after the current step with a checkpoint (exit 130); a second one at once."""
     try:
         from grouprl.config import load_config
         from grouprl.loop import train as run
 
         sets = list(set_ or []) + ([f"algo={algo}"] if algo is not None else [])
-        if resume is not None:
-            if not (resume / "grouprl.yaml").is_file():
-                raise UserError(f"--resume {str(resume)!r}: no grouprl.yaml there; expected a run's output_dir")
-            config = config or resume / "grouprl.yaml"
+        if resume is not None:  # with --config, a run that died before its first checkpoint starts afresh
+            if config is None:
+                if not (resume / "grouprl.yaml").is_file():
+                    raise UserError(f"--resume {str(resume)!r}: no grouprl.yaml there; expected a run's output_dir")
+                _inherited_config(resume, trust_remote_code)
+                config = resume / "grouprl.yaml"
             sets.append(f"output_dir={resume}")
         run(load_config(config, sets), resume=resume is not None)
     except UserError as e:
         _fail(e)
+    except OSError as e:
+        _fail(_io_error(e))
+    except Stopped as e:
+        _ignore_stop_signals()
+        _fail(e, 130)
+    except KeyboardInterrupt:
+        _ignore_stop_signals()
+        where = f" --resume {resume}" if resume else " --resume OUTPUT_DIR"
+        _fail(UserError(f"stopped at once; the latest checkpoint is intact: grouprl train{where}"), 130)
 
 
 @app.command("eval")
@@ -72,16 +115,27 @@ def eval_(
     num: Optional[int] = typer.Option(None, help="Problems to evaluate (default: eval.num_problems)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="JSON file for the metrics and samples."),
     baseline: Optional[Path] = typer.Option(None, help="An earlier eval JSON to show side by side (e.g. the base)."),
+    trust_remote_code: bool = TrustOpt,
 ) -> None:
-    """Strict-format rate, greedy accuracy, and pass@k / maj@k on held-out problems."""
+    """Strict-format rate, greedy accuracy, and pass@k / maj@k on held-out problems. --model may also be a
+    run's output_dir: its latest complete checkpoint is evaluated."""
     try:
         import torch
 
+        from grouprl.checkpoint import latest_checkpoint
         from grouprl.config import load_config
         from grouprl.evaluate import evaluate
         from grouprl.models import load_for_inference
         from grouprl.tasks import build_task
 
+        if k is not None and k < 1 or num is not None and num < 1:
+            raise UserError(f"--k and --num must be at least 1 (got --k {k}, --num {num})")
+        run_dir = Path(model)
+        if (run_dir / "checkpoints").is_dir() or (run_dir / "final").is_dir():  # a run folder: its latest
+            found = latest_checkpoint(run_dir)
+            if found is None:
+                raise UserError(f"--model {model!r} is a run folder without a complete checkpoint")
+            model = str(found)
         before = None
         if baseline is not None:
             try:
@@ -93,7 +147,12 @@ def eval_(
         if output is not None and output.is_dir():
             raise UserError(f"--output {str(output)!r} is a folder: expected a JSON file path")
         ckpt_cfg = Path(model) / "grouprl.yaml"
-        cfg = load_config(config or (ckpt_cfg if ckpt_cfg.is_file() and config is None else None), set_)
+        if config is None and ckpt_cfg.is_file():
+            _inherited_config(Path(model), trust_remote_code)  # refuses remote code asked for by the folder
+            cfg = load_config(ckpt_cfg, set_)
+        else:
+            cfg = load_config(config, set_)
+        cfg.model.trust_remote_code = cfg.model.trust_remote_code or trust_remote_code
         if data is not None:
             cfg.task.eval_source = data
             if cfg.task.name in ("arithmetic", "countdown"):
@@ -111,6 +170,9 @@ def eval_(
         )
     except UserError as e:
         _fail(e)
+        return
+    except OSError as e:
+        _fail(_io_error(e))
         return
     table = Table(title=f"eval of {model} on {len(rows)} held-out {cfg.task.name} problems")
     table.add_column("metric")

@@ -31,6 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from grouprl.config import TrainConfig, config_changes, load_config, parse_overrides, save_config
 from grouprl.errors import UserError
+from grouprl.checkpoint import complete_checkpoints
 from grouprl.metrics import read_metrics
 from grouprl.report import LAST, cumulative_time, html_page, markdown, mean, plot
 
@@ -93,12 +94,12 @@ def run_configs(config: Path | None, sets: list[str], specs: list[RunSpec], out:
 
 def _done_steps(run_dir: Path) -> int:
     path = run_dir / "metrics.jsonl"
-    return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.is_file() else 0
+    return len(read_metrics(path)) if path.is_file() else 0
 
 
 def _finished(run_dir: Path, steps: int) -> bool:
-    state = run_dir / "final" / "trainer_state.json"
-    return state.is_file() and json.loads(state.read_text())["step"] >= steps
+    found = complete_checkpoints(run_dir)
+    return bool(found) and found[-1][1].name == "final" and found[-1][0] >= steps
 
 
 def check_unchanged(name: str, cfg: TrainConfig) -> None:
@@ -181,15 +182,10 @@ def _median(rows: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
 
-def checkpoint_at(run_dir: Path, step: int, steps: int) -> tuple[int, Path]:
-    """The latest checkpoint at or before `step`: final for the last step, else checkpoints/step-N."""
-    if step >= steps:
-        return steps, run_dir / "final"
-    saved = sorted(int(p.name.removeprefix("step-")) for p in (run_dir / "checkpoints").glob("step-*"))
-    before = [s for s in saved if s <= step]
-    if not before:
-        return 0, Path()
-    return before[-1], run_dir / "checkpoints" / f"step-{before[-1]:06d}"
+def checkpoint_at(run_dir: Path, step: int) -> tuple[int, Path]:
+    """The latest complete checkpoint at or before `step` (final counts as the last step), or (0, Path())."""
+    before = [(s, p) for s, p in complete_checkpoints(run_dir) if s <= step]
+    return before[-1] if before else (0, Path())
 
 
 def summarise(cfgs: dict[str, TrainConfig], overrides: dict[str, list[str]], out: Path, eval_num: int,
@@ -208,7 +204,7 @@ def summarise(cfgs: dict[str, TrainConfig], overrides: dict[str, list[str]], out
         within = [r for r, t in zip(h, times) if t <= equal_time + 1e-9]
         final = evaluate_checkpoint(str(run_dir / "final"), cfg, eval_num, run_dir / f"eval-step-{cfg.steps}.json")
         on_eval()
-        eq_step, eq_dir = checkpoint_at(run_dir, within[-1]["step"] if within else 0, cfg.steps)
+        eq_step, eq_dir = checkpoint_at(run_dir, within[-1]["step"] if within else 0)
         if eq_step == 0:
             eq_eval = base
         else:

@@ -6,3 +6,7 @@ The CLI turns it into a single line on stderr and a non-zero exit; internal inva
 
 class UserError(Exception):
     """A problem in the user's input, reported as one line naming what is wrong and what is expected."""
+
+
+class Stopped(Exception):
+    """The run stopped on a signal after saving a checkpoint; the message says how to resume. Exit 130."""

@@ -16,7 +16,8 @@ from torch import Tensor
 
 from grouprl.advantages import ADVANTAGES
 from grouprl.config import GRPOConfig, TrainConfig
-from grouprl.logprobs import forward_groups, group_rows, sequence_logprobs
+from grouprl.learner import Optim, run_minibatches
+from grouprl.logprobs import forward_groups, sequence_logprobs
 from grouprl.losses import Normaliser, grpo_loss
 from grouprl.models import Reference, trainable_parameters
 from grouprl.optim import make_optimizer
@@ -25,29 +26,29 @@ from grouprl.rollout import Rollout
 
 @dataclass
 class UpdateStats:
-    loss: float = 0.0
-    kl: float = 0.0
-    clip_frac: float = 0.0
-    ratio: float = 0.0
-    entropy: float = 0.0
-    grad_norm: float = 0.0
+    """Token means over the batch (loss and grad_norm: means over optimizer steps). None where no update
+    ran (a batch with no signal), so that plots are not bent by made-up zeros."""
+
+    loss: float | None = None
+    kl: float | None = None
+    clip_frac: float | None = None
+    ratio: float | None = None
+    entropy: float | None = None
+    grad_norm: float | None = None
     tokens: float = 0.0
     prep_time: float = 0.0  # seconds in the no-grad forwards (pi_old, pi_ref)
+    nonfinite_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient norm
 
 
 def grpo_update(
     policy: torch.nn.Module,
     reference: Reference | None,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    optim: Optim,
     rollout: Rollout,
     adv: Tensor,
     cfg: GRPOConfig,
     *,
-    temperature: float,
     max_new_tokens: int,
-    max_grad_norm: float,
-    group_size: int,
     shared_prompt: bool = True,
 ) -> UpdateStats:
     """Run mu x minibatches optimizer steps on the batch. adv: (N,). Returns token-weighted means.
@@ -60,59 +61,40 @@ def grpo_update(
         return UpdateStats()  # every group flat and no KL: a step would only be AdamW momentum
     if cfg.mask_truncated:
         mask[rollout.truncated] = 0.0
-    g = group_size
-    num_groups = mask.shape[0] // g
-    per_micro = max(1, cfg.micro_batch_size // g)
+    per_micro = max(1, cfg.micro_batch_size // rollout.group_size)
     t0 = time.perf_counter()
     policy.eval()  # pi_old and pi_ref without dropout
     old_logp = None
     if cfg.mu > 1 or cfg.minibatches > 1:  # pi_old is the policy before this step's first update
-        old_logp = sequence_logprobs(policy, rollout, g, per_micro, temperature, shared_prompt)
+        old_logp = sequence_logprobs(policy, rollout, per_micro, shared_prompt)
     ref_logp = None
     if reference is not None and cfg.beta > 0:
         with reference.active() as ref_model:
-            ref_logp = sequence_logprobs(ref_model, rollout, g, per_micro, temperature, shared_prompt)
+            ref_logp = sequence_logprobs(ref_model, rollout, per_micro, shared_prompt)
     policy.train()
     prep_time = time.perf_counter() - t0
 
-    stats = UpdateStats()
-    tokens_seen = 0.0
-    steps = 0
-    params = [p for p in policy.parameters() if p.requires_grad]
-    for _ in range(cfg.mu):
-        order = torch.randperm(num_groups) if cfg.minibatches > 1 else torch.arange(num_groups)
-        for mini in order.chunk(cfg.minibatches):
-            mini_rows = group_rows(mini, g)
-            norm = Normaliser(num_seqs=len(mini_rows), num_tokens=mask[mini_rows].sum().item(),
-                              max_len=max_new_tokens)
-            optimizer.zero_grad(set_to_none=True)
-            for groups in mini.split(per_micro):
-                micro = group_rows(groups, g)
-                m = mask[micro]
-                if m.sum() == 0:
-                    continue  # every completion here is masked: no gradient to take
-                out = forward_groups(policy, rollout, micro, g, temperature, True, shared_prompt)
-                old = old_logp[micro] if old_logp is not None else out.logp.detach()
-                ref = ref_logp[micro] if ref_logp is not None else None
-                loss, s = grpo_loss(out.logp, old, ref, adv[micro], m, norm, eps_low=cfg.eps_low,
-                                    eps_high=cfg.eps_high, beta=cfg.beta, ratio_type=cfg.ratio,
-                                    aggregation=cfg.loss_agg)
-                loss.backward()
-                stats.loss += loss.item()
-                stats.kl += s.kl
-                stats.clip_frac += s.clipped
-                stats.ratio += s.ratio
-                stats.entropy += (out.entropy * m).sum().item()
-                tokens_seen += s.tokens
-            stats.grad_norm += float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
-            optimizer.step()
-            scheduler.step()
-            steps += 1
-    denom = max(tokens_seen, 1.0)
+    def micro_step(rows: Tensor, norm: Normaliser) -> tuple[Tensor, dict[str, float]]:
+        m = mask[rows]
+        out = forward_groups(policy, rollout, rows, with_entropy=True, shared_prompt=shared_prompt)
+        old = old_logp[rows] if old_logp is not None else out.logp.detach()
+        ref = ref_logp[rows] if ref_logp is not None else None
+        loss, s = grpo_loss(out.logp, old, ref, adv[rows], m, norm, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+                            beta=cfg.beta, ratio_type=cfg.ratio, aggregation=cfg.loss_agg)
+        return loss, {"loss": loss.item(), "kl": s.kl, "clipped": s.clipped, "ratio": s.ratio,
+                      "entropy": (out.entropy * m).sum().item(), "tokens": s.tokens}
+
+    p = run_minibatches(rollout, mask, epochs=cfg.mu, minibatches=cfg.minibatches,
+                        micro_batch_size=cfg.micro_batch_size, max_len=max_new_tokens, optims=[optim],
+                        micro_step=micro_step)
+    if p.steps == 0:
+        return UpdateStats(prep_time=prep_time, nonfinite_steps=p.nonfinite)
+    s, tokens = p.sums, max(p.sums.get("tokens", 0.0), 1.0)
+    passes = cfg.mu * cfg.minibatches  # the sums run over every pass, the steps only over those taken
     return UpdateStats(
-        loss=stats.loss / steps, kl=stats.kl / denom, clip_frac=stats.clip_frac / denom,
-        ratio=stats.ratio / denom, entropy=stats.entropy / denom, grad_norm=stats.grad_norm / steps,
-        tokens=tokens_seen / steps, prep_time=prep_time,
+        loss=s["loss"] / passes, kl=s["kl"] / tokens, clip_frac=s["clipped"] / tokens, ratio=s["ratio"] / tokens,
+        entropy=s["entropy"] / tokens, grad_norm=p.grad_norms[0] / p.steps, tokens=s["tokens"] / passes,
+        prep_time=prep_time, nonfinite_steps=p.nonfinite,
     )
 
 
@@ -120,36 +102,50 @@ class GRPO:
     """GRPO for the training loop: advantages, the reference (when beta > 0) and the optimizer."""
 
     name = "GRPO"
+    summary_keys = ["kl", "entropy"]
 
     def __init__(self, cfg: TrainConfig, policy: torch.nn.Module):
         self.cfg, self.policy = cfg, policy
         self.reference = Reference(policy, cfg.model.lora.enabled) if cfg.grpo.beta > 0 else None
-        self.optimizer, self.scheduler = make_optimizer([p for p in policy.parameters() if p.requires_grad],
-                                                        cfg.optim.lr, cfg.optim)
+        params = [p for p in policy.parameters() if p.requires_grad]
+        self.optim = Optim(*make_optimizer(params, cfg.optim.lr, cfg.optim), params, cfg.optim.max_grad_norm)
         self.models_trained = 1
         self.models_in_memory = 1 + (self.reference is not None and not self.reference.lora)
         self.trainable_parameters = trainable_parameters(policy)
+        self.resamples_flat_groups = cfg.grpo.dynamic_sampling
+        self.max_sampling_rounds = cfg.grpo.max_sampling_rounds
+
+    @staticmethod
+    def resume_problem(cfg: TrainConfig, step: int) -> str | None:
+        """Why a checkpoint after `step` cannot be resumed exactly, or None: a refreshed reference is not
+        saved, so only a checkpoint at a refresh can be."""
+        k = cfg.grpo.ref_refresh_steps if cfg.grpo.beta > 0 else 0
+        if k and step % k:
+            return (f"cannot resume exactly after step {step}: the reference was last refreshed at step "
+                    f"{step // k * k} and is not saved; resume from a checkpoint at a multiple of "
+                    f"grpo.ref_refresh_steps={k}")
+        return None
 
     def update(self, rollout: Rollout, score: Tensor, step: int) -> tuple[dict[str, float], Tensor]:
         """One step; returns its metrics and the advantages (N,)."""
         c = self.cfg
-        adv = ADVANTAGES[c.grpo.advantage](score, c.rollout.group_size, c.grpo.eps_std)  # (N,)
-        upd = grpo_update(self.policy, self.reference, self.optimizer, self.scheduler, rollout, adv, c.grpo,
-                          temperature=c.rollout.temperature, max_new_tokens=c.rollout.max_new_tokens,
-                          max_grad_norm=c.optim.max_grad_norm, group_size=c.rollout.group_size,
-                          shared_prompt=not c.model.gradient_checkpointing)
+        adv = ADVANTAGES[c.grpo.advantage](score, rollout.group_size, c.grpo.eps_std)  # (N,)
+        upd = grpo_update(self.policy, self.reference, self.optim, rollout, adv, c.grpo,
+                          max_new_tokens=c.rollout.max_new_tokens, shared_prompt=not c.model.gradient_checkpointing)
         if self.reference is not None and c.grpo.ref_refresh_steps and step % c.grpo.ref_refresh_steps == 0:
             self.reference.refresh(self.policy)
         metrics = {"kl": upd.kl, "clip_frac": upd.clip_frac, "ratio": upd.ratio, "entropy": upd.entropy,
                    "loss": upd.loss, "grad_norm": upd.grad_norm, "prep_time": upd.prep_time,
-                   "lr": self.scheduler.get_last_lr()[0]}
-        return metrics, adv
+                   "nonfinite_steps": upd.nonfinite_steps, "lr": self.optim.lr()}
+        return {k: v for k, v in metrics.items() if v is not None}, adv
 
     def console(self, m: dict[str, float]) -> str:
+        if "loss" not in m:
+            return "no update (no signal)"
         return f"kl {m['kl']:.4f}  clip {m['clip_frac']:.3f}  ent {m['entropy']:.2f}"
 
     def optimizer_state(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        return self.optim.state_dict()
 
     def state(self) -> dict:
         return {}
@@ -158,6 +154,8 @@ class GRPO:
         pass
 
     def load(self, folder: Path, optim_state: dict, state: dict) -> None:
-        """Resume: the optimizer and scheduler of a checkpoint (the policy's weights are loaded by the loop)."""
-        self.optimizer.load_state_dict(optim_state["optimizer"])
-        self.scheduler.load_state_dict(optim_state["scheduler"])
+        """Resume: the optimizer and scheduler of a checkpoint (the policy's weights are loaded by the loop).
+        A reference refreshed every K steps was refreshed at exactly this step (see resume_problem)."""
+        self.optim.load_state_dict(optim_state)
+        if self.reference is not None and self.cfg.grpo.ref_refresh_steps:
+            self.reference.refresh(self.policy)

@@ -152,12 +152,12 @@ def group_rows(groups: Tensor, group_size: int) -> Tensor:
     return (groups.unsqueeze(1) * group_size + torch.arange(group_size)).flatten()
 
 
-def forward_groups(model, rollout: Rollout, rows: Tensor, group_size: int, temperature: float,
-                   with_entropy: bool = False, shared_prompt: bool = True, with_logp: bool = True,
-                   with_hidden: bool = False) -> TokenLogprobs:
-    """Log-probs (n, C) (and optionally hidden states (n, C, H)) of the completions in `rows` (whole
-    groups, from group_rows). With shared_prompt, each prompt runs once per group."""
-    g, p = group_size, rollout.prompt_len
+def forward_groups(model, rollout, rows: Tensor, with_entropy: bool = False, shared_prompt: bool = True,
+                   with_logp: bool = True, with_hidden: bool = False) -> TokenLogprobs:
+    """Log-probs (n, C) at the rollout's temperature (and optionally hidden states (n, C, H)) of the
+    completions in `rows` (whole groups, from group_rows). With shared_prompt, each prompt runs once per
+    group."""
+    g, p, temperature = rollout.group_size, rollout.prompt_len, rollout.temperature
     if shared_prompt:
         heads = rows[::g]
         return grouped_completion_logprobs(
@@ -168,11 +168,11 @@ def forward_groups(model, rollout: Rollout, rows: Tensor, group_size: int, tempe
 
 
 @torch.no_grad()
-def sequence_logprobs(model, rollout: Rollout, group_size: int, groups_per_micro: int, temperature: float,
-                      shared_prompt: bool) -> Tensor:
+def sequence_logprobs(model, rollout, groups_per_micro: int, shared_prompt: bool) -> Tensor:
     """(N, C) logp of every completion token under `model`, without gradients."""
+    g = rollout.group_size
     logp = torch.zeros_like(rollout.completion_mask)
-    for groups in torch.arange(rollout.input_ids.shape[0] // group_size).split(groups_per_micro):
-        rows = group_rows(groups, group_size)
-        logp[rows] = forward_groups(model, rollout, rows, group_size, temperature, shared_prompt=shared_prompt).logp
+    for groups in torch.arange(rollout.input_ids.shape[0] // g).split(groups_per_micro):
+        rows = group_rows(groups, g)
+        logp[rows] = forward_groups(model, rollout, rows, shared_prompt=shared_prompt).logp
     return logp

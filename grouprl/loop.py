@@ -1,6 +1,9 @@
 """The training loop: rollout -> rewards -> advantages -> update -> log -> checkpoint, written out in order.
 
-`train(cfg)` is the Python API behind `grouprl train`.
+`train(cfg)` is the Python API behind `grouprl train`. It knows nothing of any one algorithm: it asks its
+`Learner` (learner.py). Before any model is loaded it checks what can be checked (data, prompt lengths,
+reward functions, the output folder and its lock); while it runs, a SIGINT/SIGTERM ends it after the
+current step with a checkpoint.
 """
 
 from __future__ import annotations
@@ -16,121 +19,21 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from grouprl.advantages import zero_std_groups
-from grouprl.checkpoint import latest_checkpoint, load_trainer_state, load_weights, save_checkpoint
-from grouprl.config import TrainConfig, config_changes, load_config, save_config
-from grouprl.errors import UserError
+from grouprl.batch import PromptStream, Scored, check_rewards, sample_and_score
+from grouprl.checkpoint import (clean_leftovers, latest_checkpoint, load_trainer_state, load_weights,
+                                prune_checkpoints, save_checkpoint)
+from grouprl.config import RESUMABLE_CHANGES, TrainConfig, config_changes, load_config, save_config
+from grouprl.errors import Stopped, UserError
 from grouprl.grpo import GRPO
-from grouprl.metrics import MetricsLog, read_metrics
-from grouprl.models import load_policy
+from grouprl.guard import LOCK_FILE, RunLock, StopSignals, reward_files
+from grouprl.learner import Learner
+from grouprl.metrics import MetricsLog, read_metrics, truncate_jsonl
+from grouprl.models import context_length, load_policy, load_tokenizer, resolve_model_path
 from grouprl.ppo import PPO
 from grouprl.rewards import RewardSet
-from grouprl.rollout import Rollout, concat, generate, select
-from grouprl.tasks import Task, build_task
+from grouprl.tasks import Task, build_task, fit_prompts
 
 LEARNERS = {"grpo": GRPO, "ppo": PPO}  # cfg.algo -> the update, with the models and optimizers it owns
-
-
-class PromptStream:
-    """Training rows in a seeded order, epoch after epoch. Its position (epoch, index) is all a resume needs.
-    With `in_order`, the first epoch keeps the task's order (a curriculum); later epochs are shuffled."""
-
-    def __init__(self, rows: list[dict], seed: int, in_order: bool, epoch: int = 0, index: int = 0):
-        self.rows, self.seed, self.in_order = rows, seed, in_order
-        self.epoch, self.index = epoch, index
-        self._order = self._order_for(epoch)
-
-    def _order_for(self, epoch: int) -> list[int]:
-        order = list(range(len(self.rows)))
-        if not (self.in_order and epoch == 0):
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order
-
-    def take(self, n: int) -> list[dict]:
-        out = []
-        while len(out) < n:
-            if self.index >= len(self._order):
-                self.epoch, self.index = self.epoch + 1, 0
-                self._order = self._order_for(self.epoch)
-            out.append(self.rows[self._order[self.index]])
-            self.index += 1
-        return out
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
-
-
-@dataclass
-class Scored:
-    rollout: Rollout
-    rows: list[dict]  # one per sequence
-    prompts: list[str]  # one per sequence
-    per_fn: torch.Tensor  # (N, K) each reward function
-    total: torch.Tensor  # (N,) weighted sum
-    zero_std_frac: float  # over every group sampled this step, dropped ones included
-    gen_seconds: float = 0.0
-    score_seconds: float = 0.0
-    generated_tokens: float = 0.0
-
-
-def columns_of(rows: list[dict]) -> dict:
-    """Reward keyword arguments: every column but the prompt, one value per sequence."""
-    return {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"}
-
-
-def check_rewards(rewards: RewardSet, task: Task, tokenizer, prefill: str) -> None:
-    """Call every reward on two training rows before any work, so a broken function fails fast."""
-    rows = (task.train * 2)[:2]
-    prompts = [task.chat_prompt(tokenizer, r, prefill) for r in rows]
-    completions = [prefill + "\n</reasoning>\n<answer>\n0\n</answer>", prefill]
-    rewards.score(prompts, completions, columns_of(rows))
-
-
-def sample_and_score(policy, tokenizer, task: Task, rewards: RewardSet, stream: PromptStream,
-                     cfg: TrainConfig) -> Scored:
-    """Generate G completions for prompts_per_step prompts and score them. With dynamic sampling, groups
-    whose rewards are all equal are dropped and more prompts are sampled, up to max_sampling_rounds (GRPO)."""
-    ro, g = cfg.rollout, cfg.rollout.group_size
-    dynamic = cfg.algo == "grpo" and cfg.grpo.dynamic_sampling
-    kept: list[Scored] = []
-    groups_seen = groups_flat = 0
-    n_kept = 0
-    t_gen = t_score = tokens = 0.0
-    for _ in range(cfg.grpo.max_sampling_rounds if dynamic else 1):
-        rows = stream.take(ro.prompts_per_step - n_kept if dynamic else ro.prompts_per_step)
-        prompts = [task.chat_prompt(tokenizer, r, cfg.task.prefill) for r in rows]
-        t0 = time.perf_counter()
-        rollout = generate(policy, tokenizer, prompts, group_size=g, max_new_tokens=ro.max_new_tokens,
-                           temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k, prefill=cfg.task.prefill)
-        t1 = time.perf_counter()
-        seq_rows = [rows[i] for i in rollout.prompt_index]
-        seq_prompts = [prompts[i] for i in rollout.prompt_index]
-        per_fn, total = rewards.score(seq_prompts, rollout.completions, columns_of(seq_rows))
-        t_gen += t1 - t0
-        t_score += time.perf_counter() - t1
-        tokens += rollout.lengths.sum().item()
-        flat = zero_std_groups(total, g)  # (B,)
-        groups_seen += len(rows)
-        groups_flat += int(flat.sum())
-        keep = ~flat.repeat_interleave(g) if dynamic else torch.ones(len(total), dtype=torch.bool)
-        if keep.any():
-            idx = keep.nonzero().flatten()
-            kept.append(Scored(select(rollout, keep), [seq_rows[i] for i in idx], [seq_prompts[i] for i in idx],
-                               per_fn[keep], total[keep], 0.0))
-            n_kept += int(keep.sum()) // g
-        if n_kept >= ro.prompts_per_step:
-            break
-    if not kept:  # every group was flat: train on the last one anyway (zero advantages, only the KL acts)
-        kept.append(Scored(rollout, seq_rows, seq_prompts, per_fn, total, 0.0))
-    return Scored(
-        rollout=concat([k.rollout for k in kept], tokenizer.pad_token_id),
-        rows=[r for k in kept for r in k.rows],
-        prompts=[p for k in kept for p in k.prompts],
-        per_fn=torch.cat([k.per_fn for k in kept]),
-        total=torch.cat([k.total for k in kept]),
-        zero_std_frac=groups_flat / max(groups_seen, 1),
-        gen_seconds=t_gen, score_seconds=t_score, generated_tokens=tokens,
-    )
 
 
 @dataclass
@@ -157,56 +60,102 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def _truncate_jsonl(path: Path, last_step: int) -> None:
-    """Keep the lines of a metrics/completions log up to `last_step` (what a resumed run will write again)."""
-    if path.is_file():
-        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-        path.write_text("".join(line + "\n" for line in keep))
+def _resume_point(out: Path, cfg: TrainConfig, console: Console) -> Path | None:
+    """Tidy a run folder after a kill and return its latest complete checkpoint (None: start from step 1).
+    Refuses changed settings and checkpoints that cannot be resumed exactly; names the reward code that
+    will be imported and warns when it changed since the checkpoint was written. Loads no model."""
+    for p in clean_leftovers(out):
+        console.print(f"[yellow]removed[/] {p} (an unfinished checkpoint write)")
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        return None
+    changed = config_changes(load_config(ckpt / "grouprl.yaml"), cfg)
+    if changed:
+        raise UserError(f"cannot resume {str(out)!r} with other settings ({', '.join(changed)}): only "
+                        f"{', '.join(sorted(RESUMABLE_CHANGES - {'output_dir'}))} may change")
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    problem = LEARNERS[cfg.algo].resume_problem(cfg, state["step"])
+    if problem:
+        raise UserError(problem)
+    now, then = reward_files([r.name for r in cfg.rewards]), state.get("reward_files", {})
+    if now:
+        console.print(f"resuming imports reward code from: {', '.join(now)}")
+    for path, digest in now.items():
+        if then.get(path) != digest:
+            console.print(f"[yellow]warning:[/] reward file {path} changed since {ckpt.name} was saved: the "
+                          "resumed steps will not repeat the run's rewards exactly")
+    return ckpt
+
+
+def _check_inputs(cfg: TrainConfig, task: Task, rewards: RewardSet) -> tuple[Task, object]:
+    """Everything about the data and the rewards that can be checked with the tokenizer alone, before any
+    model is loaded: prompt lengths (every row) and one call of every reward function."""
+    path = resolve_model_path(cfg.model.name_or_path)
+    tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
+    limit = cfg.task.max_prompt_tokens
+    if limit is None:
+        context = context_length(path, cfg.model.trust_remote_code)
+        limit = context - cfg.rollout.max_new_tokens if context is not None else None
+        if limit is not None and limit < 1:
+            raise UserError(f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} leaves no room for a prompt in "
+                            f"the model's context of {context} tokens")
+    if limit is not None:
+        task = fit_prompts(task, tokenizer, cfg.task.prefill, limit, cfg.task.long_prompts)
+    check_rewards(rewards, task, tokenizer, cfg.task.prefill)
+    return task, tokenizer
 
 
 def train(cfg: TrainConfig, console: Console | None = None, resume: bool = False) -> TrainResult:
     """Train cfg.steps steps. With resume, continue the run in cfg.output_dir from its latest checkpoint
-    (weights, optimizers, RNG, data position and logs as they were then), or start it if it has none."""
+    (weights, optimizers, RNG, data position and logs as they were then), or start it if it has none.
+
+    Raises UserError for bad input (before any model is loaded where it can be checked without one) and
+    Stopped after a SIGINT/SIGTERM, once the step in progress is done and saved."""
     console = console or Console()
     start = time.perf_counter()
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {str(out)!r} is a file: expected a folder (new or empty)")
-    ckpt = latest_checkpoint(out) if resume else None
     if not resume and ((out / "final").exists() or (out / "metrics.jsonl").exists()
                        or (out / "checkpoints").exists()):
         raise UserError(f"output_dir {str(out)!r} already holds a run: choose another output_dir, or resume it "
                         f"with `grouprl train --resume {out}`")
-    changed = config_changes(load_config(ckpt / "grouprl.yaml"), cfg) if ckpt is not None else []
-    if changed:  # checked before any model is loaded
-        raise UserError(f"cannot resume {str(out)!r} with other settings ({', '.join(changed)}): only "
-                        "steps, save_every, save_merged, threads and eval may change")
+    fresh = not out.exists()
+    locks: list[RunLock] = [RunLock(out).acquire()] if resume else []  # a new run's lock: once its input is good
+    try:
+        with StopSignals() as stop:
+            return _train(cfg, console, out, start, locks, stop, resume)
+    finally:
+        for lock in locks:
+            lock.release()
+        if fresh and out.is_dir() and [p.name for p in out.iterdir()] == [LOCK_FILE]:
+            (out / LOCK_FILE).unlink()  # a start that failed before writing anything leaves no folder behind
+            out.rmdir()
+
+
+def _train(cfg: TrainConfig, console: Console, out: Path, start: float, locks: list[RunLock], stop: StopSignals,
+           resume: bool) -> TrainResult:
+    ckpt = _resume_point(out, cfg, console) if resume else None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
     task = build_task(cfg.task)
-    rewards = RewardSet([(r.name, r.weight) for r in cfg.rewards])
+    rewards = RewardSet([(r.name, r.weight) for r in cfg.rewards], timeout_s=cfg.rewards_timeout_s)
+    task, _ = _check_inputs(cfg, task, rewards)
+    if not locks:
+        locks.append(RunLock(out).acquire())
     policy, tokenizer = load_policy(cfg.model)
-    check_rewards(rewards, task, tokenizer, cfg.task.prefill)
-    learner = LEARNERS[cfg.algo](cfg, policy)
-    updates_per_step = cfg.grpo.mu * cfg.grpo.minibatches if cfg.algo == "grpo" else cfg.ppo.epochs * cfg.ppo.minibatches
+    learner: Learner = LEARNERS[cfg.algo](cfg, policy)
     in_order = cfg.task.name == "arithmetic" and cfg.task.curriculum
     stream = PromptStream(task.train, cfg.seed, in_order=in_order)
     history: list[dict] = []
     first_step = 1
     if ckpt is not None:
         state, optim_state, rng = load_trainer_state(ckpt)
-        k = cfg.grpo.ref_refresh_steps if cfg.algo == "grpo" and cfg.grpo.beta > 0 else 0
-        if k and state["step"] % k:
-            raise UserError(f"cannot resume exactly after step {state['step']}: the reference was last refreshed "
-                            f"at step {state['step'] // k * k} and is not saved; resume from a checkpoint at a "
-                            f"multiple of grpo.ref_refresh_steps={k}")
         load_weights(policy, ckpt)
         learner.load(ckpt, optim_state, state)
-        if k:
-            learner.reference.refresh(policy)  # it was refreshed at exactly this step
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
@@ -215,9 +164,8 @@ def train(cfg: TrainConfig, console: Console | None = None, resume: bool = False
         history = [m for m in read_metrics(out / "metrics.jsonl") if m["step"] < first_step]
         start -= history[-1]["elapsed"] if history else 0.0
     if resume:  # the steps after the checkpoint (or all, without one) are run again: drop their log lines
-        _truncate_jsonl(out / "metrics.jsonl", first_step - 1)
-        _truncate_jsonl(out / "completions.jsonl", first_step - 1)
-    out.mkdir(parents=True, exist_ok=True)
+        truncate_jsonl(out / "metrics.jsonl", first_step - 1)
+        truncate_jsonl(out / "completions.jsonl", first_step - 1)
     save_config(cfg, out / "grouprl.yaml")
     device = next(policy.parameters()).device
     info = {"algo": cfg.algo, "models_trained": learner.models_trained, "models_in_memory": learner.models_in_memory,
@@ -227,31 +175,31 @@ def train(cfg: TrainConfig, console: Console | None = None, resume: bool = False
     console.print(f"[bold]grouprl[/] {learner.name} on {cfg.task.name} ({len(task.train)} train / {len(task.eval)} "
                   f"held-out problems), model {cfg.model.name_or_path}, {learner.models_trained} model(s) trained, "
                   f"{learner.trainable_parameters:,} trainable parameters, batch {cfg.rollout.prompts_per_step} x "
-                  f"G={cfg.rollout.group_size}, {updates_per_step} update(s)/step -> {out}"
+                  f"G={cfg.rollout.group_size} -> {out}"
                   + (f", resumed after step {first_step - 1}" if ckpt is not None else ""))
+    code = reward_files([r.name for r in cfg.rewards])
 
-    state = {"step": first_step - 1, "data": stream.state(), "seed": cfg.seed, **learner.state()}
+    def checkpoint(path: Path, step: int) -> Path:
+        state = {"step": step, "data": stream.state(), "seed": cfg.seed, "reward_files": code, **learner.state()}
+        log.sync()  # the logs reach the disk before the checkpoint that they must not lag behind
+        return save_checkpoint(path, policy, tokenizer, cfg, state, learner.optimizer_state(), cfg.save_merged,
+                               learner.save_extra)
+
+    bad_streak = 0
     with _progress(console, learner.name) as bar:
         job = bar.add_task("train", total=cfg.steps, completed=first_step - 1, info="")
         for step in range(first_step, cfg.steps + 1):
+            if stop.requested and step == first_step:
+                raise Stopped(f"stopped by {stop.requested} before step {step}: nothing new to save")
             t0 = time.perf_counter()
-            batch = sample_and_score(policy, tokenizer, task, rewards, stream, cfg)
+            batch = sample_and_score(policy, tokenizer, task, rewards, stream, cfg, learner.resamples_flat_groups,
+                                     learner.max_sampling_rounds)
             t1 = time.perf_counter()
             upd, adv = learner.update(batch.rollout, batch.total, step)
             t2 = time.perf_counter()
-
-            lengths = batch.rollout.lengths
-            m = {f"reward/{n}": batch.per_fn[:, k].mean().item() for k, n in enumerate(rewards.names)}
-            m |= {f"reward_std/{n}": batch.per_fn[:, k].std().item() for k, n in enumerate(rewards.names)}
-            m |= {
-                "reward": batch.total.mean().item(), "reward_std": batch.total.std().item(),
-                "zero_std_frac": batch.zero_std_frac, **upd,
-                "completion_len": lengths.mean().item(), "truncated_frac": batch.rollout.truncated.float().mean().item(),
-                "step_time": t2 - t0, "gen_time": batch.gen_seconds,
-                "score_time": batch.score_seconds, "update_time": t2 - t1,
-                "gen_tokens_per_s": batch.generated_tokens / max(batch.gen_seconds, 1e-9),
-                "peak_mem_gib": peak_memory_gib(device), "elapsed": time.perf_counter() - start,
-            }
+            m = step_metrics(batch, rewards.names, upd) | {
+                "step_time": t2 - t0, "update_time": t2 - t1, "peak_mem_gib": peak_memory_gib(device),
+                "elapsed": time.perf_counter() - start}
             history.append({"step": step, **m})
             log.log(step, m)
             log.log_completions(step, [
@@ -262,38 +210,65 @@ def train(cfg: TrainConfig, console: Console | None = None, resume: bool = False
             ])
             fn_means = " ".join(f"{n}={m[f'reward/{n}']:.2f}" for n in rewards.names)
             bar.console.print(f"step {step:>4}  reward {m['reward']:.3f}  {fn_means}  {learner.console(m)}  "
-                              f"len {m['completion_len']:.0f}  "
-                              f"flat {batch.zero_std_frac:.2f}  {m['step_time']:.1f}s "
+                              f"len {m['completion_len']:.0f}  flat {batch.zero_std_frac:.2f}  {m['step_time']:.1f}s "
                               f"({m['gen_tokens_per_s']:.0f} tok/s)")
             bar.update(job, advance=1, info=f"reward {m['reward']:.2f}")
-            state = {"step": step, "data": stream.state(), "seed": cfg.seed, **learner.state()}
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                save_checkpoint(out / "checkpoints" / f"step-{step:06d}", policy, tokenizer, cfg, state,
-                                learner.optimizer_state(), cfg.save_merged, learner.save_extra)
-    final = save_checkpoint(out / "final", policy, tokenizer, cfg, state, learner.optimizer_state(),
-                            cfg.save_merged, learner.save_extra)
+            bad_streak = bad_streak + 1 if upd.get("nonfinite_steps") else 0
+            if bad_streak:
+                bar.console.print(f"[yellow]warning:[/] step {step}: a non-finite loss or gradient norm; "
+                                  f"{upd['nonfinite_steps']} optimizer step(s) skipped")
+            if bad_streak >= cfg.max_nonfinite_steps:
+                last = latest_checkpoint(out)
+                raise UserError(f"{bad_streak} steps in a row had a non-finite loss or gradient norm (up to step "
+                                f"{step}): stopped; the last good checkpoint is {last or 'none'}. Lower optim.lr, "
+                                "check the rewards' scale, or use float32")
+            if step == cfg.steps:
+                break
+            if stop.requested:
+                saved = checkpoint(out / "checkpoints" / f"step-{step:06d}", step)
+                prune_checkpoints(out, cfg.save_total_limit)
+                raise Stopped(f"stopped by {stop.requested} after step {step}; saved {saved}. Resume with: "
+                              f"grouprl train --resume {out}")
+            if cfg.save_every and step % cfg.save_every == 0:
+                checkpoint(out / "checkpoints" / f"step-{step:06d}", step)
+                prune_checkpoints(out, cfg.save_total_limit)
+    final = checkpoint(out / "final", cfg.steps)
     log.close()
     result = TrainResult(out, final, history, time.perf_counter() - start)
-    console.print(summary_table(result, rewards.names, learner.name))
+    console.print(summary_table(result, rewards.names, learner))
     return result
 
 
-def summary_table(result: TrainResult, names: list[str], algo: str = "GRPO") -> Table:
+def step_metrics(batch: Scored, names: list[str], update: dict[str, float]) -> dict[str, float]:
+    """The metrics of one step that come from its batch, plus the learner's own."""
+    lengths = batch.rollout.lengths
+    m = {f"reward/{n}": batch.per_fn[:, k].mean().item() for k, n in enumerate(names)}
+    m |= {f"reward_std/{n}": batch.per_fn[:, k].std().item() for k, n in enumerate(names)}
+    return m | {
+        "reward": batch.total.mean().item(), "reward_std": batch.total.std().item(),
+        "zero_std_frac": batch.zero_std_frac, **update,
+        "completion_len": lengths.mean().item(), "truncated_frac": batch.rollout.truncated.float().mean().item(),
+        "gen_time": batch.gen_seconds, "score_time": batch.score_seconds,
+        "gen_tokens_per_s": batch.generated_tokens / max(batch.gen_seconds, 1e-9),
+    }
+
+
+def summary_table(result: TrainResult, names: list[str], learner: Learner) -> Table:
     """First vs last steps (mean of up to 5 each) of every reward, plus speed and where things are."""
     h = result.history
     k = max(1, min(5, len(h) // 2))
     first, last = h[:k], h[-k:]
 
-    def avg(rows, key):
-        return sum(r[key] for r in rows) / len(rows)
+    def avg(rows, key):  # steps without an update have no loss, kl, ...
+        have = [r[key] for r in rows if key in r]
+        return f"{sum(have) / len(have):.3f}" if have else "-"
 
-    table = Table(title=f"{algo} run summary ({len(h)} steps, {result.seconds / 60:.1f} min)")
+    table = Table(title=f"{learner.name} run summary ({len(h)} steps, {result.seconds / 60:.1f} min)")
     table.add_column("metric")
     table.add_column(f"first {k} steps", justify="right")
     table.add_column(f"last {k} steps", justify="right")
-    extra = ["explained_var", "value_loss"] if algo == "PPO" else []
-    for key in ["reward"] + [f"reward/{n}" for n in names] + ["completion_len", "zero_std_frac", "kl"] + extra:
-        table.add_row(key, f"{avg(first, key):.3f}", f"{avg(last, key):.3f}")
+    for key in ["reward"] + [f"reward/{n}" for n in names] + ["completion_len", "zero_std_frac"] + learner.summary_keys:
+        table.add_row(key, avg(first, key), avg(last, key))
     table.add_row("step time (s, median)", "", f"{sorted(r['step_time'] for r in h)[len(h) // 2]:.1f}")
     table.add_row("checkpoint", "", str(result.final_checkpoint))
     return table

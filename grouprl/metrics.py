@@ -1,9 +1,16 @@
-"""Where the numbers go: a JSONL file and TensorBoard per step, completions to their own JSONL file."""
+"""Where the numbers go: a JSONL file and TensorBoard per step, completions to their own JSONL file.
+
+The JSONL logs are appended a line at a time, so a kill or a full disk can leave a torn last line; readers
+skip it (`read_jsonl`) and a resumed run cuts it off (`truncate_jsonl`) before appending again.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+from grouprl.errors import UserError
 
 
 class MetricsLog:
@@ -29,6 +36,12 @@ class MetricsLog:
             self.completions.write(json.dumps({"step": step, **r}) + "\n")
         self.completions.flush()
 
+    def sync(self) -> None:
+        """Flush both logs to disk (before a checkpoint commits, so the logs are never behind it)."""
+        for f in (self.metrics, self.completions):
+            f.flush()
+            os.fsync(f.fileno())
+
     def close(self) -> None:
         self.metrics.close()
         self.completions.close()
@@ -36,5 +49,43 @@ class MetricsLog:
             self.tb.close()
 
 
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def _rows(path: Path) -> list[tuple[str, dict]]:
+    """(line, row) of every row of a JSONL log. A torn last line (a write cut short) is left out; a broken
+    line anywhere else is damage the user should see: UserError naming the line."""
+    try:
+        lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    except OSError as e:
+        raise UserError(f"cannot read {str(path)!r}: {e.strerror}") from None
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append((line, json.loads(line)))
+        except ValueError:
+            if i == len(lines) - 1:
+                break  # torn last line
+            raise UserError(f"{str(path)!r} line {i + 1} is not valid JSON: the log is damaged") from None
+    return rows
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSONL log, a torn last line skipped."""
+    return [row for _, row in _rows(path)]
+
+
+read_metrics = read_jsonl
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep the lines of a metrics/completions log up to `last_step` (what a resumed run will write again);
+    a torn last line goes too. Rewritten through a temporary file, so a kill here loses nothing."""
+    if not path.is_file():
+        return
+    keep = [line for line, row in _rows(path) if row["step"] <= last_step]
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.writelines(line + "\n" for line in keep)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)

@@ -32,6 +32,8 @@ class Rollout(NamedTuple):
     truncated: Tensor  # (N,) bool: no EOS within max_new_tokens
     completions: list[str]  # N completion texts, the prefill included, special tokens removed
     prompt_index: list[int]  # N: index of the prompt (in the list given) each row answers
+    group_size: int  # G: rows i*G .. i*G + G - 1 answer the same prompt
+    temperature: float  # the sampling temperature, which the trainer's logprobs apply too
 
     @property
     def prompt_len(self) -> int:
@@ -206,11 +208,14 @@ def generate(
         truncated=truncated,
         completions=[prefill + t for t in texts],
         prompt_index=[i // group_size for i in range(len(prompts) * group_size)],
+        group_size=group_size,
+        temperature=temperature,
     )
 
 
 def concat(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
     """Join rollouts of different P and C into one (used by dynamic sampling's refill)."""
+    assert len({(r.group_size, r.temperature) for r in rollouts}) == 1
     if len(rollouts) == 1:
         return rollouts[0]
     p = max(r.input_ids.shape[1] - r.completion_len for r in rollouts)
@@ -232,6 +237,8 @@ def concat(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
         truncated=torch.cat([r.truncated for r in rollouts]),
         completions=[t for r in rollouts for t in r.completions],
         prompt_index=index,
+        group_size=rollouts[0].group_size,
+        temperature=rollouts[0].temperature,
     )
 
 
@@ -246,4 +253,6 @@ def select(r: Rollout, rows: Tensor) -> Rollout:
         truncated=r.truncated[idx],
         completions=[r.completions[i] for i in keep],
         prompt_index=[r.prompt_index[i] for i in keep],
+        group_size=r.group_size,
+        temperature=r.temperature,
     )

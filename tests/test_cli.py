@@ -114,7 +114,7 @@ def test_user_errors_are_one_clear_line(tiny_model, toy_data, tmp_path, sets, me
     assert not (tmp_path / "err" / "final").exists()
 
 
-@pytest.mark.parametrize("fn, message", [("raises", "raised RuntimeError: boom"), ("nan", "non-finite"),
+@pytest.mark.parametrize("fn, message", [("raises", "raised RuntimeError: boom"), ("nan", "returned nan at index 0"),
                                          ("short", "returned 1 values")])
 def test_broken_reward_functions_are_named(tiny_model, toy_data, toy_reward, tmp_path, fn, message):
     args = base_sets(tiny_model, toy_data, tmp_path / "bad") + ["--set", f"rewards=[{{name: '{toy_reward}:{fn}'}}]"]

@@ -89,6 +89,7 @@ def test_missing_eos_penalty_lands_on_the_last_token(tiny_model):
     from grouprl.critic import load_critic
     from grouprl.models import load_policy
     from grouprl.optim import make_optimizer
+    from grouprl.learner import Optim
     from grouprl.ppo import ppo_update
     from grouprl.rollout import generate
 
@@ -99,11 +100,11 @@ def test_missing_eos_penalty_lands_on_the_last_token(tiny_model):
     ro = generate(policy, tok, ["<|user|>a<|end|><|assistant|>"] * 2, group_size=4, max_new_tokens=3)
     assert ro.truncated.any()
     ppo = PPOConfig(missing_eos_penalty=1.5, whiten_advantages=False, kl_coef=0.0, lam=1.0, epochs=1)
-    opt = make_optimizer([p for p in policy.parameters()], 1e-3, cfg.optim)
-    copt = make_optimizer(critic.parameters(), 1e-3, cfg.optim)
+    params = list(policy.parameters())
+    opt = Optim(*make_optimizer(params, 1e-3, cfg.optim), params, 1.0)
+    copt = Optim(*make_optimizer(critic.parameters(), 1e-3, cfg.optim), critic.parameters(), 1.0)
     score = torch.arange(8, dtype=torch.float32)
-    _, adv = ppo_update(policy, critic, None, opt, copt, ro, score, ppo, kl_coef=0.0, temperature=1.0,
-                        max_new_tokens=3, max_grad_norm=1.0, group_size=4)
+    _, adv = ppo_update(policy, critic, None, opt, copt, ro, score, ppo, kl_coef=0.0, max_new_tokens=3)
     expected = score - 1.5 * ro.truncated.float()
     # gamma = lam = 1 and V = 0: every token's advantage is the final score
     torch.testing.assert_close(adv, expected.unsqueeze(1) * ro.completion_mask)

@@ -1,0 +1,120 @@
+"""Batch assembly and scoring: the prompt stream, G completions per prompt, every reward function, and
+dynamic sampling's refill of flat groups. Produces the `Scored` batch that a learner updates on.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from grouprl.advantages import zero_std_groups
+from grouprl.config import TrainConfig
+from grouprl.rewards import RewardSet
+from grouprl.rollout import Rollout, concat, generate, select
+from grouprl.tasks import Task
+
+
+class PromptStream:
+    """Training rows in a seeded order, epoch after epoch. Its position (epoch, index) is all a resume needs.
+    With `in_order`, the first epoch keeps the task's order (a curriculum); later epochs are shuffled."""
+
+    def __init__(self, rows: list[dict], seed: int, in_order: bool, epoch: int = 0, index: int = 0):
+        self.rows, self.seed, self.in_order = rows, seed, in_order
+        self.epoch, self.index = epoch, index
+        self._order = self._order_for(epoch)
+
+    def _order_for(self, epoch: int) -> list[int]:
+        order = list(range(len(self.rows)))
+        if not (self.in_order and epoch == 0):
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def take(self, n: int) -> list[dict]:
+        out = []
+        while len(out) < n:
+            if self.index >= len(self._order):
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._order_for(self.epoch)
+            out.append(self.rows[self._order[self.index]])
+            self.index += 1
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+
+@dataclass
+class Scored:
+    rollout: Rollout
+    rows: list[dict]  # one per sequence
+    prompts: list[str]  # one per sequence
+    per_fn: torch.Tensor  # (N, K) each reward function
+    total: torch.Tensor  # (N,) weighted sum
+    zero_std_frac: float  # over every group sampled this step, dropped ones included
+    gen_seconds: float = 0.0
+    score_seconds: float = 0.0
+    generated_tokens: float = 0.0
+
+
+def columns_of(rows: list[dict]) -> dict:
+    """Reward keyword arguments: every column but the prompt, one value per sequence."""
+    return {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"}
+
+
+def check_rewards(rewards: RewardSet, task: Task, tokenizer, prefill: str) -> None:
+    """Call every reward on two training rows before any work, so a broken function fails fast. The probe
+    completions are neutral text (not the answer format), which every reward must be able to score."""
+    rows = (task.train * 2)[:2]
+    prompts = [task.chat_prompt(tokenizer, r, prefill) for r in rows]
+    rewards.score(prompts, [prefill + "ok", prefill], columns_of(rows))
+
+
+def sample_and_score(policy, tokenizer, task: Task, rewards: RewardSet, stream: PromptStream, cfg: TrainConfig,
+                     resample_flat: bool = False, max_rounds: int = 1) -> Scored:
+    """Generate G completions for prompts_per_step prompts and score them. With resample_flat (dynamic
+    sampling), groups whose rewards are all equal are dropped and more prompts are sampled, up to
+    max_rounds generation rounds."""
+    ro, g = cfg.rollout, cfg.rollout.group_size
+    dynamic = resample_flat
+    kept: list[Scored] = []
+    groups_seen = groups_flat = 0
+    n_kept = 0
+    t_gen = t_score = tokens = 0.0
+    for _ in range(max_rounds if dynamic else 1):
+        rows = stream.take(ro.prompts_per_step - n_kept if dynamic else ro.prompts_per_step)
+        prompts = [task.chat_prompt(tokenizer, r, cfg.task.prefill) for r in rows]
+        t0 = time.perf_counter()
+        rollout = generate(policy, tokenizer, prompts, group_size=g, max_new_tokens=ro.max_new_tokens,
+                           temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k, prefill=cfg.task.prefill)
+        t1 = time.perf_counter()
+        seq_rows = [rows[i] for i in rollout.prompt_index]
+        seq_prompts = [prompts[i] for i in rollout.prompt_index]
+        per_fn, total = rewards.score(seq_prompts, rollout.completions, columns_of(seq_rows))
+        t_gen += t1 - t0
+        t_score += time.perf_counter() - t1
+        tokens += rollout.lengths.sum().item()
+        flat = zero_std_groups(total, g)  # (B,)
+        groups_seen += len(rows)
+        groups_flat += int(flat.sum())
+        keep = ~flat.repeat_interleave(g) if dynamic else torch.ones(len(total), dtype=torch.bool)
+        if keep.any():
+            idx = keep.nonzero().flatten()
+            kept.append(Scored(select(rollout, keep), [seq_rows[i] for i in idx], [seq_prompts[i] for i in idx],
+                               per_fn[keep], total[keep], 0.0))
+            n_kept += int(keep.sum()) // g
+        if n_kept >= ro.prompts_per_step:
+            break
+    if not kept:  # every group was flat: train on the last one anyway (zero advantages, only the KL acts)
+        kept.append(Scored(rollout, seq_rows, seq_prompts, per_fn, total, 0.0))
+    return Scored(
+        rollout=concat([k.rollout for k in kept], tokenizer.pad_token_id),
+        rows=[r for k in kept for r in k.rows],
+        prompts=[p for k in kept for p in k.prompts],
+        per_fn=torch.cat([k.per_fn for k in kept]),
+        total=torch.cat([k.total for k in kept]),
+        zero_std_frac=groups_flat / max(groups_seen, 1),
+        gen_seconds=t_gen, score_seconds=t_score, generated_tokens=tokens,
+    )

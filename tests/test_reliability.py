@@ -1,0 +1,260 @@
+"""Safe to stop, safe to load: kills at random moments and inside checkpoint writes, Ctrl-C, two writers, and
+checkpoints that ask for remote code. Each resumed run must equal one that never stopped, bit for bit."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from grouprl.checkpoint import MARKER, clean_leftovers, complete_checkpoints, latest_checkpoint, prune_checkpoints
+from grouprl.cli import app
+from grouprl.guard import RunLock
+from grouprl.metrics import read_jsonl, truncate_jsonl
+from test_learning import toy_config
+
+TIMING = {"step_time", "gen_time", "score_time", "update_time", "gen_tokens_per_s", "peak_mem_gib", "elapsed",
+          "prep_time"}
+STEPS = 6
+
+
+def write_config(tiny_model, toy_data, toy_reward, tmp: Path, name: str, **extra) -> Path:
+    """A YAML config of a small GRPO run with a reference, mu = 2 and two minibatches (RNG, pi_old, pi_ref)."""
+    sets = toy_config(tiny_model, toy_data, toy_reward, tmp / "unused", **{
+        "steps": STEPS, "rollout.group_size": 4, "rollout.prompts_per_step": 2, "rollout.max_new_tokens": 8,
+        "grpo.mu": 2, "grpo.minibatches": 2, "grpo.beta": 0.01, "save_every": 1, "threads": 1, **extra})
+    from grouprl.config import load_config, save_config
+
+    cfg = load_config(None, sets)
+    path = tmp / f"{name}.yaml"
+    save_config(cfg, path)
+    return path
+
+
+def grouprl(*args: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "grouprl", "train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out + err
+
+
+def same_run(a: Path, b: Path) -> None:
+    """Metrics (timings aside), completions and final weights and optimizer state are identical."""
+    ma, mb = read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")
+    assert [m["step"] for m in mb] == list(range(1, STEPS + 1))
+    for x, y in zip(ma, mb):
+        assert {k: v for k, v in x.items() if k not in TIMING} == {k: v for k, v in y.items() if k not in TIMING}
+    assert (a / "completions.jsonl").read_text() == (b / "completions.jsonl").read_text()
+    wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    oa = torch.load(a / "final" / "optimizer.pt", weights_only=True)["optimizer"]["state"]
+    ob = torch.load(b / "final" / "optimizer.pt", weights_only=True)["optimizer"]["state"]
+    assert all(torch.equal(oa[i]["exp_avg"], ob[i]["exp_avg"]) for i in oa)
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_model, toy_data, toy_reward, tmp_path_factory) -> tuple[Path, Path]:
+    """(config, output folder) of the uninterrupted reference run, in a process of its own like the others."""
+    tmp = tmp_path_factory.mktemp("straight")
+    config = write_config(tiny_model, toy_data, toy_reward, tmp, "run")
+    rc, log = finish(grouprl("--config", str(config), "--set", f"output_dir={tmp / 'out'}"))
+    assert rc == 0, log
+    return config, tmp / "out"
+
+
+def test_sigkill_anywhere_then_resume_equals_uninterrupted(straight, tmp_path):
+    """Forced kills inside checkpoint writes (after the weights, after the optimizer, just before the commit
+    marker), then kills at random moments; every resume works without manual cleanup."""
+    config, reference = straight
+    out = tmp_path / "out"
+    args = ["--config", str(config), "--resume", str(out)]  # --config: a run killed before its first save restarts
+    faults = ["checkpoint:weights@2", "checkpoint:optimizer@1", "checkpoint:before-marker@2"]
+    for fault in faults:
+        rc, log = finish(grouprl(*args, env={"GROUPRL_FAULT": fault}))
+        assert rc == -signal.SIGKILL, log
+        leftovers = [p.name for p in (out / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+        assert leftovers, f"{fault}: the kill should have left a half-written checkpoint"
+    rng = random.Random(int(os.environ.get("GROUPRL_FAULT_SEED", "0")))
+    for _ in range(2):
+        proc = grouprl(*args)
+        time.sleep(rng.uniform(6.0, 12.0))  # the import takes a few seconds; then steps and checkpoint writes
+        proc.kill()
+        proc.wait()
+    rc, log = finish(grouprl(*args))
+    assert rc == 0, log
+    assert "removed" in log or True  # leftovers of the random kills, if any, are tidied and reported
+    assert not [p for p in (out / "checkpoints").iterdir() if not p.name.startswith("step-") or "." in p.name]
+    same_run(reference, out)
+
+
+def test_sigint_saves_a_checkpoint_and_resumes_exactly(straight, tmp_path):
+    config, reference = straight
+    out = tmp_path / "out"
+    proc = grouprl("--config", str(config), "--set", f"output_dir={out}", "--set", "save_every=0")
+    deadline = time.time() + 120
+    while not ((out / "metrics.jsonl").is_file() and len(read_jsonl(out / "metrics.jsonl")) >= 2):
+        assert time.time() < deadline and proc.poll() is None, finish(proc)[1]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    rc, log = finish(proc)
+    assert rc == 130, log
+    done = len(read_jsonl(out / "metrics.jsonl"))
+    assert done < STEPS
+    step, saved = complete_checkpoints(out)[-1]
+    assert step == done and saved.name == f"step-{done:06d}"  # the step in progress was finished and saved
+    error_lines = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and f"grouprl train --resume {out}" in error_lines[0], log
+    rc, log = finish(grouprl("--resume", str(out)))
+    assert rc == 0, log
+    same_run(reference, out)
+
+
+def test_second_sigint_stops_at_once(tiny_model, toy_data, toy_reward, tmp_path):
+    """The second Ctrl-C does not wait for the step (here: a reward function that takes 20 s)."""
+    slow = tmp_path / "slow.py"
+    slow.write_text("import time\ndef slow(prompts, completions, **kw):\n    if len(completions) > 2:  # not the "
+                    "start-up probe\n        time.sleep(20)\n    return [0.0] * len(completions)\n")
+    config = write_config(tiny_model, toy_data, toy_reward, tmp_path, "slow",
+                          rewards=f"[{{name: '{slow}:slow'}}]", output_dir=str(tmp_path / "out"))
+    proc = grouprl("--config", str(config))
+    while not (tmp_path / "out" / "metrics.jsonl").is_file():  # written just before step 1 starts
+        assert proc.poll() is None, finish(proc)[1]
+        time.sleep(0.05)
+    time.sleep(1.0)  # inside step 1's reward call
+    start = time.time()
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    rc, log = finish(proc, timeout=30)
+    assert rc == 130 and "stopped at once" in log, log
+    assert time.time() - start < 10
+
+
+def test_a_second_writer_is_refused_with_the_holders_pid(straight, tmp_path):
+    config, reference = straight
+    runner = CliRunner()
+    with RunLock(reference):  # as if the run were still training
+        res = runner.invoke(app, ["train", "--resume", str(reference)])
+    assert res.exit_code == 2
+    assert "in use by another grouprl process" in res.output and f"pid {os.getpid()}" in res.output, res.output
+    out = tmp_path / "new"
+    with RunLock(out):
+        res = runner.invoke(app, ["train", "--config", str(config), "--set", f"output_dir={out}"])
+    assert res.exit_code == 2 and f"pid {os.getpid()}" in res.output, res.output
+
+
+def test_the_lock_dies_with_its_holder(tmp_path):
+    """flock is released by the kernel when the holder is killed: no stale lock to remove by hand."""
+    code = f"from grouprl.guard import RunLock; import time; RunLock(__import__('pathlib').Path({str(tmp_path)!r})).acquire(); print('held', flush=True); time.sleep(60)"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    with pytest.raises(Exception, match=f"pid {proc.pid}"):
+        RunLock(tmp_path).acquire()
+    proc.kill()
+    proc.wait()
+    RunLock(tmp_path).acquire().release()
+
+
+def test_a_checkpoint_cannot_turn_on_remote_code(straight, tmp_path):
+    """A checkpoint's grouprl.yaml is data: it cannot switch on trust_remote_code for eval or --resume."""
+    _, reference = straight
+    import shutil
+
+    ckpt = tmp_path / "downloaded"
+    shutil.copytree(reference / "final", ckpt)
+    settings = yaml.safe_load((ckpt / "grouprl.yaml").read_text())
+    settings["model"]["trust_remote_code"] = True
+    (ckpt / "grouprl.yaml").write_text(yaml.safe_dump(settings))
+    runner = CliRunner()
+    res = runner.invoke(app, ["eval", "--model", str(ckpt), "--num", "1"])
+    assert res.exit_code == 2 and "--trust-remote-code" in res.output, res.output
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    (run / "grouprl.yaml").write_text(yaml.safe_dump(settings))
+    res = runner.invoke(app, ["train", "--resume", str(run), "--set", "steps=7"])
+    assert res.exit_code == 2 and "--trust-remote-code" in res.output, res.output
+    assert len(read_jsonl(run / "metrics.jsonl")) == STEPS  # nothing ran
+
+
+def test_resume_names_the_reward_code_and_warns_when_it_changed(straight, tmp_path, toy_reward):
+    import shutil
+
+    config, reference = straight
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    state = json.loads((run / "final" / "trainer_state.json").read_text())
+    assert str(toy_reward) in state["reward_files"]  # its content hash
+    state["reward_files"][str(toy_reward)] = "0" * 64  # as if the file had been edited since
+    (run / "final" / "trainer_state.json").write_text(json.dumps(state))
+    res = CliRunner().invoke(app, ["train", "--resume", str(run), "--set", "steps=7", "--set", "save_every=0"])
+    assert res.exit_code == 0, res.output
+    assert f"resuming imports reward code from: {toy_reward}" in res.output.replace("\n", "")
+    assert "changed since final was saved" in res.output.replace("\n", "")
+
+
+# --- the pieces, one by one ---------------------------------------------------------------------------
+
+def fake_checkpoint(folder: Path, step: int, complete: bool = True) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text(json.dumps({"step": step}))
+    if complete:
+        (folder / MARKER).write_text(json.dumps({"step": step}))
+    return folder
+
+
+def test_only_complete_checkpoints_are_listed_and_leftovers_are_tidied(tmp_path):
+    c = tmp_path / "checkpoints"
+    fake_checkpoint(c / "step-000002", 2)
+    fake_checkpoint(c / "step-000004", 4, complete=False)  # killed before its marker
+    fake_checkpoint(c / "step-000005.tmp", 5)  # complete, killed between its two renames
+    fake_checkpoint(c / "step-000003.old", 3, complete=False)
+    (c / "notes").mkdir()  # not ours: never touched
+    fake_checkpoint(tmp_path / "final.tmp", 6, complete=False)
+    assert [s for s, _ in complete_checkpoints(tmp_path)] == [2]
+    assert latest_checkpoint(tmp_path) == c / "step-000002"
+    removed = {p.name for p in clean_leftovers(tmp_path)}
+    assert removed == {"step-000004", "step-000003.old", "final.tmp"}
+    # a complete '.tmp' whose final name is missing was killed between the two renames: it is put in place
+    assert [s for s, _ in complete_checkpoints(tmp_path)] == [2, 5]
+    assert (c / "notes").is_dir()
+
+
+def test_final_sorts_after_a_step_checkpoint_of_the_same_step(tmp_path):
+    fake_checkpoint(tmp_path / "checkpoints" / "step-000003", 3)
+    fake_checkpoint(tmp_path / "final", 3)
+    assert latest_checkpoint(tmp_path) == tmp_path / "final"
+
+
+def test_save_total_limit_keeps_the_newest_and_final(tmp_path):
+    for s in (1, 2, 3, 4):
+        fake_checkpoint(tmp_path / "checkpoints" / f"step-{s:06d}", s)
+    fake_checkpoint(tmp_path / "final", 5)
+    prune_checkpoints(tmp_path, 2)
+    assert [s for s, _ in complete_checkpoints(tmp_path)] == [3, 4, 5]
+    prune_checkpoints(tmp_path, None)
+    assert len(complete_checkpoints(tmp_path)) == 3
+
+
+def test_a_torn_last_line_is_skipped_and_trimmed(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "reward": 0.5}\n{"step": 2, "reward": 0.7}\n{"step": 3, "rew')
+    assert [r["step"] for r in read_jsonl(log)] == [1, 2]
+    truncate_jsonl(log, 1)
+    assert log.read_text() == '{"step": 1, "reward": 0.5}\n'
+    log.write_text('{"step": 1}\n{"ste\n{"step": 3}\n')  # damage in the middle is not a torn write
+    with pytest.raises(Exception, match="line 2"):
+        read_jsonl(log)
