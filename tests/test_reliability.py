@@ -258,3 +258,60 @@ def test_a_torn_last_line_is_skipped_and_trimmed(tmp_path):
     log.write_text('{"step": 1}\n{"ste\n{"step": 3}\n')  # damage in the middle is not a torn write
     with pytest.raises(Exception, match="line 2"):
         read_jsonl(log)
+
+
+def test_a_nonfinite_loss_skips_the_optimizer_step(tiny_model):
+    """run_minibatches: a NaN loss in one minibatch skips that step (weights and AdamW state untouched) and
+    is counted; the other minibatch still steps."""
+    from grouprl.config import ModelConfig
+    from grouprl.learner import Optim, run_minibatches
+    from grouprl.logprobs import forward_groups
+    from grouprl.models import load_policy
+    from grouprl.rollout import generate
+
+    policy, tok = load_policy(ModelConfig(name_or_path=str(tiny_model), device="cpu"))
+    torch.manual_seed(0)
+    ro = generate(policy, tok, ["<|user|>a<|end|><|assistant|>"] * 2, group_size=2, max_new_tokens=4)
+    params = list(policy.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    optim = Optim(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0), params, 1.0)
+    before = [p.detach().clone() for p in params]
+    calls = []
+
+    def micro_step(rows, norm):
+        calls.append(rows.tolist())
+        loss = forward_groups(policy, ro, rows).logp.sum() * (float("nan") if len(calls) == 1 else 1.0)
+        return loss, {"tokens": 1.0}
+
+    done = run_minibatches(ro, ro.completion_mask, epochs=1, minibatches=2, micro_batch_size=2, max_len=4,
+                           optims=[optim], micro_step=micro_step)
+    assert (done.steps, done.nonfinite) == (1, 1) and len(calls) == 2
+    assert all(torch.isfinite(p).all() for p in params)
+    assert any(not torch.equal(a, b) for a, b in zip(before, params))  # the good minibatch stepped
+    assert opt.state and all(int(st["step"]) == 1 for st in opt.state.values())  # AdamW saw one step, not two
+
+
+def test_nonfinite_steps_in_a_row_stop_the_run_with_its_checkpoint_intact(straight, tmp_path, monkeypatch):
+    import grouprl.grpo as grpo
+
+    config, _ = straight
+    real = grpo.grpo_loss
+    step = {"n": 0}
+
+    def poisoned(*args, **kwargs):  # steps 1-2 are fine, every loss after that is NaN
+        loss, stats = real(*args, **kwargs)
+        step["n"] += 1
+        return (loss * float("nan") if step["n"] > 8 else loss), stats  # 4 minibatch passes of 2 micro each
+
+    monkeypatch.setattr(grpo, "grpo_loss", poisoned)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["train", "--config", str(config), "--set", f"output_dir={out}",
+                                   "--set", "max_nonfinite_steps=2"])
+    assert res.exit_code == 2, res.output
+    assert "2 steps in a row had a non-finite loss or gradient norm" in " ".join(res.output.split())
+    assert latest_checkpoint(out).name == "step-000003"  # step 3 took no step but its state is good
+    weights = load_file(latest_checkpoint(out) / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert not (out / "final").exists()
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r.get("nonfinite_steps") for r in rows] == [0, 0, 4, 4] and "loss" not in rows[-1]
