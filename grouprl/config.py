@@ -1,17 +1,18 @@
 """The configuration tree: one pydantic model per section, YAML loading and dotted overrides.
 
 Every field has a description (it is the documentation and the `--help` of `--set`). Unknown fields and
-invalid values are rejected on load, before any work starts, in one line naming the field.
+invalid values are rejected on load, before any work starts, in one line naming the field. Types are strict:
+`steps: true` or `steps: "10"` is refused rather than read as 1 or 10, and so are `.inf` and `.nan`.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from grouprl.errors import UserError
 
@@ -19,7 +20,13 @@ EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: no bool -> int (True would be 1) nor str -> number coercion; an int is still a valid float.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
+
+
+def _list_as_tuple(value):
+    """YAML has no tuples: a list from a file or --set is the tuple it spells (strict mode wants a tuple)."""
+    return tuple(value) if isinstance(value, list) else value
 
 
 class LoraConfig(Section):
@@ -178,7 +185,9 @@ class PPOConfig(Section):
 class OptimConfig(Section):
     lr: float = Field(1e-5, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas.")
+    betas: Annotated[tuple[float, float], BeforeValidator(_list_as_tuple)] = Field(
+        (0.9, 0.99), description="AdamW betas."
+    )
     max_grad_norm: float = Field(1.0, gt=0, description="Clip the global gradient norm to this.")
     warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up, in optimizer steps.")
 
@@ -275,6 +284,43 @@ def format_validation_error(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A key given twice in one mapping. PyYAML keeps the last one silently, so an edit lower in a file
+    would quietly win over the value the user is looking at."""
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses repeated keys and reads 1e-5 as a float, as YAML 1.2 does (YAML 1.1,
+    which PyYAML follows, needs a dot, '1.0e-5', and reads '1e-5' as a string, which strict types refuse)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # '<<: *base' then an explicit key is an override, not a repeat
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise DuplicateKeyError(f"key {key!r} appears twice (lines {seen[key]} and {line}): keep one")
+                seen[key] = line
+            except TypeError:
+                continue  # an unhashable key: SafeConstructor reports it below
+        return super().construct_mapping(node, deep=deep)
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """'line 3: expected ...' from a PyYAML error, whose str() spans several lines."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None and err.problem:
+        return f"line {err.problem_mark.line + 1}: {err.problem}"
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
 def _is_text_field(path: list[str]) -> bool:
     """True when the field at this dotted path is declared as a string (so '2024' stays '2024')."""
     model: type[BaseModel] | None = TrainConfig
@@ -308,9 +354,9 @@ def parse_overrides(overrides: list[str]) -> dict:
             node[leaf] = int(raw)  # decimal, not YAML 1.1 octal: seed=0123 is 123
         else:
             try:
-                node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
-            except yaml.YAMLError:
-                raise UserError(f"override {item!r}: the value is not valid YAML") from None
+                node[leaf] = yaml.load(raw, Loader=ConfigLoader) if raw.strip() else ""
+            except yaml.YAMLError as e:
+                raise UserError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)})") from None
     return tree
 
 
@@ -321,19 +367,38 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
+def read_config_file(p: Path) -> dict:
+    """The YAML mapping in a config file (empty: {}). Raises UserError naming the file."""
+    if p.is_dir():
+        raise UserError(f"config file {str(p)!r} is a directory: expected a YAML file")
+    if not p.is_file():
+        raise UserError(f"config file {str(p)!r} not found: expected a YAML file")
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise UserError(f"config file {str(p)!r} cannot be read: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(f"config file {str(p)!r} is not UTF-8 text (line {line}, byte {e.start}): save it as "
+                        "UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=ConfigLoader)
+    except DuplicateKeyError as e:
+        raise UserError(f"config file {str(p)!r}: {e}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {str(p)!r} is not valid YAML: {_yaml_problem(e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {str(p)!r}: expected a mapping of sections at the top level")
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML file (or the defaults), apply dotted overrides, validate. Raises UserError."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file {str(p)!r} not found: expected a YAML file")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"config file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise UserError(f"config file {str(p)!r}: expected a mapping of sections at the top level")
+    data = read_config_file(Path(path)) if path is not None else {}
     data = _merge(data, parse_overrides(overrides or []))
     try:
         return TrainConfig.model_validate(data)

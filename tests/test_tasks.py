@@ -257,7 +257,7 @@ def test_gsm8k_rows_missing_column(tmp_path):
 
 def test_gsm8k_rows_answer_without_marker(tmp_path):
     src = write_jsonl(tmp_path / "gsm.jsonl", GSM + [{"question": "q", "answer": "just 4"}])
-    with pytest.raises(UserError, match="row 2"):
+    with pytest.raises(UserError, match="row 3: answer must end with '#### <number>'"):  # 1-based
         gsm8k_rows(src)
 
 
@@ -376,3 +376,22 @@ def test_chat_prompt_appends_prefill():
 def test_system_prompts_show_the_format():
     for p in (ARITHMETIC_PROMPT, COUNTDOWN_PROMPT, FORMAT_PROMPT):
         assert "<reasoning>\n" in p and "\n</reasoning>\n<answer>\n" in p and "\n</answer>" in p
+
+
+@pytest.mark.parametrize("prompt", [ARITHMETIC_PROMPT, FORMAT_PROMPT, COUNTDOWN_PROMPT])
+def test_system_prompts_show_a_worked_example_not_placeholders(prompt):
+    m = re.search(r"Example.*?<reasoning>\n(.+?)\n</reasoning>\n<answer>\n(.+?)\n</answer>$", prompt, re.DOTALL)
+    assert m, prompt
+    reasoning, answer = m.groups()
+    for placeholder in ("your working", "final number", "the answer", "...", "reasoning here", "answer here"):
+        assert placeholder not in reasoning and placeholder not in answer
+    # the working ends in the value the answer gives: the example is worked, not a template to fill in
+    value, _ = evaluate(answer)
+    assert re.search(rf"= {value}$", reasoning), (reasoning, answer)
+    equations = re.findall(r"([\d +\-*/()]+) = (\d+)", reasoning)
+    assert equations and all(evaluate(lhs)[0] == int(rhs) for lhs, rhs in equations)  # its arithmetic is right
+
+
+def test_build_task_gsm8k_uses_the_worked_example(tmp_path):
+    task = build_task(TaskConfig(name="gsm8k", source=write_jsonl(tmp_path / "g.jsonl", _gsm_rows(5))))
+    assert task.system_prompt == FORMAT_PROMPT and "3 * 6 = 18" in FORMAT_PROMPT

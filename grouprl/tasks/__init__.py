@@ -1,11 +1,13 @@
 """Tasks: where prompts and reference answers come from, and how a prompt is put to the model.
 
 A task is two lists of rows (train, held-out), each row a dict with 'prompt' (the question text), usually
-'answer', and any other columns, which reach the reward functions as keyword arguments.
+'answer', and any other columns, which reach the reward functions as keyword arguments. `fit_prompts` checks
+every prompt against the model's context before any model is loaded, and cuts or drops those too long.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
@@ -17,10 +19,13 @@ from grouprl.tasks.arithmetic import arithmetic_splits
 from grouprl.tasks.countdown import countdown_splits
 from grouprl.tasks.data import dataset_rows, gsm8k_rows
 
-# A worked example rather than placeholders: a model that copies it gets no correctness reward, and the
-# format rewards refuse a reasoning copied verbatim from the prompt.
+# Each prompt shows a worked example rather than placeholders ("your working"): a small model copies what it
+# is shown, and a copied example earns no reward (the format rewards refuse a reasoning copied verbatim from
+# the prompt, and the example's answer is rarely the right one), while copied placeholder text once did.
 FORMAT_PROMPT = (
-    "Answer in this format:\n<reasoning>\nyour working\n</reasoning>\n<answer>\nthe final number\n</answer>\n"
+    "Think briefly inside <reasoning> tags, then give only the final answer inside <answer> tags. Example for "
+    "'A box holds 6 eggs. How many eggs are in 3 boxes?':\n<reasoning>\n3 boxes of 6 eggs: 3 * 6 = 18\n"
+    "</reasoning>\n<answer>\n18\n</answer>"
 )
 ARITHMETIC_PROMPT = (
     "Solve the problem. Think briefly inside <reasoning> tags, then give only the final number inside "
@@ -79,3 +84,98 @@ def build_task(cfg: TaskConfig) -> Task:
     if held is None:
         rows, held = _split(rows, cfg.num_eval, cfg.seed)
     return Task(cfg.name, rows, held[: cfg.num_eval], cfg.system_prompt or FORMAT_PROMPT, "correctness")
+
+
+# ---------------------------------------------------------------- prompt length
+
+
+def default_max_prompt_tokens(context_length: int | None, max_new_tokens: int) -> int | None:
+    """The longest prompt that leaves room for max_new_tokens in the model's context; None if unknown."""
+    if context_length is None:
+        return None
+    if context_length <= max_new_tokens:
+        raise UserError(f"rollout.max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+                        f"context of {context_length} tokens: lower it, or set task.max_prompt_tokens")
+    return context_length - max_new_tokens
+
+
+def token_lengths(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[int]:
+    """Tokens per text, encoded as rollout encodes prompts (the chat template holds its own special tokens)."""
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch_fast"):
+        # what tokenizer(texts) runs, without offsets and without copying every id into Python: 3x faster
+        return [len(e) for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    # verbose=False: the 'longer than model_max_length' warning is what this check reports, as a UserError
+    enc = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)
+    return [len(ids) for ids in enc["input_ids"]]
+
+
+def fit_prompts(task: Task, tokenizer: PreTrainedTokenizerBase, prefill: str, max_prompt_tokens: int | None,
+                long_prompts: str) -> Task:
+    """A copy of the task whose every train and held-out prompt (chat template, system prompt and prefill
+    included) is at most max_prompt_tokens long. A longer one, by long_prompts: 'error' raises a UserError
+    naming the split and row, 'truncate_left' keeps the end of its question, 'drop' removes the row.
+    max_prompt_tokens None (the model's context is unknown) leaves the task as it is."""
+    if max_prompt_tokens is None:
+        return task
+    assert long_prompts in ("error", "truncate_left", "drop"), long_prompts
+    fitted = {split: _fit_split(task, tokenizer, prefill, max_prompt_tokens, long_prompts, split, rows)
+              for split, rows in (("train", task.train), ("held-out", task.eval))}
+    return dataclasses.replace(task, train=fitted["train"], eval=fitted["held-out"])
+
+
+def _fit_split(task: Task, tokenizer: PreTrainedTokenizerBase, prefill: str, limit: int, long_prompts: str,
+               split: str, rows: list[dict]) -> list[dict]:
+    lengths = token_lengths(tokenizer, [task.chat_prompt(tokenizer, r, prefill) for r in rows])
+    long = [i for i, n in enumerate(lengths) if n > limit]
+    if not long:
+        return list(rows)
+    if long_prompts == "error":
+        i = long[0]
+        more = f"; {len(long) - 1} more {split} row(s) too" if len(long) > 1 else ""
+        raise UserError(f"{split} row {i + 1} (starts {rows[i]['prompt'][:30]!r}): the prompt is {lengths[i]} tokens, "
+                        f"over task.max_prompt_tokens={limit} (chat template, system prompt and prefill included)"
+                        f"{more}: set task.long_prompts to truncate_left (keep the end of the question) or drop "
+                        "(skip the row), or raise task.max_prompt_tokens")
+    if long_prompts == "drop":
+        kept = [r for r, n in zip(rows, lengths) if n <= limit]
+        if not kept:
+            raise UserError(f"no {split} row is left: every prompt is over task.max_prompt_tokens={limit} (the "
+                            f"shortest is {min(lengths)} tokens); raise task.max_prompt_tokens or shorten the prompts")
+        return kept
+    cut = _truncate_left(task, tokenizer, prefill, limit, [rows[i] for i in long])
+    out = list(rows)
+    for i, row in zip(long, cut):
+        out[i] = row
+    return out
+
+
+def _truncate_left(task: Task, tokenizer: PreTrainedTokenizerBase, prefill: str, limit: int,
+                   rows: list[dict]) -> list[dict]:
+    """The rows with their questions cut from the left, token-wise, until each whole prompt fits in limit."""
+    (frame,) = token_lengths(tokenizer, [task.chat_prompt(tokenizer, {"prompt": ""}, prefill)])
+    if frame >= limit:
+        raise UserError(f"task.max_prompt_tokens={limit} leaves no room for a question: the chat template, "
+                        f"system prompt and prefill alone take {frame} tokens; raise it or shorten task.system_prompt")
+    questions = tokenizer([r["prompt"] for r in rows], add_special_tokens=False, return_attention_mask=False,
+                          verbose=False)["input_ids"]
+    # Start from the frame's own length; a cut can tokenize differently where the question meets the template
+    # (or where it was cut), so re-measure and shorten the rows still over by their excess until all fit.
+    # Terminates: budgets only fall, and a budget of 0 (an empty question) fits since frame < limit.
+    budget = [min(limit - frame, len(q)) for q in questions]
+    out = list(rows)
+    pending = list(range(len(rows)))
+    while pending:
+        kept = [questions[j][len(questions[j]) - budget[j]:] if budget[j] else [] for j in pending]
+        texts = tokenizer.batch_decode(kept, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        for j, text in zip(pending, texts):
+            out[j] = {**rows[j], "prompt": text.lstrip("\ufffd")}  # a cut inside a multi-byte character
+        lengths = token_lengths(tokenizer, [task.chat_prompt(tokenizer, out[j], prefill) for j in pending])
+        over = [(j, n - limit) for j, n in zip(pending, lengths) if n > limit]
+        assert all(budget[j] > 0 for j, _ in over), "an empty question fits, since frame < limit"
+        for j, excess in over:
+            budget[j] = max(budget[j] - excess, 0)
+        pending = [j for j, _ in over]
+    return out

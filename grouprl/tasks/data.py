@@ -2,10 +2,17 @@
 
 Sources: a .jsonl/.json/.parquet/.csv path, or a `datasets` name with an optional config and split,
 'name[:config][@split]' (e.g. 'openai/gsm8k:main@train'). Rows come back as plain dicts.
+
+JSON files are read here with `json`, one line at a time, so that a broken line is reported by its line
+number (`datasets` reports a byte position inside an Arrow batch). Text files are checked to be UTF-8 and
+every file to hold at least one row before `datasets` sees them: it fails on both without naming the cause.
 """
 
 from __future__ import annotations
 
+import csv
+import json
+import math
 import re
 from pathlib import Path
 
@@ -14,24 +21,103 @@ from grouprl.errors import UserError
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
+def read_text(path: Path, source: str) -> str:
+    """A text file's contents; UserError naming the first line that is not UTF-8."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"dataset file {source!r} cannot be read: {e.strerror or e}") from None
+    try:
+        return raw.decode("utf-8-sig")  # -sig: a byte-order mark from Windows editors is not data
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(f"dataset file {source!r} line {line} is not UTF-8 text (byte {e.start}): save the file "
+                        "as UTF-8") from None
+
+
+def json_lines(text: str, source: str) -> list[dict]:
+    """One JSON object per line (blank lines skipped); UserError naming the 1-based line of a bad one."""
+    rows = []
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit inside a JSON string
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"dataset file {source!r} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"dataset file {source!r} line {n}: expected a JSON object {{\"column\": value, ...}}, "
+                            f"got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def json_rows(text: str, source: str) -> list[dict]:
+    """A .json file: a list of objects, one object, or (as often named .json) one object per line."""
+    if not text.strip():
+        return []
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # a first complete value, then more: JSON Lines
+            return json_lines(text, source)
+        raise UserError(f"dataset file {source!r} line {e.lineno}: not valid JSON ({e.msg} at column "
+                        f"{e.colno})") from None
+    rows = data if isinstance(data, list) else [data]
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise UserError(f"dataset file {source!r} item {i + 1}: expected a JSON object {{\"column\": value, "
+                            f"...}}, got {type(row).__name__}")
+    return rows
+
+
+def same_columns(rows: list[dict]) -> list[dict]:
+    """Every row with every column (None where a row lacks one), as `datasets` gives them."""
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    return [{k: r.get(k) for k in columns} for r in rows]
+
+
+def file_is_empty(path: Path, fmt: str, source: str) -> bool:
+    """True when a CSV or parquet file holds no data rows (`datasets` then fails with an unrelated message)."""
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(path).metadata.num_rows == 0
+        except Exception:  # not parquet at all: `datasets` reports it
+            return False
+    records = csv.reader(line for line in read_text(path, source).splitlines() if line.strip())
+    return sum(1 for _ in zip(range(2), records)) < 2  # a header and no row, or nothing
+
+
 def load_rows(source: str, default_split: str = "train") -> list[dict]:
+    path = Path(source).expanduser()
+    if path.suffix in FILE_FORMATS or path.exists():
+        if not path.is_file():
+            raise UserError(f"dataset file {source!r} not found: expected a .jsonl, .json, .parquet or .csv file")
+        if path.suffix not in FILE_FORMATS:
+            raise UserError(f"dataset file {source!r}: unsupported extension, expected .jsonl, .json, .parquet or "
+                            ".csv")
+        if path.suffix == ".jsonl":
+            return same_columns(json_lines(read_text(path, source), source))
+        if path.suffix == ".json":
+            return same_columns(json_rows(read_text(path, source), source))
+        if file_is_empty(path, FILE_FORMATS[path.suffix], source):
+            return []
+    return _load_with_datasets(source, path, default_split)
+
+
+def _load_with_datasets(source: str, path: Path, default_split: str) -> list[dict]:
     import datasets
 
     datasets.disable_progress_bars()
-    path = Path(source).expanduser()
     try:
-        if path.suffix in FILE_FORMATS or path.exists():
-            if not path.is_file():
-                raise UserError(f"dataset file {source!r} not found: expected a .jsonl, .json, .parquet or .csv file")
-            if path.suffix not in FILE_FORMATS:
-                raise UserError(f"dataset file {source!r}: unsupported extension, expected .jsonl, .parquet or .csv")
+        if path.is_file():
             ds = datasets.load_dataset(FILE_FORMATS[path.suffix], data_files=str(path), split="train")
         else:
             name, _, split = source.partition("@")
             name, _, config = name.partition(":")
             ds = datasets.load_dataset(name, config or None, split=split or default_split)
-    except UserError:
-        raise
     except Exception as e:  # datasets raises many types; the user needs the first line only
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load dataset {source!r}: {first}") from None
@@ -40,12 +126,38 @@ def load_rows(source: str, default_split: str = "train") -> list[dict]:
 
 def require_columns(rows: list[dict], columns: list[str], source: str) -> None:
     if not rows:
-        raise UserError(f"dataset {source!r} is empty")
+        raise UserError(f"dataset {source!r} is empty: expected at least one row with column(s) {columns}")
     missing = [c for c in columns if c not in rows[0]]
     if missing:
         raise UserError(
             f"dataset {source!r} lacks column(s) {missing}: expected {columns}, found {sorted(rows[0])}"
         )
+
+
+def _missing(value) -> str | None:
+    """'null' or 'empty' when a cell holds nothing usable (CSV and parquet give NaN for a blank number)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "null"
+    if isinstance(value, str) and not value.strip():
+        return "empty"
+    return None
+
+
+def prompt_text(value, source: str, row: int, column: str) -> str:
+    """The prompt of a row (1-based number `row`): non-empty text, or a UserError naming the row."""
+    if (missing := _missing(value)) is not None:
+        raise UserError(f"dataset {source!r} row {row}: {column!r} is {missing}: expected the prompt text")
+    if not isinstance(value, str):
+        raise UserError(f"dataset {source!r} row {row}: {column!r} is not text ({type(value).__name__} "
+                        f"{str(value)[:40]}): expected the prompt text")
+    return value
+
+
+def answer_text(value, source: str, row: int, column: str) -> str:
+    """The reference answer of a row as text (numbers allowed: 4 -> '4'); UserError when it is missing."""
+    if (missing := _missing(value)) is not None:
+        raise UserError(f"dataset {source!r} row {row}: {column!r} is {missing}: expected the reference answer")
+    return str(value)
 
 
 def gsm8k_answer(solution: str) -> str:
@@ -60,12 +172,14 @@ def gsm8k_rows(source: str) -> list[dict]:
     rows = load_rows(source)
     require_columns(rows, ["question", "answer"], source)
     out = []
-    for i, r in enumerate(rows):
+    for n, r in enumerate(rows, 1):
+        solution = answer_text(r["answer"], source, n, "answer")
         try:
-            answer = gsm8k_answer(str(r["answer"]))
+            answer = gsm8k_answer(solution)
         except ValueError:
-            raise UserError(f"dataset {source!r} row {i}: answer must end with '#### <number>'") from None
-        out.append({"prompt": r["question"], "answer": answer, "solution": r["answer"]})
+            raise UserError(f"dataset {source!r} row {n}: answer must end with '#### <number>'") from None
+        out.append({"prompt": prompt_text(r["question"], source, n, "question"), "answer": answer,
+                    "solution": solution})
     return out
 
 
@@ -74,10 +188,10 @@ def dataset_rows(source: str, prompt_column: str, answer_column: str | None) -> 
     rows = load_rows(source)
     require_columns(rows, [prompt_column] + ([answer_column] if answer_column else []), source)
     out = []
-    for r in rows:
+    for n, r in enumerate(rows, 1):
         row = dict(r)
-        row["prompt"] = str(row.pop(prompt_column))
+        row["prompt"] = prompt_text(row.pop(prompt_column), source, n, prompt_column)
         if answer_column:
-            row["answer"] = str(row.pop(answer_column))
+            row["answer"] = answer_text(row.pop(answer_column), source, n, answer_column)
         out.append(row)
     return out
