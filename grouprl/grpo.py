@@ -141,7 +141,7 @@ class GRPO:
 
     def console(self, m: dict[str, float]) -> str:
         if "loss" not in m:
-            return "no update (no signal)"
+            return "update skipped (non-finite)" if m.get("nonfinite_steps") else "no update (no signal)"
         return f"kl {m['kl']:.4f}  clip {m['clip_frac']:.3f}  ent {m['entropy']:.2f}"
 
     def optimizer_state(self) -> dict:

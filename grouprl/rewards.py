@@ -15,24 +15,20 @@ the run with one line naming the function.
 
 from __future__ import annotations
 
-import contextlib
-import faulthandler
 import functools
 import importlib.util
 import math
 import numbers
-import os
 import re
-import signal
-import threading
-import time
 from collections.abc import Iterable, Iterator, Mapping, Set
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from grouprl import limits
 from grouprl.errors import UserError
+from grouprl.limits import Timeout, time_limit, watchdog
 from grouprl.tasks.countdown import check as countdown_check
 
 RewardFn = Callable[..., list[float]]
@@ -56,9 +52,6 @@ ANSWER_MAX_CHARS = 1000  # real final answers are short, and parsing time grows 
 # of 6+ digits. CPython computes 9^(10^7) in C for seconds (10^7! likewise), where no alarm can stop it, and
 # outside the main thread there is no alarm at all.
 COSTLY = re.compile(r"\d\s*(\^|\*\*)\s*[{(]?\s*\d+\s*(\^|\*\*)|(\^|\*\*)\s*[{(]?\s*\d{6,}|\d{6,}\s*!")
-# How long past its timeout a reward call may run before the watchdog ends the process. The alarm stops
-# Python code at the timeout; only code stuck in C, or a call outside the main thread, gets this far.
-WATCHDOG_GRACE_S = 3.0
 
 
 def extract_answer(completion: str) -> str | None:
@@ -158,7 +151,7 @@ def answers_match(predicted: str, reference: str) -> bool:
         return False
     parse, verify = _math_verify()  # outside the limit: an import cut short would leave half-loaded modules
     matched = False
-    with _time_limit(ANSWER_TIME_S):
+    with time_limit(ANSWER_TIME_S):
         matched = _symbolic_match(parse, verify, predicted, reference)
     return matched
 
@@ -178,7 +171,7 @@ def _math_verify() -> tuple[Callable, Callable]:
 
 def _symbolic_match(parse: Callable, verify: Callable, predicted: str, reference: str) -> bool:
     # math-verify's own timeouts are off: they call signal.alarm(n) and then alarm(0), which would cancel an
-    # enclosing reward timeout (and they count whole seconds); answers_match's _time_limit nests instead.
+    # enclosing reward timeout (and they count whole seconds); answers_match's time_limit nests instead.
     try:
         gold = parse(reference if "$" in reference else f"${reference}$", parsing_timeout=None)
         pred = parse(predicted if "$" in predicted else f"${predicted}$", parsing_timeout=None)
@@ -323,106 +316,14 @@ def _exit_call(e: SystemExit) -> str:
     return "exit()" if e.code is None else f"exit({e.code!r})"
 
 
-class _Timeout(BaseException):
-    """Raised inside the timed code by `_time_limit`'s alarm; it carries its `_Limit`. A BaseException so
-    that an `except Exception` in reward code or in math-verify does not swallow it."""
-
-
-class _Limit:
-    """One `_time_limit`. `expired` is set by the alarm itself, so a timeout that the timed code caught and
-    ignored is still seen; `closing` makes an alarm that comes while the limit is being lifted do nothing."""
-
-    def __init__(self) -> None:
-        self.expired = self.closing = False
-
-
-@contextlib.contextmanager
-def _time_limit(seconds: float | None):
-    """Stop the body with SIGALRM (raised as `_Timeout`) after `seconds`, then carry on after the `with`
-    with `limit.expired` set. No limit with None or outside the main thread, where signals are unavailable.
-
-    Limits nest: an enclosing limit that falls due first still fires on time (the alarm is passed on to its
-    handler), and on exit the previous handler and the rest of the previous timer are put back."""
-    limit = _Limit()
-    if seconds is None or threading.current_thread() is not threading.main_thread():
-        yield limit
-        return
-    start = time.monotonic()
-    outer_left = signal.getitimer(signal.ITIMER_REAL)[0]  # 0.0: no timer running
-    outer_first = 0 < outer_left < seconds
-    previous = signal.getsignal(signal.SIGALRM)
-    passed_on = False
-
-    def on_alarm(signum, frame):
-        nonlocal passed_on
-        if limit.closing:
-            return
-        if outer_first and not passed_on:  # the enclosing limit's turn; ours comes next, should it return
-            passed_on = True
-            signal.setitimer(signal.ITIMER_REAL, max(start + seconds - time.monotonic(), 1e-6))
-            if callable(previous):
-                previous(signum, frame)
-            return
-        limit.expired = True
-        raise _Timeout(limit)
-
-    signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, outer_left if outer_first else seconds)
-    try:
-        yield limit
-    except _Timeout as e:
-        if e.args[0] is not limit:
-            raise  # an enclosing limit's: its owner handles it
-    finally:
-        limit.closing = True
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-        if outer_left > 0 and not passed_on:  # the enclosing timer, less the time spent here (due now: at once)
-            signal.setitimer(signal.ITIMER_REAL, max(outer_left - (time.monotonic() - start), 1e-6))
-
-
-@contextlib.contextmanager
-def _watchdog(seconds: float | None, message: str):
-    """End the process (exit code 2, 'error: <message>' on stderr) if the body still runs after `seconds`.
-
-    The last resort where `_time_limit` cannot reach: a blocking C call that ignores signals, or a call
-    outside the main thread. A thread cannot be stopped from outside, so the whole process ends. Nothing
-    saved is lost: checkpoints are written to a temporary folder and renamed into place.
-
-    C code that holds the GIL and never returns to the interpreter (a huge bigint power) stops every Python
-    thread, this one included. For that, faulthandler's C-level timer ends the process WATCHDOG_GRACE_S later
-    still: 'Timeout' and every thread's traceback (the reward function's frame among them), exit code 1."""
-    if seconds is None:
-        yield
-        return
-    timer = threading.Timer(seconds, _die, args=(message,))
-    timer.daemon = True
-    timer.start()
-    # one such timer per process, which is enough: reward calls run one at a time. fd 2, since sys.stderr
-    # may have no file descriptor (a notebook, captured output)
-    faulthandler.dump_traceback_later(seconds + WATCHDOG_GRACE_S, exit=True, file=2)
-    try:
-        yield
-    finally:
-        timer.cancel()
-        faulthandler.cancel_dump_traceback_later()
-
-
-def _die(message: str) -> None:
-    # os.write, not print: the stuck thread may hold sys.stderr's lock; os._exit, since the stuck thread
-    # would keep a normal exit waiting forever.
-    os.write(2, f"error: {message}\n".encode())
-    os._exit(2)
-
-
 def call_reward(name: str, fn: RewardFn, prompts: list[str], completions: list[str], columns: dict,
                 timeout_s: float | None = None) -> list[float]:
     """Call one reward function and check what it returns. Raises UserError naming the function.
 
     It must return one real number per completion, finite in float32 (|x| < 3.4e38): a list, a tuple, an
     array or a generator of int, float, bool (a number in Python: True is 1.0, False 0.0), numpy scalars or
-    0-d tensors. With `timeout_s`, a call that runs longer is stopped (`_time_limit`) and reported; one that
-    cannot be stopped ends the process WATCHDOG_GRACE_S later (`_watchdog`). A Ctrl-C (KeyboardInterrupt)
+    0-d tensors. With `timeout_s`, a call that runs longer is stopped (`time_limit`) and reported; one that
+    cannot be stopped ends the process limits.WATCHDOG_GRACE_S later (`watchdog`). A Ctrl-C (KeyboardInterrupt)
     passes through unchanged: stopping the run is the training loop's business."""
     values = _call(name, fn, prompts, completions, columns, timeout_s)
     return _checked(name, values, len(completions))
@@ -433,12 +334,12 @@ def _call(name: str, fn: RewardFn, prompts: list[str], completions: list[str], c
     slow = (f"reward function {name!r} took longer than {timeout_s:g}s on {len(completions)} completions: "
             "make it faster or raise rewards_timeout_s") if timeout_s is not None else ""
     try:
-        with _watchdog(None if timeout_s is None else timeout_s + WATCHDOG_GRACE_S, slow), \
-                _time_limit(timeout_s) as limit:
+        with watchdog(None if timeout_s is None else timeout_s + limits.WATCHDOG_GRACE_S, slow), \
+                time_limit(timeout_s) as limit:
             values = fn(prompts=prompts, completions=completions, **columns)
             if isinstance(values, Iterator):
                 values = list(values)  # a generator runs the user's code only now: inside the limits
-    except (KeyboardInterrupt, _Timeout):
+    except (KeyboardInterrupt, Timeout):
         raise  # the user's Ctrl-C; an enclosing time limit's timeout, for its owner
     except SystemExit as e:
         raise UserError(f"reward function {name!r} called {_exit_call(e)}: a reward function must return its "

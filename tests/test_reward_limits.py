@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from grouprl import rewards
+from grouprl import limits, rewards
 from grouprl.errors import UserError
 from grouprl.rewards import RewardSet, answers_match, call_reward, correctness
 
@@ -130,7 +130,7 @@ def forked(case) -> tuple[int, str, float]:
     if pid == 0:  # the child: never returns into pytest
         try:
             os.dup2(write, 2)
-            rewards.WATCHDOG_GRACE_S = 0.3
+            limits.WATCHDOG_GRACE_S = 0.3
             case()
         finally:
             os._exit(99)
