@@ -31,7 +31,7 @@ from grouprl.metrics import MetricsLog, read_metrics, truncate_jsonl
 from grouprl.models import context_length, load_policy, load_tokenizer, resolve_model_path
 from grouprl.ppo import PPO
 from grouprl.rewards import RewardSet
-from grouprl.tasks import Task, build_task, fit_prompts
+from grouprl.tasks import Task, build_task, default_max_prompt_tokens, fit_prompts
 
 LEARNERS = {"grpo": GRPO, "ppo": PPO}  # cfg.algo -> the update, with the models and optimizers it owns
 
@@ -87,20 +87,18 @@ def _resume_point(out: Path, cfg: TrainConfig, console: Console) -> Path | None:
     return ckpt
 
 
-def _check_inputs(cfg: TrainConfig, task: Task, rewards: RewardSet) -> tuple[Task, object]:
+def _check_inputs(cfg: TrainConfig, task: Task, rewards: RewardSet, console: Console) -> tuple[Task, object]:
     """Everything about the data and the rewards that can be checked with the tokenizer alone, before any
     model is loaded: prompt lengths (every row) and one call of every reward function."""
     path = resolve_model_path(cfg.model.name_or_path)
     tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
-    limit = cfg.task.max_prompt_tokens
-    if limit is None:
-        context = context_length(path, cfg.model.trust_remote_code)
-        limit = context - cfg.rollout.max_new_tokens if context is not None else None
-        if limit is not None and limit < 1:
-            raise UserError(f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} leaves no room for a prompt in "
-                            f"the model's context of {context} tokens")
-    if limit is not None:
-        task = fit_prompts(task, tokenizer, cfg.task.prefill, limit, cfg.task.long_prompts)
+    limit = cfg.task.max_prompt_tokens or default_max_prompt_tokens(
+        context_length(path, cfg.model.trust_remote_code), cfg.rollout.max_new_tokens)
+    fitted = fit_prompts(task, tokenizer, cfg.task.prefill, limit, cfg.task.long_prompts)
+    if len(fitted.train) < len(task.train) or len(fitted.eval) < len(task.eval):
+        console.print(f"dropped {len(task.train) - len(fitted.train)} train and {len(task.eval) - len(fitted.eval)} "
+                      f"held-out rows over task.max_prompt_tokens={limit}")
+    task = fitted
     check_rewards(rewards, task, tokenizer, cfg.task.prefill)
     return task, tokenizer
 
@@ -143,7 +141,7 @@ def _train(cfg: TrainConfig, console: Console, out: Path, start: float, locks: l
 
     task = build_task(cfg.task)
     rewards = RewardSet([(r.name, r.weight) for r in cfg.rewards], timeout_s=cfg.rewards_timeout_s)
-    task, _ = _check_inputs(cfg, task, rewards)
+    task, _ = _check_inputs(cfg, task, rewards, console)
     if not locks:
         locks.append(RunLock(out).acquire())
     policy, tokenizer = load_policy(cfg.model)

@@ -1,0 +1,196 @@
+"""The bad-input matrix, through the command line as a user meets it: every input a user can get wrong ends in
+exactly one `error:` line naming the file, row or field, exit code 2, no traceback, and nothing written: a new
+run's output_dir is not even created, and an existing run's folder (checkpoints, logs) is left byte for byte."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from grouprl.cli import app
+from test_cli import base_sets
+
+runner = CliRunner()
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder` but the lock file (whose content is the last holder's pid)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def one_error_line(res, *needles: str) -> str:
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output, res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, res.output
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+def write(path: Path, data: str | bytes) -> Path:
+    path.write_bytes(data if isinstance(data, bytes) else data.encode())
+    return path
+
+
+def rows(n: int, **extra) -> str:
+    return "".join(json.dumps({"prompt": f"say a {i}", "answer": str(i % 10), **extra}) + "\n" for i in range(n))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tiny_model) -> dict[str, Path]:
+    """The bad files of the matrix, made once."""
+    d = tmp_path_factory.mktemp("bad")
+    good = rows(64).splitlines(keepends=True)
+    broken = good[:56] + ['{"prompt": "say a 56", "answer": "6",}\n'] + good[57:]
+    truncated = d / "truncated_model"
+    shutil.copytree(tiny_model, truncated)
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    no_tokenizer = d / "no_tokenizer"
+    no_tokenizer.mkdir()
+    for f in ("config.json", "model.safetensors", "generation_config.json"):
+        shutil.copy(tiny_model / f, no_tokenizer / f)
+    return {
+        "latin1_yaml": write(d / "latin1.yaml", "task:\n  system_prompt: caf\u00e9\n".encode("latin-1")),
+        "duplicate_yaml": write(d / "dup.yaml", "steps: 3\nseed: 1\nsteps: 5\n"),
+        "latin1_jsonl": write(d / "latin1.jsonl", rows(3).encode() + '{"prompt": "caf\u00e9"}\n'.encode("latin-1")),
+        "empty_jsonl": write(d / "empty.jsonl", ""),
+        "broken_jsonl": write(d / "broken.jsonl", "".join(broken)),
+        "null_prompt": write(d / "null.jsonl", rows(10) + json.dumps({"prompt": None, "answer": "1"}) + "\n"),
+        "truncated_model": truncated,
+        "no_tokenizer": no_tokenizer,
+        "rewards": write(d / "bad_rewards.py", (
+            "import sys, time\n"
+            "def text(prompts, completions, **kw):\n    return ['11'] * len(completions)\n"
+            "def quits(prompts, completions, **kw):\n    sys.exit(3)\n"
+            "def huge(prompts, completions, **kw):\n    return [1e39] * len(completions)\n"
+            "def hangs(prompts, completions, **kw):\n    time.sleep(60)\n    return [0.0] * len(completions)\n")),
+        "a_file": write(d / "a_file", "not a folder"),
+    }
+
+
+def matrix(files: dict[str, Path]) -> dict[str, tuple[list[str], list[str], tuple[str, ...]]]:
+    """case -> (extra --set overrides, extra CLI arguments, what the error line must name)."""
+    r = files["rewards"]
+    return {
+        "config not UTF-8": ([], ["--config", str(files["latin1_yaml"])], (str(files["latin1_yaml"]), "UTF-8")),
+        "duplicate YAML key": ([], ["--config", str(files["duplicate_yaml"])], ("steps", "lines 1 and 3")),
+        "steps=true": (["steps=true"], [], ("steps",)),
+        "lr=.inf": (["optim.lr=.inf"], [], ("optim.lr",)),
+        "temperature=.inf": (["rollout.temperature=.inf"], [], ("rollout.temperature",)),
+        "JSONL not UTF-8": ([f"task.source={files['latin1_jsonl']}"], [], (str(files["latin1_jsonl"]), "line 4")),
+        "empty JSONL": ([f"task.source={files['empty_jsonl']}"], [], (str(files["empty_jsonl"]), "empty")),
+        "broken line 57": ([f"task.source={files['broken_jsonl']}"], [], (str(files["broken_jsonl"]), "line 57")),
+        "null prompt": ([f"task.source={files['null_prompt']}"], [], (str(files["null_prompt"]), "row 11")),
+        "truncated safetensors": ([f"model.name_or_path={files['truncated_model']}"], [],
+                                  (str(files["truncated_model"]),)),
+        "no tokenizer": ([f"model.name_or_path={files['no_tokenizer']}"], [], (str(files["no_tokenizer"]),)),
+        "output_dir under a file": ([f"output_dir={files['a_file']}/run"], [], (str(files["a_file"]),)),
+        "reward returns a string": ([f"rewards=[{{name: '{r}:text'}}]"], [], (f"{r}:text", "str")),
+        "reward calls exit": ([f"rewards=[{{name: '{r}:quits'}}]"], [], (f"{r}:quits", "exit(3)")),
+        "reward 1e39": ([f"rewards=[{{name: '{r}:huge'}}]"], [], (f"{r}:huge", "float32")),
+        "reward hangs": ([f"rewards=[{{name: '{r}:hangs'}}]", "rewards_timeout_s=0.5"], [],
+                         (f"{r}:hangs", "0.5s", "rewards_timeout_s")),
+        "prompt too long": (["task.max_prompt_tokens=10"], [], ("row 1", "task.long_prompts")),
+    }
+
+
+CASES = ["config not UTF-8", "duplicate YAML key", "steps=true", "lr=.inf", "temperature=.inf", "JSONL not UTF-8",
+         "empty JSONL", "broken line 57", "null prompt", "truncated safetensors", "no tokenizer",
+         "output_dir under a file", "reward returns a string", "reward calls exit", "reward 1e39", "reward hangs",
+         "prompt too long"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_new_run_with_bad_input(case, files, tiny_model, toy_data, tmp_path):
+    sets, args, needles = matrix(files)[case]
+    out = tmp_path / "run"
+    argv = ["train", *args, *base_sets(tiny_model, toy_data, out)] + [a for s in sets for a in ("--set", s)]
+    one_error_line(runner.invoke(app, argv), *needles)
+    assert not out.exists()  # nothing was created
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model, toy_data, toy_reward, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("done") / "run"
+    res = runner.invoke(app, ["train", *base_sets(tiny_model, toy_data, out), "--set", "save_every=1"])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+RESUME_CASES = ["steps=true", "lr=.inf", "reward returns a string", "reward hangs", "JSONL not UTF-8",
+                "prompt too long", "truncated safetensors"]
+
+
+@pytest.mark.parametrize("case", RESUME_CASES)
+def test_resuming_with_bad_input_leaves_the_run_as_it_was(case, files, finished_run, tmp_path):
+    """The same inputs given to `--resume` of a finished run (with a config that changes only those): one
+    line, and every checkpoint and log byte for byte as before."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    before = snapshot(run)
+    sets, args, needles = matrix(files)[case]
+    from grouprl.config import load_config, save_config
+
+    if case in ("steps=true", "lr=.inf"):  # refused as an override, before the run's config is even read
+        argv = ["train", "--resume", str(run), *[a for s in sets for a in ("--set", s)]]
+    else:  # a config that differs in that input only: refused as a change, or as bad input, before any work
+        config = tmp_path / "changed.yaml"
+        save_config(load_config(run / "grouprl.yaml", sets + ["steps=4"]), config)
+        argv = ["train", "--resume", str(run), "--config", str(config)]
+        needles = ()  # either message is right; it must be one line
+    one_error_line(runner.invoke(app, argv), *needles)
+    assert snapshot(run) == before
+
+
+def test_eval_refuses_k_and_num_below_one(finished_run):
+    for args in (["--k", "0"], ["--num", "-1"]):
+        one_error_line(runner.invoke(app, ["eval", "--model", str(finished_run / "final"), *args]), "at least 1")
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tiny_model, toy_data, tmp_path, monkeypatch):
+    """ENOSPC in the middle of the second checkpoint write: one line naming the file; step 1's checkpoint is
+    intact and the run resumes from it."""
+    import grouprl.checkpoint as checkpoint
+
+    real = checkpoint.save_config
+    calls = {"n": 0}
+
+    def full_disk(cfg, path):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(cfg, path)
+
+    monkeypatch.setattr(checkpoint, "save_config", full_disk)
+    out = tmp_path / "run"
+    argv = ["train", *base_sets(tiny_model, toy_data, out), "--set", "save_every=1", "--set", "steps=3"]
+    one_error_line(runner.invoke(app, argv), "No space left on device", "grouprl.yaml", "intact")
+    monkeypatch.setattr(checkpoint, "save_config", real)
+    from grouprl.checkpoint import latest_checkpoint
+
+    assert latest_checkpoint(out).name == "step-000001"
+    res = runner.invoke(app, ["train", "--resume", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "removed" in res.output and "step-000002.tmp" in res.output.replace("\n", "")
+    assert latest_checkpoint(out).name == "final"
+
+
+def test_plot_and_resume_survive_a_torn_last_line(finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "rew')  # a power cut in the middle of a write
+    res = runner.invoke(app, ["plot", str(run)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["train", "--resume", str(run), "--set", "steps=3"])
+    assert res.exit_code == 0, res.output
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
