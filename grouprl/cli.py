@@ -214,6 +214,10 @@ def compare(
         print(out / "index.html")
     except UserError as e:
         _fail(e)
+    except KeyboardInterrupt:
+        _ignore_stop_signals()
+        _fail(UserError(f"stopped; the run in progress saved a checkpoint: run the same compare again to continue "
+                        f"({out})"), 130)
 
 
 @app.command()

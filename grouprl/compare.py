@@ -122,15 +122,23 @@ def train_run(name: str, cfg: TrainConfig, on_progress) -> None:
     if (run_dir / "grouprl.yaml").is_file():
         args += ["--resume", str(run_dir)]
     log = (run_dir / "train.log").open("a")
-    child = subprocess.Popen([sys.executable, "-m", "grouprl", *args], stdout=log, stderr=subprocess.STDOUT)
+    # A session of its own, so that a Ctrl-C in the terminal reaches only this process, which passes on one
+    # SIGTERM: the child finishes its step and saves (train's stop), and a second Ctrl-C kills it at once.
+    child = subprocess.Popen([sys.executable, "-m", "grouprl", *args], stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
     try:
         while child.poll() is None:
             on_progress(_done_steps(run_dir))
             time.sleep(1.0)
-    finally:  # an interrupted comparison stops its child too (it resumes from the last checkpoint later)
+    finally:  # an interrupted comparison stops its child too (it resumes from that checkpoint later)
         if child.poll() is None:
             child.terminate()
-            child.wait()
+            try:
+                child.wait()
+            except KeyboardInterrupt:
+                child.kill()
+                child.wait()
+                raise
         log.close()
     on_progress(_done_steps(run_dir))
     if child.returncode != 0:

@@ -152,7 +152,7 @@ def group_rows(groups: Tensor, group_size: int) -> Tensor:
     return (groups.unsqueeze(1) * group_size + torch.arange(group_size)).flatten()
 
 
-def forward_groups(model, rollout, rows: Tensor, with_entropy: bool = False, shared_prompt: bool = True,
+def forward_groups(model, rollout: Rollout, rows: Tensor, with_entropy: bool = False, shared_prompt: bool = True,
                    with_logp: bool = True, with_hidden: bool = False) -> TokenLogprobs:
     """Log-probs (n, C) at the rollout's temperature (and optionally hidden states (n, C, H)) of the
     completions in `rows` (whole groups, from group_rows). With shared_prompt, each prompt runs once per
@@ -168,7 +168,7 @@ def forward_groups(model, rollout, rows: Tensor, with_entropy: bool = False, sha
 
 
 @torch.no_grad()
-def sequence_logprobs(model, rollout, groups_per_micro: int, shared_prompt: bool) -> Tensor:
+def sequence_logprobs(model, rollout: Rollout, groups_per_micro: int, shared_prompt: bool) -> Tensor:
     """(N, C) logp of every completion token under `model`, without gradients."""
     g = rollout.group_size
     logp = torch.zeros_like(rollout.completion_mask)

@@ -148,6 +148,10 @@ def ppo_update(
     return stats, adv
 
 
+UPDATE_KEYS = {"loss", "value_loss", "clip_frac", "value_clip_frac", "approx_kl", "ratio", "entropy", "grad_norm",
+               "critic_grad_norm"}  # the metrics that only an optimizer step produces
+
+
 class PPO:
     """PPO for the training loop: the critic, the reference, two optimizers and the KL controller."""
 
@@ -186,9 +190,13 @@ class PPO:
         metrics = {k: float(v) for k, v in vars(s).items()} | {
             "kl_coef": kl_coef, "lr": self.policy_optim.lr(), "critic_lr": self.critic_optim.lr(),
         }
+        if s.nonfinite_steps == c.ppo.epochs * c.ppo.minibatches:  # no update ran: no made-up zeros in the log
+            metrics = {k: v for k, v in metrics.items() if k not in UPDATE_KEYS}
         return metrics, seq_adv.cpu()
 
     def console(self, m: dict[str, float]) -> str:
+        if "value_loss" not in m:
+            return f"kl {m['kl']:.4f}  update skipped (non-finite)  ev {m['explained_var']:.2f}"
         return (f"kl {m['kl']:.4f}  clip {m['clip_frac']:.3f}  vloss {m['value_loss']:.3f}  "
                 f"ev {m['explained_var']:.2f}  ent {m['entropy']:.2f}")
 
