@@ -315,3 +315,16 @@ def test_nonfinite_steps_in_a_row_stop_the_run_with_its_checkpoint_intact(straig
     assert not (out / "final").exists()
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r.get("nonfinite_steps") for r in rows] == [0, 0, 4, 4] and "loss" not in rows[-1]
+
+
+def test_eval_of_a_run_folder_takes_its_latest_complete_checkpoint(straight, tmp_path):
+    import shutil
+
+    _, reference = straight
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    shutil.rmtree(run / "final")
+    fake_checkpoint(run / "checkpoints" / "step-000009.tmp", 9)  # a half-written one is never read
+    res = CliRunner().invoke(app, ["eval", "--model", str(run), "--num", "1", "-o", str(tmp_path / "e.json")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "e.json").read_text())["model"] == str(run / "checkpoints" / f"step-{STEPS - 1:06d}")
