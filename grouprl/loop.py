@@ -184,54 +184,57 @@ def _train(cfg: TrainConfig, console: Console, out: Path, start: float, locks: l
                                learner.save_extra)
 
     bad_streak = 0
-    with _progress(console, learner.name) as bar:
-        job = bar.add_task("train", total=cfg.steps, completed=first_step - 1, info="")
-        for step in range(first_step, cfg.steps + 1):
-            if stop.requested and step == first_step:
-                raise Stopped(f"stopped by {stop.requested} before step {step}: nothing new to save")
-            t0 = time.perf_counter()
-            batch = sample_and_score(policy, tokenizer, task, rewards, stream, cfg, learner.resamples_flat_groups,
-                                     learner.max_sampling_rounds)
-            t1 = time.perf_counter()
-            upd, adv = learner.update(batch.rollout, batch.total, step)
-            t2 = time.perf_counter()
-            m = step_metrics(batch, rewards.names, upd) | {
-                "step_time": t2 - t0, "update_time": t2 - t1, "peak_mem_gib": peak_memory_gib(device),
-                "elapsed": time.perf_counter() - start}
-            history.append({"step": step, **m})
-            log.log(step, m)
-            log.log_completions(step, [
-                {"prompt": r["prompt"], "answer": r.get("answer"), "completion": c, "reward": t,
-                 "advantage": a, **{n: v for n, v in zip(rewards.names, f)}}
-                for r, c, t, a, f in zip(batch.rows, batch.rollout.completions, batch.total.tolist(), adv.tolist(),
-                                         batch.per_fn.tolist())
-            ])
-            fn_means = " ".join(f"{n}={m[f'reward/{n}']:.2f}" for n in rewards.names)
-            bar.console.print(f"step {step:>4}  reward {m['reward']:.3f}  {fn_means}  {learner.console(m)}  "
-                              f"len {m['completion_len']:.0f}  flat {batch.zero_std_frac:.2f}  {m['step_time']:.1f}s "
-                              f"({m['gen_tokens_per_s']:.0f} tok/s)")
-            bar.update(job, advance=1, info=f"reward {m['reward']:.2f}")
-            bad_streak = bad_streak + 1 if upd.get("nonfinite_steps") else 0
-            if bad_streak:
-                bar.console.print(f"[yellow]warning:[/] step {step}: a non-finite loss or gradient norm; "
-                                  f"{upd['nonfinite_steps']} optimizer step(s) skipped")
-            if bad_streak >= cfg.max_nonfinite_steps:
-                last = latest_checkpoint(out)
-                raise UserError(f"{bad_streak} steps in a row had a non-finite loss or gradient norm (up to step "
-                                f"{step}): stopped; the last good checkpoint is {last or 'none'}. Lower optim.lr, "
-                                "check the rewards' scale, or use float32")
-            if step == cfg.steps:
-                break
-            if stop.requested:
-                saved = checkpoint(out / "checkpoints" / f"step-{step:06d}", step)
-                prune_checkpoints(out, cfg.save_total_limit)
-                raise Stopped(f"stopped by {stop.requested} after step {step}; saved {saved}. Resume with: "
-                              f"grouprl train --resume {out}")
-            if cfg.save_every and step % cfg.save_every == 0:
-                checkpoint(out / "checkpoints" / f"step-{step:06d}", step)
-                prune_checkpoints(out, cfg.save_total_limit)
-    final = checkpoint(out / "final", cfg.steps)
-    log.close()
+    try:
+        with _progress(console, learner.name) as bar:
+            job = bar.add_task("train", total=cfg.steps, completed=first_step - 1, info="")
+            for step in range(first_step, cfg.steps + 1):
+                if stop.requested and step == first_step:
+                    raise Stopped(f"stopped by {stop.requested} before step {step}: nothing new to save")
+                t0 = time.perf_counter()
+                batch = sample_and_score(policy, tokenizer, task, rewards, stream, cfg, learner.resamples_flat_groups,
+                                         learner.max_sampling_rounds)
+                t1 = time.perf_counter()
+                upd, adv = learner.update(batch.rollout, batch.total, step)
+                t2 = time.perf_counter()
+                m = step_metrics(batch, rewards.names, upd) | {
+                    "step_time": t2 - t0, "update_time": t2 - t1, "peak_mem_gib": peak_memory_gib(device),
+                    "elapsed": time.perf_counter() - start}
+                history.append({"step": step, **m})
+                log.log(step, m)
+                log.log_completions(step, [
+                    {"prompt": r["prompt"], "answer": r.get("answer"), "completion": c, "reward": t,
+                     "advantage": a, **{n: v for n, v in zip(rewards.names, f)}}
+                    for r, c, t, a, f in zip(batch.rows, batch.rollout.completions, batch.total.tolist(), adv.tolist(),
+                                             batch.per_fn.tolist())
+                ])
+                fn_means = " ".join(f"{n}={m[f'reward/{n}']:.2f}" for n in rewards.names)
+                bar.console.print(f"step {step:>4}  reward {m['reward']:.3f}  {fn_means}  {learner.console(m)}  "
+                                  f"len {m['completion_len']:.0f}  flat {batch.zero_std_frac:.2f}  "
+                                  f"{m['step_time']:.1f}s "
+                                  f"({m['gen_tokens_per_s']:.0f} tok/s)")
+                bar.update(job, advance=1, info=f"reward {m['reward']:.2f}")
+                bad_streak = bad_streak + 1 if upd.get("nonfinite_steps") else 0
+                if bad_streak:
+                    bar.console.print(f"[yellow]warning:[/] step {step}: a non-finite loss or gradient norm; "
+                                      f"{upd['nonfinite_steps']} optimizer step(s) skipped")
+                if bad_streak >= cfg.max_nonfinite_steps:
+                    last = latest_checkpoint(out)
+                    raise UserError(f"{bad_streak} steps in a row had a non-finite loss or gradient norm (up to step "
+                                    f"{step}): stopped; the last good checkpoint is {last or 'none'}. Lower optim.lr, "
+                                    "check the rewards' scale, or use float32")
+                if step == cfg.steps:
+                    break
+                if stop.requested:
+                    saved = checkpoint(out / "checkpoints" / f"step-{step:06d}", step)
+                    prune_checkpoints(out, cfg.save_total_limit)
+                    raise Stopped(f"stopped by {stop.requested} after step {step}; saved {saved}. Resume with: "
+                                  f"grouprl train --resume {out}")
+                if cfg.save_every and step % cfg.save_every == 0:
+                    checkpoint(out / "checkpoints" / f"step-{step:06d}", step)
+                    prune_checkpoints(out, cfg.save_total_limit)
+        final = checkpoint(out / "final", cfg.steps)
+    finally:
+        log.close()  # flushed and closed however the loop ends (a stop, an error)
     result = TrainResult(out, final, history, time.perf_counter() - start)
     console.print(summary_table(result, rewards.names, learner))
     return result

@@ -159,7 +159,8 @@ def test_a_second_writer_is_refused_with_the_holders_pid(straight, tmp_path):
 
 def test_the_lock_dies_with_its_holder(tmp_path):
     """flock is released by the kernel when the holder is killed: no stale lock to remove by hand."""
-    code = f"from grouprl.guard import RunLock; import time; RunLock(__import__('pathlib').Path({str(tmp_path)!r})).acquire(); print('held', flush=True); time.sleep(60)"
+    code = (f"from pathlib import Path; import time; from grouprl.guard import RunLock; "
+            f"RunLock(Path({str(tmp_path)!r})).acquire(); print('held', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     with pytest.raises(Exception, match=f"pid {proc.pid}"):
