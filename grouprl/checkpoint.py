@@ -12,9 +12,10 @@
 How a write commits: everything goes into '<dir>.tmp'; every file and folder in it is flushed to disk
 (fsync), then the marker is written and flushed, then '<dir>.tmp' is renamed to '<dir>' (an existing
 '<dir>' is first renamed to '<dir>.old' and removed afterwards). A checkpoint is a folder named
-`step-NNNNNN` or `final` that holds the marker; `complete_checkpoints` is the one function that lists
-them, and every reader (resume, compare, eval of a run folder) goes through it. Leftovers of a kill
-(`.tmp`, `.old`, folders without the marker) are never read, and `clean_leftovers` tidies them on resume.
+`step-NNNNNN` or `final` that holds the marker (or, written by grouprl before markers, one under its
+final name); `complete_checkpoints` is the one function that lists them, and every reader (resume,
+compare, eval of a run folder) goes through it. Leftovers of a kill (`.tmp`, `.old`) are never read, and
+`clean_leftovers` tidies them on resume.
 """
 
 from __future__ import annotations
@@ -116,16 +117,23 @@ def save_checkpoint(
         fault_point("checkpoint:swap")
     tmp.rename(path)
     _fsync_dir(path.parent)
+    _fsync_dir(path.parent.parent)  # checkpoints/ itself may be new
     shutil.rmtree(old, ignore_errors=True)
     return path
 
 
 def is_complete(folder: Path) -> bool:
-    return (folder / MARKER).is_file()
+    """The marker is there; or the folder has its final name and was written before markers existed (then
+    renamed into place whole, with rng.pt last), which no kill of the current writer can leave behind."""
+    if (folder / MARKER).is_file():
+        return True
+    return LEFTOVER.fullmatch(folder.name) is not None and "." not in folder.name \
+        and (folder / "trainer_state.json").is_file() and (folder / "rng.pt").is_file()
 
 
 def checkpoint_step(folder: Path) -> int:
-    return int(json.loads((folder / MARKER).read_text())["step"])
+    marker = folder / MARKER
+    return int(json.loads((marker if marker.is_file() else folder / "trainer_state.json").read_text())["step"])
 
 
 def complete_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
@@ -149,13 +157,14 @@ def clean_leftovers(out_dir: Path) -> list[Path]:
     is complete while '<dir>' is missing (a kill between the two renames) is put back in place."""
     removed = []
     candidates = [*(out_dir / "checkpoints").glob("*"), *out_dir.glob("final*")]
-    for p in sorted(candidates):
-        if not p.is_dir() or not LEFTOVER.fullmatch(p.name):
-            continue  # not ours: never touched
-        base = p.with_name(p.name.removesuffix(".tmp").removesuffix(".old"))
-        if p != base and not base.exists() and is_complete(p):
+    # '.tmp' before '.old': a kill between the two renames leaves both complete, and '.tmp' is the newer
+    for p in sorted(candidates, key=lambda p: (p.name.endswith(".old"), p.name)):
+        if not p.is_dir() or not LEFTOVER.fullmatch(p.name) or "." not in p.name:
+            continue  # not ours, or a checkpoint under its final name (only ever renamed there complete)
+        base = p.with_name(p.name.rpartition(".")[0])
+        if not base.exists() and is_complete(p):
             p.rename(base)
-        elif p != base or not is_complete(p):
+        else:
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed

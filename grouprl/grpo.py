@@ -89,11 +89,10 @@ def grpo_update(
                         micro_step=micro_step)
     if p.steps == 0:
         return UpdateStats(prep_time=prep_time, nonfinite_steps=p.nonfinite)
-    s, tokens = p.sums, max(p.sums.get("tokens", 0.0), 1.0)
-    passes = cfg.mu * cfg.minibatches  # the sums run over every pass, the steps only over those taken
+    s, tokens = p.sums, max(p.sums["tokens"], 1.0)
     return UpdateStats(
-        loss=s["loss"] / passes, kl=s["kl"] / tokens, clip_frac=s["clipped"] / tokens, ratio=s["ratio"] / tokens,
-        entropy=s["entropy"] / tokens, grad_norm=p.grad_norms[0] / p.steps, tokens=s["tokens"] / passes,
+        loss=s["loss"] / p.steps, kl=s["kl"] / tokens, clip_frac=s["clipped"] / tokens, ratio=s["ratio"] / tokens,
+        entropy=s["entropy"] / tokens, grad_norm=p.grad_norms[0] / p.steps, tokens=s["tokens"] / p.steps,
         prep_time=prep_time, nonfinite_steps=p.nonfinite,
     )
 

@@ -26,31 +26,49 @@ class RunLock:
     def __init__(self, out_dir: Path):
         self.path = out_dir / LOCK_FILE
         self.fd: int | None = None
+        self.made_folder = False  # this lock created output_dir (so a failed start may remove it again)
 
     def acquire(self) -> RunLock:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise UserError(f"output_dir {str(self.path.parent)!r} cannot be created or written "
-                            f"({e.strerror}): expected a writable folder") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        folder = self.path.parent
+        for _ in range(10):  # the lock file can be removed between our open and our flock: then try again
+            try:
+                self.made_folder = self.made_folder or not folder.exists()
+                folder.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise UserError(f"output_dir {str(folder)!r} cannot be created or written ({e.strerror}): "
+                                "expected a writable folder") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise UserError(f"output_dir {str(folder)!r} is in use by another grouprl process (pid {holder}): "
+                                "wait for it to finish or stop it, or choose another output_dir") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, str(os.getpid()).encode())
+                self.fd = fd
+                return self
             os.close(fd)
-            raise UserError(f"output_dir {str(self.path.parent)!r} is in use by another grouprl process (pid "
-                            f"{holder}): wait for it to finish or stop it, or choose another output_dir") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self.fd = fd
-        return self
+        raise UserError(f"output_dir {str(folder)!r}: could not take its lock (another process keeps removing it)")
 
-    def release(self) -> None:
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
+    def release(self, remove_empty_folder: bool = False) -> None:
+        """Unlock; with remove_empty_folder, a folder this lock created that holds nothing but the lock file
+        is removed first (while still locked, so no other process can be inside it)."""
+        if self.fd is None:
+            return
+        folder = self.path.parent
+        if remove_empty_folder and self.made_folder and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
+            self.path.unlink()
+            folder.rmdir()
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
 
     def __enter__(self) -> RunLock:
         return self.acquire()

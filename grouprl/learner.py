@@ -76,8 +76,8 @@ class Optim:
 
 @dataclass
 class Passes:
-    """What run_minibatches did: sums of the micro-step statistics, and per optimizer the sum of the
-    gradient norms over the steps taken."""
+    """What run_minibatches did: sums of the micro-step statistics and, per optimizer, of the gradient
+    norms, both over the optimizer steps taken (a skipped minibatch adds nothing)."""
 
     sums: dict[str, float] = field(default_factory=dict)
     grad_norms: list[float] = field(default_factory=list)
@@ -116,7 +116,7 @@ def run_minibatches(
             norm = Normaliser.of(mask[group_rows(mini, g)], max_len)
             for o in optims:
                 o.optimizer.zero_grad(set_to_none=True)
-            finite = True
+            finite, sums = True, {}
             for groups in mini.split(per_micro):
                 rows = group_rows(groups, g)
                 if mask[rows].sum() == 0:
@@ -125,7 +125,9 @@ def run_minibatches(
                 finite &= bool(torch.isfinite(loss.detach()))
                 loss.backward()
                 for k, v in stats.items():
-                    out.sums[k] = out.sums.get(k, 0.0) + v
+                    sums[k] = sums.get(k, 0.0) + v
+            if not sums:
+                continue  # nothing to learn from in this minibatch: no step (it would only be momentum)
             norms = [float(torch.nn.utils.clip_grad_norm_(o.params, o.max_grad_norm)) for o in optims]
             if not finite or not all(math.isfinite(n) for n in norms):
                 out.nonfinite += 1  # skip: neither the weights nor AdamW's moments see the bad gradient
@@ -136,5 +138,7 @@ def run_minibatches(
                 o.optimizer.step()
                 o.scheduler.step()
                 out.grad_norms[i] += norms[i]
+            for k, v in sums.items():  # the statistics of the steps taken only
+                out.sums[k] = out.sums.get(k, 0.0) + v
             out.steps += 1
     return out

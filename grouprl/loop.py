@@ -25,7 +25,7 @@ from grouprl.checkpoint import (clean_leftovers, latest_checkpoint, load_trainer
 from grouprl.config import RESUMABLE_CHANGES, TrainConfig, config_changes, load_config, save_config
 from grouprl.errors import Stopped, UserError
 from grouprl.grpo import GRPO
-from grouprl.guard import LOCK_FILE, RunLock, StopSignals, reward_files
+from grouprl.guard import RunLock, StopSignals, reward_files
 from grouprl.learner import Learner
 from grouprl.metrics import MetricsLog, read_metrics, truncate_jsonl
 from grouprl.models import context_length, load_policy, load_tokenizer, resolve_model_path
@@ -74,6 +74,9 @@ def _resume_point(out: Path, cfg: TrainConfig, console: Console) -> Path | None:
         raise UserError(f"cannot resume {str(out)!r} with other settings ({', '.join(changed)}): only "
                         f"{', '.join(sorted(RESUMABLE_CHANGES - {'output_dir'}))} may change")
     state = json.loads((ckpt / "trainer_state.json").read_text())
+    if state["step"] > cfg.steps:
+        raise UserError(f"{str(out)!r} is already at step {state['step']}: set steps to at least that to resume "
+                        f"it (got steps={cfg.steps})")
     problem = LEARNERS[cfg.algo].resume_problem(cfg, state["step"])
     if problem:
         raise UserError(problem)
@@ -118,17 +121,13 @@ def train(cfg: TrainConfig, console: Console | None = None, resume: bool = False
                        or (out / "checkpoints").exists()):
         raise UserError(f"output_dir {str(out)!r} already holds a run: choose another output_dir, or resume it "
                         f"with `grouprl train --resume {out}`")
-    fresh = not out.exists()
     locks: list[RunLock] = [RunLock(out).acquire()] if resume else []  # a new run's lock: once its input is good
     try:
         with StopSignals() as stop:
             return _train(cfg, console, out, start, locks, stop, resume)
     finally:
-        for lock in locks:
-            lock.release()
-        if fresh and out.is_dir() and [p.name for p in out.iterdir()] == [LOCK_FILE]:
-            (out / LOCK_FILE).unlink()  # a start that failed before writing anything leaves no folder behind
-            out.rmdir()
+        for lock in locks:  # a start that failed before writing anything leaves no folder behind
+            lock.release(remove_empty_folder=True)
 
 
 def _train(cfg: TrainConfig, console: Console, out: Path, start: float, locks: list[RunLock], stop: StopSignals,
@@ -189,7 +188,8 @@ def _train(cfg: TrainConfig, console: Console, out: Path, start: float, locks: l
             job = bar.add_task("train", total=cfg.steps, completed=first_step - 1, info="")
             for step in range(first_step, cfg.steps + 1):
                 if stop.requested and step == first_step:
-                    raise Stopped(f"stopped by {stop.requested} before step {step}: nothing new to save")
+                    raise Stopped(f"stopped by {stop.requested} before step {step}: nothing new to save; start "
+                                  f"again with: grouprl train --resume {out}")
                 t0 = time.perf_counter()
                 batch = sample_and_score(policy, tokenizer, task, rewards, stream, cfg, learner.resamples_flat_groups,
                                          learner.max_sampling_rounds)

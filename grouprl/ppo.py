@@ -57,6 +57,7 @@ class PPOStepStats:
     returns: float = 0.0  # mean return
     prep_time: float = 0.0  # seconds in the no-grad forwards of step 1
     nonfinite_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient norm
+    update_steps: int = 0  # optimizer steps taken
 
 
 def ppo_update(
@@ -136,9 +137,9 @@ def ppo_update(
     p = run_minibatches(rollout, mask, epochs=cfg.epochs, minibatches=cfg.minibatches,
                         micro_batch_size=cfg.micro_batch_size, max_len=max_new_tokens, optims=optims,
                         micro_step=micro_step)
-    s, passes, tokens = p.sums, cfg.epochs * cfg.minibatches, max(p.sums.get("tokens", 0.0), 1.0)
-    stats.nonfinite_steps = p.nonfinite
-    stats.loss, stats.value_loss = s.get("loss", 0.0) / passes, s.get("value_loss", 0.0) / passes
+    s, steps, tokens = p.sums, max(p.steps, 1), max(p.sums.get("tokens", 0.0), 1.0)
+    stats.nonfinite_steps, stats.update_steps = p.nonfinite, p.steps
+    stats.loss, stats.value_loss = s.get("loss", 0.0) / steps, s.get("value_loss", 0.0) / steps
     stats.clip_frac, stats.value_clip_frac = s.get("clipped", 0.0) / tokens, s.get("value_clipped", 0.0) / tokens
     stats.approx_kl, stats.ratio = s.get("approx_kl", 0.0) / tokens, s.get("ratio", 0.0) / tokens
     stats.entropy = s.get("entropy", 0.0) / tokens
@@ -190,13 +191,14 @@ class PPO:
         metrics = {k: float(v) for k, v in vars(s).items()} | {
             "kl_coef": kl_coef, "lr": self.policy_optim.lr(), "critic_lr": self.critic_optim.lr(),
         }
-        if s.nonfinite_steps == c.ppo.epochs * c.ppo.minibatches:  # no update ran: no made-up zeros in the log
+        if s.update_steps == 0:  # no update ran: no made-up zeros in the log
             metrics = {k: v for k, v in metrics.items() if k not in UPDATE_KEYS}
         return metrics, seq_adv.cpu()
 
     def console(self, m: dict[str, float]) -> str:
         if "value_loss" not in m:
-            return f"kl {m['kl']:.4f}  update skipped (non-finite)  ev {m['explained_var']:.2f}"
+            why = "skipped (non-finite)" if m.get("nonfinite_steps") else "none (nothing to learn from)"
+            return f"kl {m['kl']:.4f}  update {why}  ev {m['explained_var']:.2f}"
         return (f"kl {m['kl']:.4f}  clip {m['clip_frac']:.3f}  vloss {m['value_loss']:.3f}  "
                 f"ev {m['explained_var']:.2f}  ent {m['entropy']:.2f}")
 

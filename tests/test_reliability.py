@@ -154,7 +154,10 @@ def test_a_second_writer_is_refused_with_the_holders_pid(straight, tmp_path):
     out = tmp_path / "new"
     with RunLock(out):
         res = runner.invoke(app, ["train", "--config", str(config), "--set", f"output_dir={out}"])
+        assert (out / ".lock").is_file()  # the refused run removes nothing of the folder it did not make
     assert res.exit_code == 2 and f"pid {os.getpid()}" in res.output, res.output
+    res = runner.invoke(app, ["train", "--resume", str(reference), "--set", "steps=2"])
+    assert res.exit_code == 2 and f"already at step {STEPS}" in res.output, res.output
 
 
 def test_the_lock_dies_with_its_holder(tmp_path):
@@ -220,18 +223,39 @@ def fake_checkpoint(folder: Path, step: int, complete: bool = True) -> Path:
 def test_only_complete_checkpoints_are_listed_and_leftovers_are_tidied(tmp_path):
     c = tmp_path / "checkpoints"
     fake_checkpoint(c / "step-000002", 2)
-    fake_checkpoint(c / "step-000004", 4, complete=False)  # killed before its marker
     fake_checkpoint(c / "step-000005.tmp", 5)  # complete, killed between its two renames
     fake_checkpoint(c / "step-000003.old", 3, complete=False)
+    fake_checkpoint(c / "step-000004.tmp", 4, complete=False)  # killed before its marker
     (c / "notes").mkdir()  # not ours: never touched
     fake_checkpoint(tmp_path / "final.tmp", 6, complete=False)
     assert [s for s, _ in complete_checkpoints(tmp_path)] == [2]
     assert latest_checkpoint(tmp_path) == c / "step-000002"
     removed = {p.name for p in clean_leftovers(tmp_path)}
-    assert removed == {"step-000004", "step-000003.old", "final.tmp"}
+    assert removed == {"step-000004.tmp", "step-000003.old", "final.tmp"}
     # a complete '.tmp' whose final name is missing was killed between the two renames: it is put in place
     assert [s for s, _ in complete_checkpoints(tmp_path)] == [2, 5]
     assert (c / "notes").is_dir()
+
+
+def test_a_kill_between_the_renames_keeps_the_newer_checkpoint(tmp_path):
+    """Rewriting final/ (a resumed run that went further): final.old (step 100) and final.tmp (step 200) are
+    both complete when the kill lands between the two renames; the newer one is put in place."""
+    fake_checkpoint(tmp_path / "final.old", 100)
+    fake_checkpoint(tmp_path / "final.tmp", 200)
+    assert {p.name for p in clean_leftovers(tmp_path)} == {"final.old"}
+    assert complete_checkpoints(tmp_path) == [(200, tmp_path / "final")]
+
+
+def test_checkpoints_written_before_markers_are_kept_and_listed(tmp_path):
+    """A run saved by an earlier grouprl (no marker; renamed into place whole, rng.pt written last) resumes:
+    nothing of it is removed, and a folder under its final name is never removed, marker or not."""
+    old = fake_checkpoint(tmp_path / "checkpoints" / "step-000010", 10, complete=False)
+    (old / "rng.pt").write_bytes(b"x")
+    final = fake_checkpoint(tmp_path / "final", 12, complete=False)
+    (final / "rng.pt").write_bytes(b"x")
+    odd = fake_checkpoint(tmp_path / "checkpoints" / "step-000011", 11, complete=False)  # no rng.pt: not listed
+    assert clean_leftovers(tmp_path) == [] and odd.is_dir()
+    assert complete_checkpoints(tmp_path) == [(10, old), (12, final)]
 
 
 def test_final_sorts_after_a_step_checkpoint_of_the_same_step(tmp_path):
@@ -329,3 +353,24 @@ def test_eval_of_a_run_folder_takes_its_latest_complete_checkpoint(straight, tmp
     res = CliRunner().invoke(app, ["eval", "--model", str(run), "--num", "1", "-o", str(tmp_path / "e.json")])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "e.json").read_text())["model"] == str(run / "checkpoints" / f"step-{STEPS - 1:06d}")
+
+
+def test_a_batch_with_every_completion_masked_is_no_update(tiny_model):
+    """mask_truncated with every completion cut at max_new_tokens: nothing to learn from, no optimizer step,
+    and no made-up numbers (the statistics are None), even though the rewards differ."""
+    from grouprl.config import GRPOConfig, ModelConfig
+    from grouprl.grpo import grpo_update
+    from grouprl.learner import Optim
+    from grouprl.models import load_policy
+    from grouprl.rollout import generate
+
+    policy, tok = load_policy(ModelConfig(name_or_path=str(tiny_model), device="cpu"))
+    torch.manual_seed(0)
+    ro = generate(policy, tok, ["<|user|>a<|end|><|assistant|>"] * 2, group_size=2, max_new_tokens=1)
+    ro = ro._replace(truncated=torch.ones_like(ro.truncated))
+    params = list(policy.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    optim = Optim(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0), params, 1.0)
+    stats = grpo_update(policy, None, optim, ro, torch.tensor([1.0, -1.0, 1.0, -1.0]),
+                        GRPOConfig(beta=0.0, mask_truncated=True, minibatches=2), max_new_tokens=1)
+    assert stats.loss is None and stats.grad_norm is None and not opt.state
