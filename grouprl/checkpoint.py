@@ -102,6 +102,7 @@ def save_checkpoint(
     fault_point("checkpoint:optimizer")
     if extra is not None:
         extra(tmp)
+        fault_point("checkpoint:extra")
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
