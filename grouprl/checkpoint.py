@@ -30,8 +30,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError
 
 from grouprl.config import TrainConfig, save_config
+from grouprl.errors import UserError
 
 MARKER = "COMPLETE"
 STEP_DIR = re.compile(r"step-(\d{6,})")
@@ -84,7 +86,19 @@ def save_checkpoint(
     extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a checkpoint at `path` (see the module docstring for how it commits). optim_state: optimizer
-    and scheduler state dicts by name; extra(folder) writes what else the learner keeps (PPO's critic)."""
+    and scheduler state dicts by name; extra(folder) writes what else the learner keeps (PPO's critic).
+    A write that fails (a full disk: safetensors, torch.save and the OS each say it their own way) is one
+    UserError; the half-written '<path>.tmp' is never read and is removed on resume."""
+    try:
+        return _save(path, model, tokenizer, cfg, state, optim_state, merged, extra)
+    except (OSError, RuntimeError, SafetensorError) as e:
+        lines = str(e).strip().splitlines()
+        raise UserError(f"cannot write checkpoint {str(path)!r}: {lines[0] if lines else type(e).__name__}; the "
+                        "checkpoints written before it are intact (free some space and resume)") from None
+
+
+def _save(path: Path, model: torch.nn.Module, tokenizer, cfg: TrainConfig, state: dict, optim_state: dict | None,
+          merged: bool, extra: Callable[[Path], None] | None) -> Path:
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

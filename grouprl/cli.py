@@ -6,6 +6,7 @@ Every UserError becomes one line on stderr ("error: ...") and exit code 2.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -79,6 +80,7 @@ def train(
 ) -> None:
     """Train a policy with GRPO or PPO; writes metrics, completions and checkpoints to output_dir.
     Ctrl-C (or SIGTERM) stops after the current step with a checkpoint (exit 130); a second one at once."""
+    out = "OUTPUT_DIR"
     try:
         from grouprl.config import load_config
         from grouprl.loop import train as run
@@ -91,7 +93,9 @@ def train(
                 _inherited_config(resume, trust_remote_code)
                 config = resume / "grouprl.yaml"
             sets.append(f"output_dir={resume}")
-        run(load_config(config, sets), resume=resume is not None)
+        cfg = load_config(config, sets)
+        out = cfg.output_dir
+        run(cfg, resume=resume is not None)
     except UserError as e:
         _fail(e)
     except OSError as e:
@@ -101,8 +105,8 @@ def train(
         _fail(e, 130)
     except KeyboardInterrupt:
         _ignore_stop_signals()
-        where = f" --resume {resume}" if resume else " --resume OUTPUT_DIR"
-        _fail(UserError(f"stopped at once; the latest checkpoint is intact: grouprl train{where}"), 130)
+        _fail(UserError(f"stopped at once; the checkpoints written so far are intact: grouprl train --resume {out}"),
+              130)
 
 
 @app.command("eval")
@@ -146,17 +150,20 @@ def eval_(
                 raise UserError(f"baseline {str(baseline)!r}: expected a JSON file written by `grouprl eval -o`")
         if output is not None and output.is_dir():
             raise UserError(f"--output {str(output)!r} is a folder: expected a JSON file path")
+        if output is not None:  # found before the evaluation, not after it
+            output.parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(output.parent, os.W_OK):
+                raise UserError(f"--output {str(output)!r}: its folder is not writable")
         ckpt_cfg = Path(model) / "grouprl.yaml"
+        sets = list(set_ or []) + ([f"task.source={data}", f"task.eval_source={data}"] if data is not None else [])
         if config is None and ckpt_cfg.is_file():
             _inherited_config(Path(model), trust_remote_code)  # refuses remote code asked for by the folder
-            cfg = load_config(ckpt_cfg, set_)
+            cfg = load_config(ckpt_cfg, sets)
         else:
-            cfg = load_config(config, set_)
+            cfg = load_config(config, sets)
         cfg.model.trust_remote_code = cfg.model.trust_remote_code or trust_remote_code
-        if data is not None:
-            cfg.task.eval_source = data
-            if cfg.task.name in ("arithmetic", "countdown"):
-                cfg.task.name, cfg.task.source = "gsm8k", data
+        if data is not None and cfg.task.name in ("arithmetic", "countdown"):
+            cfg.task.name = "gsm8k"  # a data file to evaluate on holds GSM8K-format rows
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         task = build_task(cfg.task)
@@ -187,8 +194,10 @@ def eval_(
         table.add_row(key, *cells)
     Console().print(table)
     if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps({"model": model, "metrics": metrics, "samples": samples}, indent=1))
+        try:
+            output.write_text(json.dumps({"model": model, "metrics": metrics, "samples": samples}, indent=1))
+        except OSError as e:
+            _fail(_io_error(e))
 
 
 @app.command()
@@ -226,11 +235,19 @@ def plot(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG path (default: RUN_DIR/rewards.png)."),
 ) -> None:
     """Plot the reward curve of a run to a PNG."""
-    if not (run_dir / "metrics.jsonl").is_file():
-        _fail(UserError(f"{str(run_dir)!r} has no metrics.jsonl: expected a run's output_dir"))
-    from grouprl.plots import plot_rewards
+    try:
+        from grouprl.plots import plot_rewards
 
-    print(plot_rewards(run_dir, output or run_dir / "rewards.png"))
+        if not (run_dir / "metrics.jsonl").is_file():
+            raise UserError(f"{str(run_dir)!r} has no metrics.jsonl: expected a run's output_dir")
+        output = output or run_dir / "rewards.png"
+        if output.suffix.lower() not in (".png", ".pdf", ".svg") or output.is_dir():
+            raise UserError(f"--output {str(output)!r}: expected a .png, .pdf or .svg file path")
+        print(plot_rewards(run_dir, output))
+    except UserError as e:
+        _fail(e)
+    except OSError as e:
+        _fail(_io_error(e))
 
 
 @app.command()

@@ -118,9 +118,9 @@ def train_run(name: str, cfg: TrainConfig, on_progress) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     config_file = run_dir / "config.yaml"
     save_config(cfg, config_file)
-    args = ["train", "--config", str(config_file)]
-    if (run_dir / "grouprl.yaml").is_file():
-        args += ["--resume", str(run_dir)]
+    # --resume with --config: a run with a checkpoint continues from it, one without starts afresh (its folder
+    # already holds config.yaml and train.log, which a plain new run would refuse)
+    args = ["train", "--config", str(config_file), "--resume", str(run_dir)]
     log = (run_dir / "train.log").open("a")
     # A session of its own, so that a Ctrl-C in the terminal reaches only this process, which passes on one
     # SIGTERM: the child finishes its step and saves (train's stop), and a second Ctrl-C kills it at once.

@@ -73,7 +73,7 @@ class TaskConfig(Section):
     curriculum: bool = Field(
         True, description="arithmetic: order training problems from one-step to multi-step (easy first)."
     )
-    seed: int = Field(1234, description="Seed of the synthetic generator and the held-out split.")
+    seed: int = Field(1234, ge=0, lt=2**63, description="Seed of the synthetic generator and the held-out split.")
     system_prompt: str | None = Field(
         None, description="System message; default: the task's own, which shows the answer format."
     )
@@ -205,7 +205,7 @@ class TrainConfig(Section):
         "grpo", description="grpo: group-relative advantages, policy only; ppo: GAE over a learned critic."
     )
     steps: int = Field(40, ge=1, description="Training steps (one rollout batch each).")
-    seed: int = Field(0, description="Seed of sampling, shuffling and initialisation.")
+    seed: int = Field(0, ge=0, lt=2**63, description="Seed of sampling, shuffling and initialisation (0 <= seed < 2^63).")
     output_dir: str = Field("runs/grpo", description="Where metrics, completions and checkpoints go.")
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
     save_merged: bool = Field(False, description="With LoRA, also save merged full weights in merged/.")
@@ -217,7 +217,7 @@ class TrainConfig(Section):
         "stop the run (its last good checkpoint is kept)."
     )
     rewards_timeout_s: float = Field(
-        60.0, gt=0, description="Longest time one call of one reward function may take (seconds)."
+        60.0, ge=0.01, description="Longest time one call of one reward function may take (seconds, at least 0.01)."
     )
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 leaves torch's default.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Policy model.")
@@ -348,8 +348,9 @@ def parse_overrides(overrides: list[str]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise UserError(f"override {item!r}: {p!r} is set both as a value and as a section")
-        if _is_text_field(parents + [leaf]):
-            node[leaf] = raw
+        if _is_text_field(parents + [leaf]):  # as written; one pair of quotes around it is quoting, not text
+            quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
+            node[leaf] = raw[1:-1] if quoted else raw
         elif re.fullmatch(r"[+-]?0\d+", raw.strip()):
             node[leaf] = int(raw)  # decimal, not YAML 1.1 octal: seed=0123 is 123
         else:

@@ -10,3 +10,7 @@ class UserError(Exception):
 
 class Stopped(Exception):
     """The run stopped on a signal after saving a checkpoint; the message says how to resume. Exit 130."""
+
+
+class StopNow(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM during a training run: stop at once (exit 130), whatever is running."""

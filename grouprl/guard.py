@@ -3,7 +3,7 @@
 `RunLock` is an OS file lock (flock) on `<output_dir>/.lock`. The kernel drops it when the holder exits,
 however it dies, so a killed run never needs manual unlocking; a second writer is refused with the
 holder's pid. `StopSignals` turns the first SIGINT/SIGTERM into a request that the loop honours after the
-current step (it writes a checkpoint and exits 130); a second one stops at once (KeyboardInterrupt).
+current step (it writes a checkpoint and exits 130); a second one stops at once (StopNow).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 import threading
 from pathlib import Path
 
-from grouprl.errors import UserError
+from grouprl.errors import StopNow, UserError
 
 LOCK_FILE = ".lock"
 
@@ -79,7 +79,7 @@ class RunLock:
 
 class StopSignals:
     """Within this context, SIGINT and SIGTERM set `requested` (the signal's name) instead of killing the
-    process; a second one raises KeyboardInterrupt. Outside the main thread it does nothing (Python only
+    process; a second one raises StopNow (a KeyboardInterrupt). Outside the main thread it does nothing (Python only
     delivers signals there)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -90,7 +90,7 @@ class StopSignals:
 
     def _handle(self, signum, frame) -> None:
         if self.requested is not None:
-            raise KeyboardInterrupt
+            raise StopNow
         self.requested = signal.Signals(signum).name
         print(f"\n{self.requested}: stopping after the current step and saving a checkpoint "
               "(send it again to stop at once)", file=sys.stderr, flush=True)

@@ -20,12 +20,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from grouprl.batch import PromptStream, Scored, check_rewards, sample_and_score
-from grouprl.checkpoint import (clean_leftovers, latest_checkpoint, load_trainer_state, load_weights,
-                                prune_checkpoints, save_checkpoint)
+from grouprl.checkpoint import (clean_leftovers, complete_checkpoints, latest_checkpoint, load_trainer_state,
+                                load_weights, prune_checkpoints, save_checkpoint)
 from grouprl.config import RESUMABLE_CHANGES, TrainConfig, config_changes, load_config, save_config
 from grouprl.errors import Stopped, UserError
 from grouprl.grpo import GRPO
-from grouprl.guard import RunLock, StopSignals, reward_files
+from grouprl.guard import LOCK_FILE, RunLock, StopSignals, reward_files
 from grouprl.learner import Learner
 from grouprl.metrics import MetricsLog, read_metrics, truncate_jsonl
 from grouprl.models import context_length, load_policy, load_tokenizer, resolve_model_path
@@ -73,7 +73,12 @@ def _resume_point(out: Path, cfg: TrainConfig, console: Console) -> Path | None:
     if changed:
         raise UserError(f"cannot resume {str(out)!r} with other settings ({', '.join(changed)}): only "
                         f"{', '.join(sorted(RESUMABLE_CHANGES - {'output_dir'}))} may change")
-    state = json.loads((ckpt / "trainer_state.json").read_text())
+    try:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError("trainer_state.json holds no step")
+    except (OSError, ValueError) as e:
+        raise damaged(ckpt, e) from None
     if state["step"] > cfg.steps:
         raise UserError(f"{str(out)!r} is already at step {state['step']}: set steps to at least that to resume "
                         f"it (got steps={cfg.steps})")
@@ -90,6 +95,16 @@ def _resume_point(out: Path, cfg: TrainConfig, console: Console) -> Path | None:
     return ckpt
 
 
+def damaged(ckpt: Path, err: Exception) -> UserError:
+    """The one line for a committed checkpoint that cannot be read back, pointing at the one before it."""
+    found = [p for _, p in complete_checkpoints(ckpt.parent.parent if ckpt.name != "final" else ckpt.parent)]
+    before = found[found.index(ckpt) - 1] if ckpt in found and found.index(ckpt) > 0 else None
+    lines = str(err).strip().splitlines()
+    hint = f"move it aside to resume from {before}" if before else "no earlier checkpoint to fall back on"
+    return UserError(f"checkpoint {str(ckpt)!r} is damaged ({type(err).__name__}: {lines[0] if lines else ''}): "
+                     f"{hint}")
+
+
 def _check_inputs(cfg: TrainConfig, task: Task, rewards: RewardSet, console: Console) -> tuple[Task, object]:
     """Everything about the data and the rewards that can be checked with the tokenizer alone, before any
     model is loaded: prompt lengths (every row) and one call of every reward function."""
@@ -102,6 +117,13 @@ def _check_inputs(cfg: TrainConfig, task: Task, rewards: RewardSet, console: Con
         console.print(f"dropped {len(task.train) - len(fitted.train)} train and {len(task.eval) - len(fitted.eval)} "
                       f"held-out rows over task.max_prompt_tokens={limit}")
     task = fitted
+    if cfg.rollout.prompts_per_step > len(task.train):
+        raise UserError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} is more than the "
+                        f"{len(task.train)} training prompts: lower it or add data")
+    reserved = sorted({"prompts", "completions", "completion_ids"} & set(task.train[0]))
+    if reserved:
+        raise UserError(f"the data has column(s) {reserved}, names that reward functions receive as arguments: "
+                        "rename them")
     check_rewards(rewards, task, tokenizer, cfg.task.prefill)
     return task, tokenizer
 
@@ -114,13 +136,14 @@ def train(cfg: TrainConfig, console: Console | None = None, resume: bool = False
     Stopped after a SIGINT/SIGTERM, once the step in progress is done and saved."""
     console = console or Console()
     start = time.perf_counter()
-    out = Path(cfg.output_dir)
+    out = Path(cfg.output_dir).absolute()  # fixed now: user code that changes the working directory cannot move it
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {str(out)!r} is a file: expected a folder (new or empty)")
-    if not resume and ((out / "final").exists() or (out / "metrics.jsonl").exists()
-                       or (out / "checkpoints").exists()):
-        raise UserError(f"output_dir {str(out)!r} already holds a run: choose another output_dir, or resume it "
-                        f"with `grouprl train --resume {out}`")
+    if not resume and out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()):
+        held = any((out / f).exists() for f in ("final", "checkpoints", "metrics.jsonl", "grouprl.yaml"))
+        raise UserError(f"output_dir {str(out)!r} already holds a run: choose another output_dir, or resume it with "
+                        f"`grouprl train --resume {out}`" if held else f"output_dir {str(out)!r} is not empty: "
+                        "expected a new or empty folder (a run writes several files and folders into it)")
     locks: list[RunLock] = [RunLock(out).acquire()] if resume else []  # a new run's lock: once its input is good
     try:
         with StopSignals() as stop:
@@ -150,12 +173,15 @@ def _train(cfg: TrainConfig, console: Console, out: Path, start: float, locks: l
     history: list[dict] = []
     first_step = 1
     if ckpt is not None:
-        state, optim_state, rng = load_trainer_state(ckpt)
-        load_weights(policy, ckpt)
-        learner.load(ckpt, optim_state, state)
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        try:
+            state, optim_state, rng = load_trainer_state(ckpt)
+            load_weights(policy, ckpt)
+            learner.load(ckpt, optim_state, state)
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        except Exception as e:  # a file damaged after it was committed (a disk fault, a hand edit)
+            raise damaged(ckpt, e) from None
         stream = PromptStream(task.train, cfg.seed, in_order, **state["data"])
         first_step = state["step"] + 1
         history = [m for m in read_metrics(out / "metrics.jsonl") if m["step"] < first_step]

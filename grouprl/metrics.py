@@ -24,17 +24,23 @@ class MetricsLog:
 
             self.tb = SummaryWriter(str(out_dir / "tensorboard"))
 
+    @staticmethod
+    def _append(f, lines: list[str]) -> None:
+        try:
+            f.writelines(lines)
+            f.flush()
+        except OSError as e:  # a full disk: the torn line this may leave is cut off on resume
+            raise UserError(f"cannot write {f.name!r}: {e.strerror or e}; the checkpoints are intact (free some "
+                            "space and resume)") from None
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        self.metrics.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.metrics.flush()
+        self._append(self.metrics, [json.dumps({"step": step, **metrics}) + "\n"])
         if self.tb is not None:
             for k, v in metrics.items():
                 self.tb.add_scalar(k, v, step)
 
     def log_completions(self, step: int, rows: list[dict]) -> None:
-        for r in rows:
-            self.completions.write(json.dumps({"step": step, **r}) + "\n")
-        self.completions.flush()
+        self._append(self.completions, [json.dumps({"step": step, **r}) + "\n" for r in rows])
 
     def sync(self) -> None:
         """Flush both logs to disk (before a checkpoint commits, so the logs are never behind it)."""

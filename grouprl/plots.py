@@ -6,6 +6,7 @@ from pathlib import Path
 
 import yaml
 
+from grouprl.errors import UserError
 from grouprl.metrics import read_metrics
 
 
@@ -17,6 +18,13 @@ def plot_rewards(run_dir: Path, out: Path, window: int = 5) -> Path:
     import matplotlib.pyplot as plt
 
     rows = read_metrics(run_dir / "metrics.jsonl")
+    if not rows:
+        raise UserError(f"{str(run_dir / 'metrics.jsonl')!r} holds no step yet: nothing to plot")
+    bad = next((i for i, r in enumerate(rows) if not (isinstance(r, dict) and isinstance(r.get("step"), int)
+                                                       and isinstance(r.get("reward"), (int, float)))), None)
+    if bad is not None:
+        raise UserError(f"{str(run_dir / 'metrics.jsonl')!r} row {bad + 1} is not a grouprl metrics row (a step "
+                        "and a reward)")
     steps = [r["step"] for r in rows]
     keys = sorted(k for k in rows[0] if k.startswith("reward/"))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))

@@ -20,6 +20,7 @@ import importlib.util
 import math
 import numbers
 import re
+import signal
 from collections.abc import Iterable, Iterator, Mapping, Set
 from pathlib import Path
 from typing import Any, Callable
@@ -27,7 +28,7 @@ from typing import Any, Callable
 import torch
 
 from grouprl import limits
-from grouprl.errors import UserError
+from grouprl.errors import StopNow, UserError
 from grouprl.limits import Timeout, time_limit, watchdog
 from grouprl.tasks.countdown import check as countdown_check
 
@@ -339,8 +340,13 @@ def _call(name: str, fn: RewardFn, prompts: list[str], completions: list[str], c
             values = fn(prompts=prompts, completions=completions, **columns)
             if isinstance(values, Iterator):
                 values = list(values)  # a generator runs the user's code only now: inside the limits
-    except (KeyboardInterrupt, Timeout):
-        raise  # the user's Ctrl-C; an enclosing time limit's timeout, for its owner
+    except (StopNow, Timeout):
+        raise  # the user's second Ctrl-C in a training run; an enclosing time limit's timeout, for its owner
+    except KeyboardInterrupt:
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            raise  # no stop handler installed (the Python API, eval): this may well be the user's Ctrl-C
+        raise UserError(f"reward function {name!r} raised KeyboardInterrupt: a reward function must return "
+                        "its values") from None
     except SystemExit as e:
         raise UserError(f"reward function {name!r} called {_exit_call(e)}: a reward function must return its "
                         "values, not exit") from None

@@ -5,6 +5,7 @@ run's output_dir is not even created, and an existing run's folder (checkpoints,
 from __future__ import annotations
 
 import errno
+import subprocess
 import hashlib
 import json
 import shutil
@@ -194,3 +195,121 @@ def test_plot_and_resume_survive_a_torn_last_line(finished_run, tmp_path):
     res = runner.invoke(app, ["train", "--resume", str(run), "--set", "steps=3"])
     assert res.exit_code == 0, res.output
     assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+# --- found by probing as a hostile user would ------------------------------------------------------------
+
+@pytest.mark.parametrize("sets, needles", [
+    (["seed=100000000000000000000000"], ("seed",)),
+    (["rewards_timeout_s=1e-300"], ("rewards_timeout_s",)),
+    (["rollout.prompts_per_step=1000"], ("rollout.prompts_per_step=1000", "training prompts")),
+])
+def test_more_bad_settings(sets, needles, tiny_model, toy_data, tmp_path):
+    out = tmp_path / "run"
+    argv = ["train", *base_sets(tiny_model, toy_data, out)] + [a for s in sets for a in ("--set", s)]
+    one_error_line(runner.invoke(app, argv), *needles)
+    assert not out.exists()
+
+
+def test_a_folder_that_is_not_empty_is_not_an_output_dir(tiny_model, toy_data, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    write(mine / "completions.jsonl", "my own file\n")
+    before = snapshot(mine)
+    one_error_line(runner.invoke(app, ["train", *base_sets(tiny_model, toy_data, mine)]), "is not empty")
+    assert snapshot(mine) == before
+
+
+def test_reward_code_cannot_move_the_run_or_pose_as_ctrl_c(tiny_model, toy_data, tmp_path, monkeypatch):
+    rewards = write(tmp_path / "r.py", (
+        "import os\n"
+        "def wanders(prompts, completions, **kw):\n    os.chdir(os.environ['ELSEWHERE'])\n"
+        "    return [0.0] * len(completions)\n"
+        "def interrupts(prompts, completions, **kw):\n    raise KeyboardInterrupt\n"))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.setenv("ELSEWHERE", str(tmp_path / "elsewhere"))
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, ["train", *base_sets(tiny_model, toy_data, "run"), "--set",
+                              f"rewards=[{{name: '{rewards}:wanders'}}]"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "run" / "final").is_dir() and not (tmp_path / "elsewhere" / "run").exists()
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, ["train", *base_sets(tiny_model, toy_data, tmp_path / "run2"), "--set",
+                              f"rewards=[{{name: '{rewards}:interrupts'}}]"])
+    one_error_line(res, "raised KeyboardInterrupt")
+
+
+def test_data_columns_named_like_reward_arguments(tiny_model, tmp_path):
+    data = write(tmp_path / "d.jsonl", rows(20, completions="x"))
+    one_error_line(runner.invoke(app, ["train", *base_sets(tiny_model, data, tmp_path / "run")]),
+                   "['completions']", "rename")
+
+
+@pytest.mark.parametrize("damage, file", [
+    (lambda p: p.write_text('{"step": 3, broken'), "trainer_state.json"),
+    (lambda p: p.write_text("[]"), "trainer_state.json"),
+    (lambda p: p.write_bytes(p.read_bytes()[:100]), "optimizer.pt"),
+    (lambda p: p.write_bytes(b"garbage"), "rng.pt"),
+    (lambda p: p.write_bytes(p.read_bytes()[:100]), "model.safetensors"),
+])
+def test_a_damaged_committed_checkpoint_is_one_line_naming_the_one_before(damage, file, finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    damage(run / "final" / file)
+    before = snapshot(run)
+    one_error_line(runner.invoke(app, ["train", "--resume", str(run), "--set", "steps=4"]),
+                   f"checkpoint '{run / 'final'}' is damaged", f"resume from {run / 'checkpoints' / 'step-000001'}")
+    assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("content, needle", [("", "holds no step"), ('{"step": 1}\n', "row 1"),
+                                             ("xx\n{}\n", "line 1")])
+def test_plot_of_a_bad_log_is_one_line(content, needle, tmp_path):
+    write(tmp_path / "metrics.jsonl", content)
+    one_error_line(runner.invoke(app, ["plot", str(tmp_path)]), needle)
+
+
+def test_plot_and_eval_refuse_bad_output_paths_before_any_work(finished_run, tmp_path):
+    one_error_line(runner.invoke(app, ["plot", str(finished_run), "-o", str(tmp_path / "x.txt")]), ".png")
+    write(tmp_path / "a_file", "x")
+    one_error_line(runner.invoke(app, ["eval", "--model", str(finished_run / "final"), "--num", "1",
+                                       "-o", str(tmp_path / "a_file" / "e.json")]), "a_file")
+
+
+def test_eval_data_with_a_dataset_config(finished_run, toy_data, tmp_path):
+    res = runner.invoke(app, ["eval", "--model", str(finished_run / "final"), "--data", str(toy_data),
+                              "--set", "task.name=dataset", "--num", "2", "-o", str(tmp_path / "e.json")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "e.json").read_text())["metrics"]["problems"] == 2
+
+
+def test_quotes_around_a_text_override_are_quoting(tmp_path):
+    from grouprl.config import load_config
+
+    assert load_config(None, [f"output_dir='{tmp_path}/a'"]).output_dir == f"{tmp_path}/a"
+    assert load_config(None, [f'output_dir="{tmp_path}/a"']).output_dir == f"{tmp_path}/a"
+
+
+def test_a_really_full_disk(tiny_model, toy_data, tmp_path):
+    """A 1.1 MB tmpfs fills up while a checkpoint is written: one line, exit 2, the checkpoints before it
+    intact, and the run resumes once there is room. Needs root and mount (CI has both); skipped elsewhere."""
+    disk = tmp_path / "small"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1100k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        out = disk / "run"
+        argv = ["train", *base_sets(tiny_model, toy_data, out), "--set", "save_every=1", "--set", "steps=4"]
+        one_error_line(runner.invoke(app, argv), "No space left on device", "intact")
+        from grouprl.checkpoint import complete_checkpoints
+
+        saved = complete_checkpoints(out)
+        assert saved and all((p / "model.safetensors").is_file() for _, p in saved)
+        kept = snapshot(saved[-1][1])
+        moved = tmp_path / "run"
+        shutil.copytree(out, moved, ignore=shutil.ignore_patterns("*.tmp"))
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+    assert snapshot(moved / saved[-1][1].relative_to(out)) == kept
+    res = runner.invoke(app, ["train", "--resume", str(moved)])  # on a disk with room: it finishes
+    assert res.exit_code == 0, res.output
