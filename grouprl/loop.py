@@ -105,9 +105,10 @@ def damaged(ckpt: Path, err: Exception) -> UserError:
                      f"{hint}")
 
 
-def _check_inputs(cfg: TrainConfig, task: Task, rewards: RewardSet, console: Console) -> tuple[Task, object]:
+def _check_inputs(cfg: TrainConfig, task: Task, rewards: RewardSet, console: Console) -> Task:
     """Everything about the data and the rewards that can be checked with the tokenizer alone, before any
-    model is loaded: prompt lengths (every row) and one call of every reward function."""
+    model is loaded: prompt lengths (every row; returns the task with over-long prompts cut or dropped when
+    so configured), the batch size against the data, and one call of every reward function."""
     path = resolve_model_path(cfg.model.name_or_path)
     tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
     limit = cfg.task.max_prompt_tokens or default_max_prompt_tokens(
@@ -125,7 +126,7 @@ def _check_inputs(cfg: TrainConfig, task: Task, rewards: RewardSet, console: Con
         raise UserError(f"the data has column(s) {reserved}, names that reward functions receive as arguments: "
                         "rename them")
     check_rewards(rewards, task, tokenizer, cfg.task.prefill)
-    return task, tokenizer
+    return task
 
 
 def train(cfg: TrainConfig, console: Console | None = None, resume: bool = False) -> TrainResult:
@@ -163,7 +164,7 @@ def _train(cfg: TrainConfig, console: Console, out: Path, start: float, locks: l
 
     task = build_task(cfg.task)
     rewards = RewardSet([(r.name, r.weight) for r in cfg.rewards], timeout_s=cfg.rewards_timeout_s)
-    task, _ = _check_inputs(cfg, task, rewards, console)
+    task = _check_inputs(cfg, task, rewards, console)
     if not locks:
         locks.append(RunLock(out).acquire())
     policy, tokenizer = load_policy(cfg.model)
