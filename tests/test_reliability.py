@@ -127,6 +127,8 @@ def test_sigint_saves_a_checkpoint_and_resumes_exactly(straight, tmp_path):
     while not ((out / "metrics.jsonl").is_file() and len(read_jsonl(out / "metrics.jsonl")) >= 2):
         assert time.time() < deadline and proc.poll() is None, finish(proc)[1]
         time.sleep(0.05)
+    second = CliRunner().invoke(app, ["train", "--resume", str(out)])  # a second writer while it trains
+    assert second.exit_code == 2 and f"in use by another grouprl process (pid {proc.pid})" in second.output
     proc.send_signal(signal.SIGINT)
     rc, log = finish(proc)
     assert rc == 130, log
