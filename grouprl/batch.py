@@ -78,13 +78,12 @@ def sample_and_score(policy, tokenizer, task: Task, rewards: RewardSet, stream: 
     sampling), groups whose rewards are all equal are dropped and more prompts are sampled, up to
     max_rounds generation rounds."""
     ro, g = cfg.rollout, cfg.rollout.group_size
-    dynamic = resample_flat
     kept: list[Scored] = []
     groups_seen = groups_flat = 0
     n_kept = 0
     t_gen = t_score = tokens = 0.0
-    for _ in range(max_rounds if dynamic else 1):
-        rows = stream.take(ro.prompts_per_step - n_kept if dynamic else ro.prompts_per_step)
+    for _ in range(max_rounds if resample_flat else 1):
+        rows = stream.take(ro.prompts_per_step - n_kept if resample_flat else ro.prompts_per_step)
         prompts = [task.chat_prompt(tokenizer, r, cfg.task.prefill) for r in rows]
         t0 = time.perf_counter()
         rollout = generate(policy, tokenizer, prompts, group_size=g, max_new_tokens=ro.max_new_tokens,
@@ -99,7 +98,7 @@ def sample_and_score(policy, tokenizer, task: Task, rewards: RewardSet, stream: 
         flat = zero_std_groups(total, g)  # (B,)
         groups_seen += len(rows)
         groups_flat += int(flat.sum())
-        keep = ~flat.repeat_interleave(g) if dynamic else torch.ones(len(total), dtype=torch.bool)
+        keep = ~flat.repeat_interleave(g) if resample_flat else torch.ones(len(total), dtype=torch.bool)
         if keep.any():
             idx = keep.nonzero().flatten()
             kept.append(Scored(select(rollout, keep), [seq_rows[i] for i in idx], [seq_prompts[i] for i in idx],
