@@ -55,24 +55,21 @@ def fault_point(name: str) -> None:
 fault_point.counts = {}  # type: ignore[attr-defined]
 
 
-def _fsync_tree(folder: Path) -> None:
-    """Flush every file and folder under `folder` (itself included) to disk."""
-    for root, _, files in os.walk(folder):
-        for name in files:
-            fd = os.open(Path(root) / name, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(root))
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file and folder under `folder` (itself included) to disk."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            _fsync(Path(root) / name)
+        _fsync(Path(root))
 
 
 def save_checkpoint(
@@ -124,15 +121,16 @@ def _save(path: Path, model: torch.nn.Module, tokenizer, cfg: TrainConfig, state
     _fsync_tree(tmp)
     fault_point("checkpoint:before-marker")
     (tmp / MARKER).write_text(json.dumps({"step": state["step"]}))
-    _fsync_tree(tmp)
+    _fsync(tmp / MARKER)  # the rest is on disk already
+    _fsync(tmp)
     old = path.with_name(path.name + ".old")
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)
         path.rename(old)
         fault_point("checkpoint:swap")
     tmp.rename(path)
-    _fsync_dir(path.parent)
-    _fsync_dir(path.parent.parent)  # checkpoints/ itself may be new
+    _fsync(path.parent)
+    _fsync(path.parent.parent)  # checkpoints/ itself may be new
     shutil.rmtree(old, ignore_errors=True)
     return path
 

@@ -29,9 +29,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from grouprl.checkpoint import complete_checkpoints
 from grouprl.config import TrainConfig, config_changes, load_config, parse_overrides, save_config
 from grouprl.errors import UserError
-from grouprl.checkpoint import complete_checkpoints
 from grouprl.metrics import read_metrics
 from grouprl.report import LAST, cumulative_time, html_page, markdown, mean, plot
 

@@ -16,11 +16,11 @@ from torch import Tensor
 
 from grouprl.advantages import ADVANTAGES
 from grouprl.config import GRPOConfig, TrainConfig
-from grouprl.learner import Optim, run_minibatches
+from grouprl.learner import run_minibatches
 from grouprl.logprobs import forward_groups, sequence_logprobs
 from grouprl.losses import Normaliser, grpo_loss
 from grouprl.models import Reference, trainable_parameters
-from grouprl.optim import make_optimizer
+from grouprl.optim import Optim, make_optimizer
 from grouprl.rollout import Rollout
 
 
@@ -107,7 +107,7 @@ class GRPO:
         self.cfg, self.policy = cfg, policy
         self.reference = Reference(policy, cfg.model.lora.enabled) if cfg.grpo.beta > 0 else None
         params = [p for p in policy.parameters() if p.requires_grad]
-        self.optim = Optim(*make_optimizer(params, cfg.optim.lr, cfg.optim), params, cfg.optim.max_grad_norm)
+        self.optim = make_optimizer(params, cfg.optim.lr, cfg.optim)
         self.models_trained = 1
         self.models_in_memory = 1 + (self.reference is not None and not self.reference.lora)
         self.trainable_parameters = trainable_parameters(policy)

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from grouprl.logprobs import group_rows
 from grouprl.losses import Normaliser
+from grouprl.optim import Optim
 from grouprl.rollout import Rollout
 
 
@@ -52,26 +53,6 @@ class Learner(Protocol):
 
     def load(self, folder: Path, optim_state: dict, state: dict) -> None:
         """Resume from a checkpoint (the policy's weights are already loaded by the loop)."""
-
-
-@dataclass
-class Optim:
-    """One trained model's optimizer, its learning-rate schedule, and the parameters it clips."""
-
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    params: list[torch.nn.Parameter]
-    max_grad_norm: float
-
-    def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
-
-    def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
 
 
 @dataclass

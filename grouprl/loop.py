@@ -60,10 +60,11 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def _resume_point(out: Path, cfg: TrainConfig, console: Console) -> Path | None:
+def _resume_point(out: Path, cfg: TrainConfig, code: dict[str, str], console: Console) -> Path | None:
     """Tidy a run folder after a kill and return its latest complete checkpoint (None: start from step 1).
     Refuses changed settings and checkpoints that cannot be resumed exactly; names the reward code that
-    will be imported and warns when it changed since the checkpoint was written. Loads no model."""
+    will be imported (`code`: file -> sha256 now) and warns when it changed since the checkpoint was written.
+    Loads no model."""
     for p in clean_leftovers(out):
         console.print(f"[yellow]removed[/] {p} (an unfinished checkpoint write)")
     ckpt = latest_checkpoint(out)
@@ -85,10 +86,10 @@ def _resume_point(out: Path, cfg: TrainConfig, console: Console) -> Path | None:
     problem = LEARNERS[cfg.algo].resume_problem(cfg, state["step"])
     if problem:
         raise UserError(problem)
-    now, then = reward_files([r.name for r in cfg.rewards]), state.get("reward_files", {})
-    if now:
-        console.print(f"resuming imports reward code from: {', '.join(now)}")
-    for path, digest in now.items():
+    then = state.get("reward_files", {})
+    if code:
+        console.print(f"resuming imports reward code from: {', '.join(code)}")
+    for path, digest in code.items():
         if then.get(path) != digest:
             console.print(f"[yellow]warning:[/] reward file {path} changed since {ckpt.name} was saved: the "
                           "resumed steps will not repeat the run's rewards exactly")
@@ -156,7 +157,8 @@ def train(cfg: TrainConfig, console: Console | None = None, resume: bool = False
 
 def _train(cfg: TrainConfig, console: Console, out: Path, start: float, locks: list[RunLock], stop: StopSignals,
            resume: bool) -> TrainResult:
-    ckpt = _resume_point(out, cfg, console) if resume else None
+    code = reward_files([r.name for r in cfg.rewards])  # hashed before any of it is imported
+    ckpt = _resume_point(out, cfg, code, console) if resume else None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
@@ -201,7 +203,6 @@ def _train(cfg: TrainConfig, console: Console, out: Path, start: float, locks: l
                   f"{learner.trainable_parameters:,} trainable parameters, batch {cfg.rollout.prompts_per_step} x "
                   f"G={cfg.rollout.group_size} -> {out}"
                   + (f", resumed after step {first_step - 1}" if ckpt is not None else ""))
-    code = reward_files([r.name for r in cfg.rewards])
 
     def checkpoint(path: Path, step: int) -> Path:
         state = {"step": step, "data": stream.state(), "seed": cfg.seed, "reward_files": code, **learner.state()}
@@ -251,14 +252,12 @@ def _train(cfg: TrainConfig, console: Console, out: Path, start: float, locks: l
                                     "check the rewards' scale, or use float32")
                 if step == cfg.steps:
                     break
-                if stop.requested:
+                if stop.requested or (cfg.save_every and step % cfg.save_every == 0):
                     saved = checkpoint(out / "checkpoints" / f"step-{step:06d}", step)
                     prune_checkpoints(out, cfg.save_total_limit)
+                if stop.requested:
                     raise Stopped(f"stopped by {stop.requested} after step {step}; saved {saved}. Resume with: "
                                   f"grouprl train --resume {out}")
-                if cfg.save_every and step % cfg.save_every == 0:
-                    checkpoint(out / "checkpoints" / f"step-{step:06d}", step)
-                    prune_checkpoints(out, cfg.save_total_limit)
         final = checkpoint(out / "final", cfg.steps)
     finally:
         log.close()  # flushed and closed however the loop ends (a stop, an error)

@@ -22,11 +22,11 @@ from torch import Tensor
 from grouprl.advantages import gae, kl_shaped_rewards, whiten
 from grouprl.config import PPOConfig, TrainConfig
 from grouprl.critic import Critic, load_critic
-from grouprl.learner import Optim, run_minibatches
+from grouprl.learner import run_minibatches
 from grouprl.logprobs import forward_groups, group_rows, sequence_logprobs
 from grouprl.losses import Normaliser, explained_variance, ppo_policy_loss, value_loss
 from grouprl.models import Reference, trainable_parameters
-from grouprl.optim import make_optimizer
+from grouprl.optim import Optim, make_optimizer
 from grouprl.rollout import Rollout
 
 
@@ -167,10 +167,8 @@ class PPO:
         self.reference = Reference(policy, cfg.model.lora.enabled) if cfg.ppo.kl_coef > 0 else None
         self.kl_coef = cfg.ppo.kl_coef
         params = [p for p in policy.parameters() if p.requires_grad]
-        self.policy_optim = Optim(*make_optimizer(params, cfg.optim.lr, cfg.optim), params, cfg.optim.max_grad_norm)
-        params = self.critic.parameters()
-        self.critic_optim = Optim(*make_optimizer(params, cfg.ppo.critic.lr or cfg.optim.lr, cfg.optim), params,
-                                  cfg.optim.max_grad_norm)
+        self.policy_optim = make_optimizer(params, cfg.optim.lr, cfg.optim)
+        self.critic_optim = make_optimizer(self.critic.parameters(), cfg.ppo.critic.lr or cfg.optim.lr, cfg.optim)
         self.models_trained = 1 if self.critic.shared else 2
         self.models_in_memory = self.models_trained + (self.reference is not None and not self.reference.lora)
         self.trainable_parameters = trainable_parameters(policy) + sum(

@@ -74,7 +74,7 @@ def test_flat_batch_without_kl_does_not_move_the_weights(tiny_model):
 
     from grouprl.config import GRPOConfig, ModelConfig
     from grouprl.grpo import grpo_update
-    from grouprl.learner import Optim
+    from grouprl.optim import Optim
     from grouprl.models import load_policy
     from grouprl.rollout import generate
 

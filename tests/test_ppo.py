@@ -89,7 +89,6 @@ def test_missing_eos_penalty_lands_on_the_last_token(tiny_model):
     from grouprl.critic import load_critic
     from grouprl.models import load_policy
     from grouprl.optim import make_optimizer
-    from grouprl.learner import Optim
     from grouprl.ppo import ppo_update
     from grouprl.rollout import generate
 
@@ -101,8 +100,8 @@ def test_missing_eos_penalty_lands_on_the_last_token(tiny_model):
     assert ro.truncated.any()
     ppo = PPOConfig(missing_eos_penalty=1.5, whiten_advantages=False, kl_coef=0.0, lam=1.0, epochs=1)
     params = list(policy.parameters())
-    opt = Optim(*make_optimizer(params, 1e-3, cfg.optim), params, 1.0)
-    copt = Optim(*make_optimizer(critic.parameters(), 1e-3, cfg.optim), critic.parameters(), 1.0)
+    opt = make_optimizer(params, 1e-3, cfg.optim)
+    copt = make_optimizer(critic.parameters(), 1e-3, cfg.optim)
     score = torch.arange(8, dtype=torch.float32)
     _, adv = ppo_update(policy, critic, None, opt, copt, ro, score, ppo, kl_coef=0.0, max_new_tokens=3)
     expected = score - 1.5 * ro.truncated.float()

@@ -309,7 +309,8 @@ def test_a_nonfinite_loss_skips_the_optimizer_step(tiny_model):
     """run_minibatches: a NaN loss in one minibatch skips that step (weights and AdamW state untouched) and
     is counted; the other minibatch still steps."""
     from grouprl.config import ModelConfig
-    from grouprl.learner import Optim, run_minibatches
+    from grouprl.learner import run_minibatches
+    from grouprl.optim import Optim
     from grouprl.logprobs import forward_groups
     from grouprl.models import load_policy
     from grouprl.rollout import generate
@@ -380,7 +381,7 @@ def test_a_batch_with_every_completion_masked_is_no_update(tiny_model):
     and no made-up numbers (the statistics are None), even though the rewards differ."""
     from grouprl.config import GRPOConfig, ModelConfig
     from grouprl.grpo import grpo_update
-    from grouprl.learner import Optim
+    from grouprl.optim import Optim
     from grouprl.models import load_policy
     from grouprl.rollout import generate
 
