@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import random
 import time
+import traceback
 from dataclasses import dataclass
 
 import torch
 
 from grouprl.advantages import zero_std_groups
 from grouprl.config import TrainConfig
+from grouprl.distributed import agree_errors, gather_objects, gathered, shard, world_size
+from grouprl.errors import UserError
 from grouprl.rewards import RewardSet
 from grouprl.rollout import Rollout, concat, generate, select
 from grouprl.tasks import Task
@@ -72,44 +75,97 @@ def check_rewards(rewards: RewardSet, task: Task, tokenizer, prefill: str) -> No
     rewards.score(prompts, [prefill + "ok", prefill], columns_of(rows))
 
 
+def sampling_seed(seed: int, step: int, round_: int, prompt: int) -> int:
+    """The generator seed of one prompt's group: a function of the run's seed and the prompt's place in the
+    step, not of the rank that samples it, so a step's completions are the same at any world size."""
+    return random.Random(f"{seed}/{step}/{round_}/{prompt}").getrandbits(63)
+
+
+def _to(r: Rollout, device) -> Rollout:
+    tensors = {k: getattr(r, k).to(device) for k in ("input_ids", "attention_mask", "completion_mask", "truncated")}
+    return r._replace(**tensors)
+
+
+def _sample_slice(policy, tokenizer, task: Task, rewards: RewardSet, rows: list[dict], cfg: TrainConfig,
+                  seeds: list[int]) -> Scored:
+    """G completions for each of `rows` (this rank's slice of a round), scored; tensors on the CPU."""
+    ro = cfg.rollout
+    prompts = [task.chat_prompt(tokenizer, r, cfg.task.prefill) for r in rows]
+    t0 = time.perf_counter()
+    rollout = generate(policy, tokenizer, prompts, group_size=ro.group_size, max_new_tokens=ro.max_new_tokens,
+                       temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k, prefill=cfg.task.prefill,
+                       seeds=seeds)
+    t1 = time.perf_counter()
+    seq_rows = [rows[i] for i in rollout.prompt_index]
+    seq_prompts = [prompts[i] for i in rollout.prompt_index]
+    per_fn, total = rewards.score(seq_prompts, rollout.completions, columns_of(seq_rows))
+    return Scored(_to(rollout, "cpu"), seq_rows, seq_prompts, per_fn, total, 0.0, gen_seconds=t1 - t0,
+                  score_seconds=time.perf_counter() - t1, generated_tokens=rollout.lengths.sum().item())
+
+
+def _sample_round(policy, tokenizer, task: Task, rewards: RewardSet, rows: list[dict], cfg: TrainConfig,
+                  seeds: list[int]) -> Scored:
+    """The whole round on every rank: each rank samples and scores its contiguous slice of `rows`, then all
+    slices are gathered in rank order. A rank's error becomes the same UserError on every rank."""
+    lo, hi = shard(len(rows))
+    piece, error = None, None
+    with gathered(policy) as model:  # a collective under FSDP2: every rank enters, with or without rows
+        try:
+            if hi > lo:
+                piece = _sample_slice(model, tokenizer, task, rewards, rows[lo:hi], cfg, seeds[lo:hi])
+        except Exception as e:  # one rank's fault must not leave the others waiting in the gather below
+            if world_size() == 1:
+                raise
+            if not isinstance(e, UserError):
+                traceback.print_exc()
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            error = first if isinstance(e, UserError) else f"{type(e).__name__}: {first} (traceback above)"
+    pieces = gather_objects((piece, error))
+    agree_errors([e for _, e in pieces])
+    done = [p for p, _ in pieces if p is not None]
+    return Scored(
+        rollout=concat([p.rollout for p in done], tokenizer.pad_token_id),
+        rows=[r for p in done for r in p.rows], prompts=[q for p in done for q in p.prompts],
+        per_fn=torch.cat([p.per_fn for p in done]), total=torch.cat([p.total for p in done]), zero_std_frac=0.0,
+        gen_seconds=max(p.gen_seconds for p in done), score_seconds=max(p.score_seconds for p in done),
+        generated_tokens=sum(p.generated_tokens for p in done),
+    )
+
+
 def sample_and_score(policy, tokenizer, task: Task, rewards: RewardSet, stream: PromptStream, cfg: TrainConfig,
-                     resample_flat: bool = False, max_rounds: int = 1) -> Scored:
+                     step: int, resample_flat: bool = False, max_rounds: int = 1) -> Scored:
     """Generate G completions for prompts_per_step prompts and score them. With resample_flat (dynamic
     sampling), groups whose rewards are all equal are dropped and more prompts are sampled, up to
-    max_rounds generation rounds."""
+    max_rounds generation rounds. Under torchrun every rank returns the same whole batch (see distributed.py);
+    the prompts are shared out and the counts that decide a refill are those of the whole batch."""
     ro, g = cfg.rollout, cfg.rollout.group_size
+    device = next(policy.parameters()).device
     kept: list[Scored] = []
     groups_seen = groups_flat = 0
     n_kept = 0
     t_gen = t_score = tokens = 0.0
-    for _ in range(max_rounds if resample_flat else 1):
+    for round_ in range(max_rounds if resample_flat else 1):
         rows = stream.take(ro.prompts_per_step - n_kept if resample_flat else ro.prompts_per_step)
-        prompts = [task.chat_prompt(tokenizer, r, cfg.task.prefill) for r in rows]
-        t0 = time.perf_counter()
-        rollout = generate(policy, tokenizer, prompts, group_size=g, max_new_tokens=ro.max_new_tokens,
-                           temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k, prefill=cfg.task.prefill)
-        t1 = time.perf_counter()
-        seq_rows = [rows[i] for i in rollout.prompt_index]
-        seq_prompts = [prompts[i] for i in rollout.prompt_index]
-        per_fn, total = rewards.score(seq_prompts, rollout.completions, columns_of(seq_rows))
-        t_gen += t1 - t0
-        t_score += time.perf_counter() - t1
-        tokens += rollout.lengths.sum().item()
-        flat = zero_std_groups(total, g)  # (B,)
+        seeds = [sampling_seed(cfg.seed, step, round_, i) for i in range(len(rows))]
+        got = _sample_round(policy, tokenizer, task, rewards, rows, cfg, seeds)
+        t_gen += got.gen_seconds
+        t_score += got.score_seconds
+        tokens += got.generated_tokens
+        flat = zero_std_groups(got.total, g)  # (B,)
         groups_seen += len(rows)
         groups_flat += int(flat.sum())
-        keep = ~flat.repeat_interleave(g) if resample_flat else torch.ones(len(total), dtype=torch.bool)
+        keep = ~flat.repeat_interleave(g) if resample_flat else torch.ones(len(got.total), dtype=torch.bool)
         if keep.any():
             idx = keep.nonzero().flatten()
-            kept.append(Scored(select(rollout, keep), [seq_rows[i] for i in idx], [seq_prompts[i] for i in idx],
-                               per_fn[keep], total[keep], 0.0))
+            kept.append(Scored(select(got.rollout, keep), [got.rows[i] for i in idx], [got.prompts[i] for i in idx],
+                               got.per_fn[keep], got.total[keep], 0.0))
             n_kept += int(keep.sum()) // g
         if n_kept >= ro.prompts_per_step:
             break
     if not kept:  # every group was flat: train on the last one anyway (zero advantages, only the KL acts)
-        kept.append(Scored(rollout, seq_rows, seq_prompts, per_fn, total, 0.0))
+        kept.append(got)
     return Scored(
-        rollout=concat([k.rollout for k in kept], tokenizer.pad_token_id),
+        rollout=_to(concat([k.rollout for k in kept], tokenizer.pad_token_id), device),
         rows=[r for k in kept for r in k.rows],
         prompts=[p for k in kept for p in k.prompts],
         per_fn=torch.cat([k.per_fn for k in kept]),

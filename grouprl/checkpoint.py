@@ -4,8 +4,10 @@
     <dir>/adapter_config.json, adapter_model.safetensors    LoRA (peft; from_pretrained loads it too)
     <dir>/merged/                                           LoRA merged into full weights, on request
     <dir>/grouprl.yaml                                      the resolved run config
-    <dir>/trainer_state.json                                step, data position, reward-file hashes
-    <dir>/optimizer.pt, rng.pt                              optimizer/scheduler and RNG states (tensors only)
+    <dir>/trainer_state.json                                step, data position, reward-file hashes, schedulers
+    <dir>/dcp/                                              trained weights + optimizer states, sharded (DCP)
+    <dir>/rng.pt, rng-1.pt, ...                             each rank's RNG state
+    <dir>/optimizer.pt                                      (checkpoints written before dcp/: read, never written)
     <dir>/critic/ or value_head.safetensors                 PPO's critic (see critic.py)
     <dir>/COMPLETE                                          the commit marker, written last
 
@@ -16,6 +18,10 @@ How a write commits: everything goes into '<dir>.tmp'; every file and folder in 
 final name); `complete_checkpoints` is the one function that lists them, and every reader (resume,
 compare, eval of a run folder) goes through it. Leftovers of a kill (`.tmp`, `.old`) are never read, and
 `clean_leftovers` tidies them on resume.
+
+Under torchrun every rank calls `save_checkpoint`: rank 0 writes the Hugging Face layout (the weights
+gathered from the shards under FSDP2) and commits; each rank writes its shards of dcp/ and its RNG state.
+The HF layout is for users (`from_pretrained`, eval); a resume reads dcp/, at any world size.
 """
 
 from __future__ import annotations
@@ -32,7 +38,10 @@ from typing import Callable
 import torch
 from safetensors import SafetensorError
 
+from torch.distributed.checkpoint import CheckpointException
+
 from grouprl.config import TrainConfig, save_config
+from grouprl.distributed import agree, first_line, full_state_dict, is_main, rank, save_trained, unwrap, world_size
 from grouprl.errors import UserError
 
 MARKER = "COMPLETE"
@@ -72,67 +81,135 @@ def _fsync_tree(folder: Path) -> None:
         _fsync(Path(root))
 
 
+def export_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state dict of a (possibly wrapped or sharded) module: a collective under FSDP2, so every
+    rank calls it; only rank 0's result is complete."""
+    full = full_state_dict(model)
+    return full if full is not None else unwrap(model).state_dict()
+
+
+def export_pretrained(model: torch.nn.Module, folder: Path) -> None:
+    """save_pretrained of a (possibly wrapped or sharded) model: every rank calls it, rank 0 writes (a peft
+    model writes its adapter only)."""
+    full = full_state_dict(model)
+    if is_main():
+        unwrap(model).save_pretrained(folder, safe_serialization=True, **({"state_dict": full} if full else {}))
+
+
 def save_checkpoint(
     path: Path,
     model: torch.nn.Module,
     tokenizer,
     cfg: TrainConfig,
     state: dict,
-    optim_state: dict | None = None,
+    trained: dict | None = None,
     merged: bool = False,
     extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write a checkpoint at `path` (see the module docstring for how it commits). optim_state: optimizer
-    and scheduler state dicts by name; extra(folder) writes what else the learner keeps (PPO's critic).
-    A write that fails (a full disk: safetensors, torch.save and the OS each say it their own way) is one
-    UserError; the half-written '<path>.tmp' is never read and is removed on resume."""
+    """Write a checkpoint at `path` (see the module docstring for how it commits). Every rank calls it.
+    trained: name -> (module, Optim) whose weights and optimizer states are saved sharded (dcp/), their
+    schedulers in trainer_state.json; extra(folder) writes what else the learner keeps (PPO's critic).
+    A write that fails (a full disk: safetensors, torch.save, DCP and the OS each say it their own way)
+    is one UserError on every rank; the half-written '<path>.tmp' is never read and is removed on resume."""
     try:
-        return _save(path, model, tokenizer, cfg, state, optim_state, merged, extra)
-    except (OSError, RuntimeError, SafetensorError) as e:
-        lines = str(e).strip().splitlines()
-        raise UserError(f"cannot write checkpoint {str(path)!r}: {lines[0] if lines else type(e).__name__}; the "
-                        "checkpoints written before it are intact (free some space and resume)") from None
+        return _save(path, model, tokenizer, cfg, state, trained or {}, merged, extra)
+    except (OSError, RuntimeError, SafetensorError, CheckpointException) as e:
+        why = first_line(e)
+        if "No space left" not in why and _disk_full(path):  # torch.save under DCP loses the errno
+            why = f"No space left on device ({why})"
+        raise UserError(f"cannot write checkpoint {str(path)!r}: {why}; the checkpoints written before it "
+                        "are intact (free some space and resume)") from None
 
 
-def _save(path: Path, model: torch.nn.Module, tokenizer, cfg: TrainConfig, state: dict, optim_state: dict | None,
+def _disk_full(path: Path) -> bool:
+    """Less than 1 MiB left on the disk that holds `path` (or its nearest existing parent)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free < 2**20
+    except OSError:
+        return False
+
+
+def _on_main(fn: Callable[[], None]) -> None:
+    """Run fn on rank 0 and let every rank learn whether it failed (so none waits at the next collective)."""
+    error = None
+    if is_main():
+        try:
+            fn()
+        except (OSError, RuntimeError, SafetensorError) as e:
+            if world_size() == 1:
+                raise
+            error = first_line(e)
+    agree(error)
+
+
+def _save(path: Path, model: torch.nn.Module, tokenizer, cfg: TrainConfig, state: dict, trained: dict,
           merged: bool, extra: Callable[[Path], None] | None) -> Path:
     tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    fault_point("checkpoint:weights")
-    if merged and hasattr(model, "merge_and_unload"):
-        full = copy.deepcopy(model).merge_and_unload()
-        full.save_pretrained(tmp / "merged", safe_serialization=True)
-        tokenizer.save_pretrained(tmp / "merged")
-    save_config(cfg, tmp / "grouprl.yaml")
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-    if optim_state is not None:
-        torch.save(optim_state, tmp / "optimizer.pt")
+
+    def start() -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _on_main(start)
+    full = full_state_dict(model)  # gathered from the shards under FSDP2 (a collective)
+
+    def hf_layout() -> None:
+        plain = unwrap(model)
+        plain.save_pretrained(tmp, safe_serialization=True, **({"state_dict": full} if full else {}))
+        tokenizer.save_pretrained(tmp)
+        fault_point("checkpoint:weights")
+        if merged and hasattr(plain, "merge_and_unload"):
+            whole = copy.deepcopy(plain).merge_and_unload()
+            whole.save_pretrained(tmp / "merged", safe_serialization=True)
+            tokenizer.save_pretrained(tmp / "merged")
+        save_config(cfg, tmp / "grouprl.yaml")
+        schedulers = {name: o.scheduler.state_dict() for name, (_, o) in trained.items()}
+        (tmp / "trainer_state.json").write_text(json.dumps(state | {"schedulers": schedulers}, indent=1))
+    _on_main(hf_layout)
+    if trained:
+        save_trained({name: (m, o.optimizer) for name, (m, o) in trained.items()}, tmp / "dcp")
     fault_point("checkpoint:optimizer")
     if extra is not None:
         extra(tmp)
         fault_point("checkpoint:extra")
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / "rng.pt")
-    _fsync_tree(tmp)
-    fault_point("checkpoint:before-marker")
-    (tmp / MARKER).write_text(json.dumps({"step": state["step"]}))
-    _fsync(tmp / MARKER)  # the rest is on disk already
-    _fsync(tmp)
-    old = path.with_name(path.name + ".old")
-    if path.exists():
+
+    def rng_state() -> None:
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, tmp / rng_file(rank()))
+    error = None
+    try:
+        rng_state()
+    except (OSError, RuntimeError) as e:
+        if world_size() == 1:
+            raise
+        error = first_line(e)
+    agree(error)
+
+    def commit() -> None:
+        _fsync_tree(tmp)
+        fault_point("checkpoint:before-marker")
+        (tmp / MARKER).write_text(json.dumps({"step": state["step"], "world_size": world_size()}))
+        _fsync(tmp / MARKER)  # the rest is on disk already
+        _fsync(tmp)
+        old = path.with_name(path.name + ".old")
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+            fault_point("checkpoint:swap")
+        tmp.rename(path)
+        _fsync(path.parent)
+        _fsync(path.parent.parent)  # checkpoints/ itself may be new
         shutil.rmtree(old, ignore_errors=True)
-        path.rename(old)
-        fault_point("checkpoint:swap")
-    tmp.rename(path)
-    _fsync(path.parent)
-    _fsync(path.parent.parent)  # checkpoints/ itself may be new
-    shutil.rmtree(old, ignore_errors=True)
+    _on_main(commit)
     return path
+
+
+def rng_file(r: int) -> str:
+    """Each rank's RNG state: rng.pt for rank 0 (the name one-process checkpoints have always used)."""
+    return "rng.pt" if r == 0 else f"rng-{r}.pt"
 
 
 def is_complete(folder: Path) -> bool:
@@ -214,9 +291,12 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
 
 
 def load_trainer_state(path: Path) -> tuple[dict, dict | None, dict]:
-    """(trainer_state, optimizer and scheduler states or None, rng state) of a checkpoint; tensors only."""
+    """(trainer_state, the optimizer states of a checkpoint written before dcp/ (optimizer.pt) or None, this
+    rank's RNG state: its own file when the checkpoint was written at this world size, else rank 0's);
+    tensors only."""
     state = json.loads((path / "trainer_state.json").read_text())
     opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True) \
-        if (path / "optimizer.pt").exists() else None  # optimizers move their state to the parameters' device
-    rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
+        if (path / "optimizer.pt").exists() and not (path / "dcp").exists() else None
+    own = path / rng_file(rank())
+    rng = torch.load(own if own.exists() else path / rng_file(0), map_location="cpu", weights_only=True)
     return state, opt, rng

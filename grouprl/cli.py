@@ -38,8 +38,18 @@ TrustOpt = typer.Option(False, "--trust-remote-code", help="Allow modelling code
 
 
 def _fail(err: Exception, code: int = 2) -> None:
-    Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+    """One line on stderr and the exit code. Under torchrun, an error that every rank raised alike (a
+    collective check, a stop) is printed by rank 0 alone."""
+    from grouprl.distributed import is_main, shutdown
+
+    if is_main() or not (getattr(err, "everywhere", False) or isinstance(err, Stopped)):
+        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+    shutdown()
     raise typer.Exit(code)
+
+
+NprocOpt = typer.Option(1, "--nproc", min=1, help="Processes on this machine (one per GPU; gloo on the CPU): "
+                        "a shortcut for torchrun --standalone --nproc-per-node N -m grouprl ...")
 
 
 def _ignore_stop_signals() -> None:
@@ -77,12 +87,18 @@ def train(
         None, help="Continue the run in this output_dir from its latest checkpoint, with its saved config "
         "(--set may change e.g. steps)."),
     trust_remote_code: bool = TrustOpt,
+    nproc: int = NprocOpt,
 ) -> None:
     """Train a policy with GRPO or PPO; writes metrics, completions and checkpoints to output_dir.
     Ctrl-C (or SIGTERM) stops after the current step with a checkpoint (exit 130); a second one at once."""
     out = "OUTPUT_DIR"
+    if nproc > 1:
+        _launch(nproc, sys.argv[sys.argv.index("train"):] if "train" in sys.argv else None, config, set_)
     try:
+        import torch.distributed as dist
+
         from grouprl.config import load_config
+        from grouprl.distributed import shutdown
         from grouprl.loop import train as run
 
         sets = list(set_ or []) + ([f"algo={algo}"] if algo is not None else [])
@@ -96,8 +112,13 @@ def train(
         cfg = load_config(config, sets)
         out = cfg.output_dir
         run(cfg, resume=resume is not None)
+        shutdown()
     except UserError as e:
         _fail(e)
+    except dist.DistError as e:  # another rank died or hung past distributed.timeout_s
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        _fail(UserError(f"lost contact with another rank ({first[:200]}); see that rank's output above; the "
+                        f"checkpoints written so far are intact: grouprl train --resume {out}"), 1)
     except OSError as e:
         _fail(_io_error(e))
     except Stopped as e:
@@ -105,8 +126,35 @@ def train(
         _fail(e, 130)
     except KeyboardInterrupt:
         _ignore_stop_signals()
-        _fail(UserError(f"stopped at once; the checkpoints written so far are intact: grouprl train --resume {out}"),
-              130)
+        err = UserError(f"stopped at once; the checkpoints written so far are intact: grouprl train --resume {out}")
+        err.everywhere = True
+        _fail(err, 130)
+
+
+def _launch(nproc: int, argv: list[str] | None, config: Optional[Path], sets: Optional[list[str]]) -> None:
+    """Re-run this train command as nproc processes (without --nproc) and exit with their exit code."""
+    from grouprl.launch import launch
+
+    if argv is None:  # called from Python rather than the command line
+        raise UserError("--nproc needs the grouprl command line")
+    args, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            args.append(a)
+    try:
+        from grouprl.config import load_config
+
+        timeout = load_config(config, list(sets or [])).distributed.timeout_s if config else 600.0
+    except UserError as e:
+        _fail(e)
+    code, line = launch(nproc, args, timeout)
+    if line:
+        _fail(UserError(line), code)
+    raise typer.Exit(code)
 
 
 @app.command("eval")
@@ -210,6 +258,7 @@ def compare(
     out: Path = typer.Option(Path("runs/compare"), "--out", "-o", help="Report folder (runs go in OUT/runs/)."),
     eval_num: int = typer.Option(100, help="Held-out problems per evaluation."),
     save_every: int = typer.Option(5, help="Checkpoint every N steps (resume points, equal-time evaluations)."),
+    nproc: int = NprocOpt,
 ) -> None:
     """Train GRPO, PPO and variants side by side, each in its own process, and write a report (markdown, JSON,
     plots, HTML). Run it again to continue an interrupted comparison."""
@@ -219,7 +268,7 @@ def compare(
         if eval_num < 1 or save_every < 1:
             raise UserError("--eval-num and --save-every must be at least 1")
         run_compare(config, list(set_ or []), list(run or ["grpo", "ppo"]), out, eval_num=eval_num,
-                    save_every=save_every)
+                    save_every=save_every, nproc=nproc)
         print(out / "index.html")
     except UserError as e:
         _fail(e)

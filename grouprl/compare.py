@@ -111,16 +111,18 @@ def check_unchanged(name: str, cfg: TrainConfig) -> None:
                         f"({', '.join(changed)}): use another --out, or delete {str(Path(cfg.output_dir))!r}")
 
 
-def train_run(name: str, cfg: TrainConfig, on_progress) -> None:
-    """Train one run in a child process, resuming it if it has started; `on_progress(steps done)` is called
-    while it runs. A failed child stops the comparison with the tail of its log."""
+def train_run(name: str, cfg: TrainConfig, on_progress, nproc: int = 1) -> None:
+    """Train one run in a child process (nproc > 1: a torchrun job of nproc ranks), resuming it if it has
+    started; `on_progress(steps done)` is called while it runs. A failed child stops the comparison with the
+    tail of its log."""
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_file = run_dir / "config.yaml"
     save_config(cfg, config_file)
     # --resume with --config: a run with a checkpoint continues from it, one without starts afresh (its folder
     # already holds config.yaml and train.log, which a plain new run would refuse)
-    args = ["train", "--config", str(config_file), "--resume", str(run_dir)]
+    args = ["train", "--config", str(config_file), "--resume", str(run_dir)] + (["--nproc", str(nproc)] if nproc > 1
+                                                                                 else [])
     log = (run_dir / "train.log").open("a")
     # A session of its own, so that a Ctrl-C in the terminal reaches only this process, which passes on one
     # SIGTERM: the child finishes its step and saves (train's stop), and a second Ctrl-C kills it at once.
@@ -247,7 +249,7 @@ def summarise(cfgs: dict[str, TrainConfig], overrides: dict[str, list[str]], out
 
 
 def compare(config: Path | None, sets: list[str], run_texts: list[str], out: Path, *, eval_num: int,
-            save_every: int, console: Console | None = None) -> dict:
+            save_every: int, console: Console | None = None, nproc: int = 1) -> dict:
     """Run the comparison (continuing an interrupted one) and write the report; returns the report dict."""
     console = console or Console()
     specs = [RunSpec.parse(t) for t in run_texts]
@@ -272,7 +274,7 @@ def compare(config: Path | None, sets: list[str], run_texts: list[str], out: Pat
                 def progress(n: int, base=done_before, label=name) -> None:
                     bar.update(job, completed=base + n, info=f"{label} step {n}")
 
-                train_run(name, cfg, progress)
+                train_run(name, cfg, progress, nproc)
             done_before += cfg.steps
             bar.update(job, completed=done_before)
         bar.update(job, info="held-out evaluation")

@@ -200,6 +200,18 @@ class EvalConfig(Section):
     batch_size: int = Field(64, ge=1, description="Prompts per generate call.")
 
 
+class DistributedConfig(Section):
+    strategy: Literal["auto", "ddp", "fsdp2"] = Field(
+        "auto", description="Under torchrun: ddp (a replica per rank), fsdp2 (weights, gradients and optimizer state "
+        "sharded per decoder layer), or auto (ddp when weights, gradients and AdamW take under half a device).")
+    timeout_s: float = Field(
+        600.0, ge=1, description="A collective that waits longer than this (a rank died or hangs) stops the job.")
+    cpu_offload: bool = Field(False, description="fsdp2: keep sharded weights and optimizer state in CPU memory.")
+    mixed_precision: Literal["auto", "bf16", "none"] = Field(
+        "auto", description="fsdp2: bf16 compute with float32 gradient reduction over float32 weights (model.dtype: "
+        "float32); auto: bf16 on CUDA, none on the CPU.")
+
+
 class TrainConfig(Section):
     algo: Literal["grpo", "ppo"] = Field(
         "grpo", description="grpo: group-relative advantages, policy only; ppo: GAE over a learned critic."
@@ -236,6 +248,8 @@ class TrainConfig(Section):
     ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO objective and critic (algo: ppo).")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig,
+                                           description="Data parallelism under torchrun (ignored in one process).")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -260,7 +274,30 @@ class TrainConfig(Section):
 
 
 RESUMABLE_CHANGES = {"steps", "save_every", "save_merged", "save_total_limit", "max_nonfinite_steps",
-                     "rewards_timeout_s", "threads", "output_dir", "eval"}
+                     "rewards_timeout_s", "threads", "output_dir", "eval", "distributed"}
+
+
+def world_problems(cfg: TrainConfig, world: int, strategy: str) -> list[str]:
+    """What cannot run at this world size and strategy (one line each; empty: fine)."""
+    out = []
+    minibatches = cfg.grpo.minibatches if cfg.algo == "grpo" else cfg.ppo.minibatches
+    if cfg.rollout.prompts_per_step % world:
+        out.append(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be divisible by the world size "
+                   f"{world} (each rank samples whole groups)")
+    elif (cfg.rollout.prompts_per_step // minibatches) % world:
+        out.append(f"rollout.prompts_per_step / {cfg.algo}.minibatches = {cfg.rollout.prompts_per_step // minibatches} "
+                   f"groups per minibatch must be divisible by the world size {world}")
+    micro = cfg.grpo.micro_batch_size if cfg.algo == "grpo" else cfg.ppo.micro_batch_size
+    if world > 1 and micro % cfg.rollout.group_size:
+        out.append(f"{cfg.algo}.micro_batch_size={micro} must be a multiple of rollout.group_size="
+                   f"{cfg.rollout.group_size} under torchrun (micro-batches are whole groups on one rank)")
+    if strategy == "fsdp2" and world > 1:
+        if cfg.save_merged:
+            out.append("save_merged is not supported with distributed.strategy=fsdp2: merge the saved adapter "
+                       "afterwards (grouprl eval loads adapters), or use ddp")
+    if cfg.distributed.cpu_offload and strategy != "fsdp2":
+        out.append(f"distributed.cpu_offload needs distributed.strategy=fsdp2 (got {strategy})")
+    return out
 
 
 def config_changes(old: TrainConfig, new: TrainConfig) -> list[str]:

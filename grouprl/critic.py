@@ -22,8 +22,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from grouprl.checkpoint import load_weights
-from grouprl.config import TrainConfig
+from grouprl.checkpoint import export_pretrained, export_state, load_weights
+from grouprl.config import DistributedConfig, TrainConfig
+from grouprl.distributed import is_main, unwrap, wrap
 from grouprl.logprobs import TokenLogprobs, forward_groups
 from grouprl.models import add_lora, load_causal_lm, resolve_model_path
 from grouprl.rollout import Rollout
@@ -61,6 +62,20 @@ class Critic:
         own = [] if self.shared else [p for p in self.model.parameters() if p.requires_grad]
         return own + list(self.head.parameters())
 
+    def wrap(self, policy: nn.Module, cfg: DistributedConfig) -> None:
+        """Under torchrun: the head, and a separate value model, made data parallel as the policy is."""
+        if not self.shared:
+            self.model = wrap(self.model, cfg)
+        self.head = wrap(self.head, cfg)
+
+    def modules(self) -> list[nn.Module]:
+        """The (wrapped) modules that its optimizer trains."""
+        return [self.head] if self.shared else [self.model, self.head]
+
+    def container(self) -> nn.Module:
+        """One module holding every parameter of the critic's optimizer (for its sharded checkpoint)."""
+        return nn.ModuleDict({"head": self.head} if self.shared else {"model": self.model, "head": self.head})
+
     def train(self, mode: bool = True) -> None:
         self.head.train(mode)
         if not self.shared:
@@ -78,20 +93,21 @@ class Critic:
         return self.head(hidden)
 
     def save(self, checkpoint: Path) -> None:
-        if self.shared:
-            save_file(self.head.state_dict(), checkpoint / VALUE_HEAD_FILE)
-            return
-        folder = checkpoint / "critic"
-        self.model.save_pretrained(folder, safe_serialization=True)
-        save_file(self.head.state_dict(), folder / VALUE_HEAD_FILE)
-
-
-    def load(self, checkpoint: Path) -> None:
-        """Resume: the weights that `save` wrote into `checkpoint`."""
+        """The Hugging Face layout (see the module docstring); every rank calls it, rank 0 writes."""
+        head = export_state(self.head)
         folder = checkpoint if self.shared else checkpoint / "critic"
         if not self.shared:
-            load_weights(self.model, folder)
-        self.head.load_state_dict(load_file(folder / VALUE_HEAD_FILE, device=str(self.head.linear.weight.device)))
+            export_pretrained(self.model, folder)
+        if is_main():
+            save_file(head, folder / VALUE_HEAD_FILE)
+
+    def load(self, checkpoint: Path) -> None:
+        """Resume from a checkpoint written before sharded state: the weights that `save` wrote."""
+        folder = checkpoint if self.shared else checkpoint / "critic"
+        head = unwrap(self.head)
+        if not self.shared:
+            load_weights(unwrap(self.model), folder)
+        head.load_state_dict(load_file(folder / VALUE_HEAD_FILE, device=str(head.linear.weight.device)))
 
 
 def load_critic(cfg: TrainConfig, policy: nn.Module) -> Critic:

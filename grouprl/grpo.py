@@ -16,8 +16,9 @@ from torch import Tensor
 
 from grouprl.advantages import ADVANTAGES
 from grouprl.config import GRPOConfig, TrainConfig
-from grouprl.learner import run_minibatches
-from grouprl.logprobs import forward_groups, sequence_logprobs
+from grouprl.distributed import wrap
+from grouprl.learner import run_minibatches, sequence_logprobs, shuffle_seed
+from grouprl.logprobs import forward_groups
 from grouprl.losses import Normaliser, grpo_loss
 from grouprl.models import Reference, trainable_parameters
 from grouprl.optim import Optim, make_optimizer
@@ -50,10 +51,12 @@ def grpo_update(
     *,
     max_new_tokens: int,
     shared_prompt: bool = True,
+    seed: int = 0,
 ) -> UpdateStats:
     """Run mu x minibatches optimizer steps on the batch. adv: (N,). Returns token-weighted means.
 
     Rows come in groups of G that share a prompt; minibatches and micro-batches are made of whole groups.
+    seed: the minibatch shuffle's (see run_minibatches).
     """
     mask = rollout.completion_mask.clone()  # (N, C)
     adv = adv.to(mask.device)  # rewards are scored on the CPU
@@ -86,7 +89,7 @@ def grpo_update(
 
     p = run_minibatches(rollout, mask, epochs=cfg.mu, minibatches=cfg.minibatches,
                         micro_batch_size=cfg.micro_batch_size, max_len=max_new_tokens, optims=[optim],
-                        micro_step=micro_step)
+                        models=[policy], micro_step=micro_step, shuffle_seed=seed)
     if p.steps == 0:
         return UpdateStats(prep_time=prep_time, nonfinite_steps=p.nonfinite)
     s, tokens = p.sums, max(p.sums["tokens"], 1.0)
@@ -104,9 +107,14 @@ class GRPO:
     summary_keys = ["kl", "entropy"]
 
     def __init__(self, cfg: TrainConfig, policy: torch.nn.Module):
-        self.cfg, self.policy = cfg, policy
+        """policy: the model as loaded; under torchrun it is wrapped here (after the reference is copied and
+        before the optimizer is built on the parameters, sharded under FSDP2)."""
+        self.cfg = cfg
         self.reference = Reference(policy, cfg.model.lora.enabled) if cfg.grpo.beta > 0 else None
-        params = [p for p in policy.parameters() if p.requires_grad]
+        if self.reference is not None and not self.reference.lora:
+            self.reference.model = wrap(self.reference.model, cfg.distributed, trainable=False)
+        self.policy = wrap(policy, cfg.distributed)
+        params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optim = make_optimizer(params, cfg.optim.lr, cfg.optim)
         self.models_trained = 1
         self.models_in_memory = 1 + (self.reference is not None and not self.reference.lora)
@@ -130,7 +138,8 @@ class GRPO:
         c = self.cfg
         adv = ADVANTAGES[c.grpo.advantage](score, rollout.group_size, c.grpo.eps_std)  # (N,)
         upd = grpo_update(self.policy, self.reference, self.optim, rollout, adv, c.grpo,
-                          max_new_tokens=c.rollout.max_new_tokens, shared_prompt=not c.model.gradient_checkpointing)
+                          max_new_tokens=c.rollout.max_new_tokens, shared_prompt=not c.model.gradient_checkpointing,
+                          seed=shuffle_seed(c.seed, step))
         if self.reference is not None and c.grpo.ref_refresh_steps and step % c.grpo.ref_refresh_steps == 0:
             self.reference.refresh(self.policy)
         metrics = {"kl": upd.kl, "clip_frac": upd.clip_frac, "ratio": upd.ratio, "entropy": upd.entropy,
@@ -143,18 +152,21 @@ class GRPO:
             return "update skipped (non-finite)" if m.get("nonfinite_steps") else "no update (no signal)"
         return f"kl {m['kl']:.4f}  clip {m['clip_frac']:.3f}  ent {m['entropy']:.2f}"
 
-    def optimizer_state(self) -> dict:
-        return self.optim.state_dict()
+    def trained(self) -> dict:
+        return {"policy": (self.policy, self.optim)}
 
     def state(self) -> dict:
         return {}
 
-    def save_extra(self, folder: Path) -> None:
+    def export(self, folder: Path) -> None:
         pass
 
-    def load(self, folder: Path, optim_state: dict, state: dict) -> None:
-        """Resume: the optimizer and scheduler of a checkpoint (the policy's weights are loaded by the loop).
-        A reference refreshed every K steps was refreshed at exactly this step (see resume_problem)."""
-        self.optim.load_state_dict(optim_state)
+    def load(self, state: dict) -> None:
+        """After the trained weights and optimizer are restored: a reference refreshed every K steps was
+        refreshed at exactly this step (see resume_problem)."""
         if self.reference is not None and self.cfg.grpo.ref_refresh_steps:
             self.reference.refresh(self.policy)
+
+    def load_legacy(self, folder: Path, optim_state: dict) -> None:
+        """A checkpoint written before sharded state (optimizer.pt; the policy's weights are loaded by the loop)."""
+        self.optim.load_state_dict(optim_state)

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from grouprl.errors import StopNow, UserError
@@ -80,20 +81,28 @@ class RunLock:
 class StopSignals:
     """Within this context, SIGINT and SIGTERM set `requested` (the signal's name) instead of killing the
     process; a second one raises StopNow (a KeyboardInterrupt). Outside the main thread it does nothing (Python only
-    delivers signals there)."""
+    delivers signals there).
+
+    A second signal within `same_request_s` of the first is the same request: under torchrun a Ctrl-C reaches
+    each worker twice, from the terminal and forwarded by the launcher, milliseconds apart."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self, same_request_s: float = 0.0, announce: bool = True):
         self.requested: str | None = None
+        self.same_request_s, self.announce = same_request_s, announce
+        self._at = 0.0
         self._previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
         if self.requested is not None:
+            if time.monotonic() - self._at < self.same_request_s:
+                return
             raise StopNow
-        self.requested = signal.Signals(signum).name
-        print(f"\n{self.requested}: stopping after the current step and saving a checkpoint "
-              "(send it again to stop at once)", file=sys.stderr, flush=True)
+        self.requested, self._at = signal.Signals(signum).name, time.monotonic()
+        if self.announce:
+            print(f"\n{self.requested}: stopping after the current step and saving a checkpoint "
+                  "(send it again to stop at once)", file=sys.stderr, flush=True)
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():

@@ -13,6 +13,7 @@ NaN into the weights or into AdamW's moments.
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -20,7 +21,8 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
-from grouprl.logprobs import group_rows
+from grouprl.distributed import all_reduce_sum, any_rank, no_grad_sync, shard, sum_floats, world_size
+from grouprl.logprobs import forward_groups, group_rows
 from grouprl.losses import Normaliser
 from grouprl.optim import Optim
 from grouprl.rollout import Rollout
@@ -42,17 +44,27 @@ class Learner(Protocol):
     def console(self, metrics: dict[str, float]) -> str:
         """Its part of the one-line step report."""
 
+    def trained(self) -> dict[str, tuple[torch.nn.Module, Optim]]:
+        """What it trains, by name: the module that holds the trained parameters and their optimizer
+        (saved and restored with torch.distributed.checkpoint, sharded as the job holds them)."""
+
     def state(self) -> dict:
         """JSON-able state for trainer_state.json (the adaptive KL coefficient, say)."""
 
-    def optimizer_state(self) -> dict:
-        """Tensors-only state of its optimizers and schedulers (optimizer.pt)."""
+    def export(self, folder: Path) -> None:
+        """Write what else it keeps in the Hugging Face layout (a critic) into a checkpoint folder being
+        written; called on every rank (gathering sharded weights is a collective), rank 0 writes."""
 
-    def save_extra(self, folder: Path) -> None:
-        """Write what else it keeps (a critic) into a checkpoint folder being written."""
+    def load(self, state: dict) -> None:
+        """Resume from trainer_state.json's contents, once the trained weights and optimizers are restored."""
 
-    def load(self, folder: Path, optim_state: dict, state: dict) -> None:
-        """Resume from a checkpoint (the policy's weights are already loaded by the loop)."""
+    def load_legacy(self, folder: Path, optim_state: dict) -> None:
+        """Resume from a checkpoint written before sharded state (optimizer.pt and the HF-layout files)."""
+
+
+def shuffle_seed(seed: int, step: int) -> int:
+    """The minibatch shuffle's seed at a step: the same on every rank and after a resume."""
+    return random.Random(f"{seed}/shuffle/{step}").getrandbits(62)
 
 
 @dataclass
@@ -69,6 +81,41 @@ class Passes:
 MicroStep = Callable[[Tensor, Normaliser], tuple[Tensor, dict[str, float]]]
 
 
+def my_micro_batches(groups: Tensor, per_micro: int) -> list[Tensor | None]:
+    """This rank's contiguous share of `groups` (group indices), in micro-batches of per_micro groups, padded
+    with None to as many micro-batches as the rank with the largest share has: every rank must run as
+    many forwards (each is a collective under FSDP2) and end on a synchronising backward (DDP)."""
+    lo, hi = shard(len(groups))
+    mine = list(groups[lo:hi].split(per_micro)) if hi > lo else []
+    largest = -(-len(groups) // world_size())  # shares differ by at most one group
+    return mine + [None] * (-(-largest // per_micro) - len(mine))
+
+
+@torch.no_grad()
+def no_grad_rows(num_sequences: int, group_size: int, groups_per_micro: int,
+                 compute: Callable[[Tensor], dict[str, Tensor]]) -> dict[str, Tensor]:
+    """(N, C) tensors of every sequence, computed without gradients: each rank runs compute(rows) on its
+    share of the groups, and the shares are summed over ranks (zeros elsewhere). A rank with fewer
+    micro-batches runs the first group again and drops the result, to match the others' forwards."""
+    out: dict[str, Tensor] = {}
+    for groups in my_micro_batches(torch.arange(num_sequences // group_size), groups_per_micro):
+        part = compute(group_rows(groups if groups is not None else torch.arange(1), group_size))
+        for k, v in part.items():
+            if k not in out:
+                out[k] = torch.zeros((num_sequences, *v.shape[1:]), dtype=v.dtype, device=v.device)
+            if groups is not None:
+                out[k][group_rows(groups, group_size)] = v
+    for v in out.values():
+        all_reduce_sum(v)
+    return out
+
+
+def sequence_logprobs(model, rollout: Rollout, groups_per_micro: int, shared_prompt: bool) -> Tensor:
+    """(N, C) logp of every completion token under `model`, without gradients."""
+    return no_grad_rows(len(rollout.completions), rollout.group_size, groups_per_micro, lambda rows: {
+        "logp": forward_groups(model, rollout, rows, shared_prompt=shared_prompt).logp})["logp"]
+
+
 def run_minibatches(
     rollout: Rollout,
     mask: Tensor,
@@ -78,39 +125,57 @@ def run_minibatches(
     micro_batch_size: int,
     max_len: int,
     optims: list[Optim],
+    models: list[torch.nn.Module],
     micro_step: MicroStep,
+    shuffle_seed: int = 0,
 ) -> Passes:
     """epochs x minibatches optimizer steps over the batch, each accumulated over micro-batches.
 
-    mask: (N, C), the tokens that count (the normaliser is computed from it over each minibatch).
+    mask: (N, C), the tokens that count (the normaliser is computed from it over each whole minibatch).
     micro_step(rows, norm) runs the forward of the sequences `rows` (whole groups) and returns the loss
     (already divided by the minibatch-wide normaliser, so micro-batches add up) and statistics to sum.
-    It is not called on micro-batches with no token to learn from.
+    In one process it is not called on micro-batches with no token to learn from.
+    models: the (wrapped) modules trained, whose gradients are synchronised on the last micro-batch.
+    shuffle_seed: minibatches > 1 draw their groups from a generator seeded with it (plus the epoch), the
+    same on every rank.
+
+    Under torchrun each rank runs its share of every minibatch (`my_micro_batches`); the loss is scaled by
+    the world size because DDP and FSDP2 average gradients over ranks, and the statistics and the
+    finiteness check are summed over ranks, so the step equals the one-process step on the whole batch.
     """
-    g = rollout.group_size
+    g, world = rollout.group_size, world_size()
     num_groups = mask.shape[0] // g
     per_micro = max(1, micro_batch_size // g)
     out = Passes(grad_norms=[0.0] * len(optims))
-    for _ in range(epochs):
-        order = torch.randperm(num_groups) if minibatches > 1 else torch.arange(num_groups)
+    for epoch in range(epochs):
+        if minibatches > 1:
+            order = torch.randperm(num_groups, generator=torch.Generator().manual_seed(shuffle_seed + epoch))
+        else:
+            order = torch.arange(num_groups)
         for mini in order.chunk(minibatches):
             norm = Normaliser.of(mask[group_rows(mini, g)], max_len)
+            if norm.num_tokens == 0:
+                continue  # nothing to learn from in this minibatch: no step (it would only be momentum)
             for o in optims:
                 o.optimizer.zero_grad(set_to_none=True)
             finite, sums = True, {}
-            for groups in mini.split(per_micro):
-                rows = group_rows(groups, g)
-                if mask[rows].sum() == 0:
+            passes = my_micro_batches(mini, per_micro)
+            for k, groups in enumerate(passes):
+                filler = groups is None or mask[group_rows(groups, g)].sum() == 0
+                if filler and world == 1:
                     continue  # every completion here is masked: no gradient to take
-                loss, stats = micro_step(rows, norm)
-                finite &= bool(torch.isfinite(loss.detach()))
-                loss.backward()
-                for k, v in stats.items():
-                    sums[k] = sums.get(k, 0.0) + v
-            if not sums:
-                continue  # nothing to learn from in this minibatch: no step (it would only be momentum)
-            norms = [float(torch.nn.utils.clip_grad_norm_(o.params, o.max_grad_norm)) for o in optims]
-            if not finite or not all(math.isfinite(n) for n in norms):
+                rows = group_rows(groups if groups is not None else mini[:1], g)
+                with no_grad_sync(models, sync=k == len(passes) - 1):
+                    loss, stats = micro_step(rows, norm)
+                    if filler:  # a pass only to keep step with the other ranks: it adds nothing
+                        loss, stats = loss * 0.0, dict.fromkeys(stats, 0.0)
+                    finite &= bool(torch.isfinite(loss.detach()))
+                    (loss * world).backward()
+                for key, v in stats.items():
+                    sums[key] = sums.get(key, 0.0) + v
+            sums = sum_floats(sums, mask.device)
+            norms = [_total_norm(torch.nn.utils.clip_grad_norm_(o.params, o.max_grad_norm)) for o in optims]
+            if any_rank(not finite, mask.device) or not all(math.isfinite(n) for n in norms):
                 out.nonfinite += 1  # skip: neither the weights nor AdamW's moments see the bad gradient
                 for o in optims:
                     o.optimizer.zero_grad(set_to_none=True)
@@ -119,7 +184,12 @@ def run_minibatches(
                 o.optimizer.step()
                 o.scheduler.step()
                 out.grad_norms[i] += norms[i]
-            for k, v in sums.items():  # the statistics of the steps taken only
-                out.sums[k] = out.sums.get(k, 0.0) + v
+            for key, v in sums.items():  # the statistics of the steps taken only
+                out.sums[key] = out.sums.get(key, 0.0) + v
             out.steps += 1
     return out
+
+
+def _total_norm(norm: Tensor) -> float:
+    """clip_grad_norm_'s total norm as a float (under FSDP2 a replicated DTensor)."""
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)

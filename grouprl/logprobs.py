@@ -43,6 +43,7 @@ def entropy(logits: Tensor, chunk: int = 4) -> Tensor:
 
 def cache_kwarg(model: torch.nn.Module) -> str:
     """Name of the KV-cache argument of the model's forward: 'cache' (transformers >= 5.x) or 'past_key_values'."""
+    model = getattr(model, "module", model)  # under a DDP wrapper
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
@@ -165,14 +166,3 @@ def forward_groups(model, rollout: Rollout, rows: Tensor, with_entropy: bool = F
             rollout.attention_mask[rows, p:], g, temperature, with_entropy, with_logp, with_hidden)
     return completion_logprobs(model, rollout.input_ids[rows], rollout.attention_mask[rows],
                                rollout.completion_len, temperature, with_entropy, with_logp, with_hidden)
-
-
-@torch.no_grad()
-def sequence_logprobs(model, rollout: Rollout, groups_per_micro: int, shared_prompt: bool) -> Tensor:
-    """(N, C) logp of every completion token under `model`, without gradients."""
-    g = rollout.group_size
-    logp = torch.zeros_like(rollout.completion_mask)
-    for groups in torch.arange(rollout.input_ids.shape[0] // g).split(groups_per_micro):
-        rows = group_rows(groups, g)
-        logp[rows] = forward_groups(model, rollout, rows, shared_prompt=shared_prompt).logp
-    return logp

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint import CheckpointException
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
@@ -22,12 +23,15 @@ from rich.table import Table
 from grouprl.batch import PromptStream, Scored, check_rewards, sample_and_score
 from grouprl.checkpoint import (clean_leftovers, complete_checkpoints, latest_checkpoint, load_trainer_state,
                                 load_weights, prune_checkpoints, save_checkpoint)
-from grouprl.config import RESUMABLE_CHANGES, TrainConfig, config_changes, load_config, save_config
+from grouprl.config import (RESUMABLE_CHANGES, TrainConfig, config_changes, load_config, save_config,
+                            world_problems)
+from grouprl.distributed import (agree, any_rank, first_line, gather_objects, init, is_fsdp, is_main, load_trained, pick_strategy,
+                                 rank, unwrap, world_size)
 from grouprl.errors import Stopped, UserError
 from grouprl.grpo import GRPO
 from grouprl.guard import LOCK_FILE, RunLock, StopSignals, reward_files
 from grouprl.learner import Learner
-from grouprl.metrics import MetricsLog, read_metrics, truncate_jsonl
+from grouprl.metrics import MetricsLog, Silent, read_metrics, truncate_jsonl
 from grouprl.models import context_length, load_policy, load_tokenizer, resolve_model_path
 from grouprl.ppo import PPO
 from grouprl.rewards import RewardSet
@@ -96,14 +100,47 @@ def _resume_point(out: Path, cfg: TrainConfig, code: dict[str, str], console: Co
     return ckpt
 
 
-def damaged(ckpt: Path, err: Exception) -> UserError:
+def damaged(ckpt: Path, err: BaseException) -> UserError:
     """The one line for a committed checkpoint that cannot be read back, pointing at the one before it."""
     found = [p for _, p in complete_checkpoints(ckpt.parent.parent if ckpt.name != "final" else ckpt.parent)]
     before = found[found.index(ckpt) - 1] if ckpt in found and found.index(ckpt) > 0 else None
-    lines = str(err).strip().splitlines()
     hint = f"move it aside to resume from {before}" if before else "no earlier checkpoint to fall back on"
-    return UserError(f"checkpoint {str(ckpt)!r} is damaged ({type(err).__name__}: {lines[0] if lines else ''}): "
-                     f"{hint}")
+    inner = next(iter(getattr(err, "failures", {}).values()), (err,))[0]  # DCP wraps the reading error
+    return UserError(f"checkpoint {str(ckpt)!r} is damaged ({type(inner).__name__}: {first_line(err)}): {hint}")
+
+
+def _refuse(problems: list[str]) -> None:
+    if problems:
+        raise UserError(problems[0])
+
+
+def _restore(ckpt: Path, learner: Learner) -> dict:
+    """Put a checkpoint's trained weights, optimizers, schedulers, learner state and this rank's RNG back;
+    returns its trainer state. dcp/ is read at any world size and strategy; a checkpoint written before
+    dcp/ existed (HF-layout weights and optimizer.pt) only where every rank holds the whole model."""
+    try:
+        state, optim_state, rng = load_trainer_state(ckpt)
+        parts = learner.trained()
+        if (ckpt / "dcp").is_dir():
+            load_trained({name: (m, o.optimizer) for name, (m, o) in parts.items()}, ckpt / "dcp")
+            for name, (_, o) in parts.items():
+                o.scheduler.load_state_dict(state["schedulers"][name])
+        elif any(is_fsdp(m) for m, _ in parts.values()):
+            raise UserError(f"{str(ckpt)!r} was written before sharded checkpoints: resume it once with "
+                            "distributed.strategy=ddp (or in one process) to write one FSDP2 can read")
+        else:
+            load_weights(unwrap(learner.policy), ckpt)
+            learner.load_legacy(ckpt, optim_state)
+        learner.load(state)
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            cuda = rng["cuda"]  # one device's state (a list of all devices' in checkpoints before dcp/)
+            torch.cuda.set_rng_state(cuda[torch.cuda.current_device()] if isinstance(cuda, list) else cuda)
+    except UserError:
+        raise
+    except (Exception, CheckpointException) as e:  # a file damaged after it was committed (a disk fault, a hand
+        raise damaged(ckpt, e) from None  # edit); DCP's exception is a BaseException
+    return state
 
 
 def _check_inputs(cfg: TrainConfig, task: Task, rewards: RewardSet, console: Console) -> Task:
@@ -136,9 +173,25 @@ def train(cfg: TrainConfig, console: Console | None = None, resume: bool = False
 
     Raises UserError for bad input (before any model is loaded where it can be checked without one) and
     Stopped after a SIGINT/SIGTERM, once the step in progress is done and saved."""
+    init(cfg.distributed.timeout_s)
     console = console or Console()
+    if not is_main():
+        console = Console(quiet=True)  # rank 0 alone prints
     start = time.perf_counter()
     out = Path(cfg.output_dir).absolute()  # fixed now: user code that changes the working directory cannot move it
+    locks: list[RunLock] = []
+    try:
+        together(lambda: _check_output_dir(out, resume), main_only=True)
+        if resume:  # a new run's lock: once its input is good
+            together(lambda: locks.append(RunLock(out).acquire()), main_only=True)
+        with StopSignals(same_request_s=0.5 if world_size() > 1 else 0.0, announce=is_main()) as stop:
+            return _train(cfg, console, out, start, locks, stop, resume)
+    finally:
+        for lock in locks:  # a start that failed before writing anything leaves no folder behind
+            lock.release(remove_empty_folder=True)
+
+
+def _check_output_dir(out: Path, resume: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {str(out)!r} is a file: expected a folder (new or empty)")
     if not resume and out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()):
@@ -146,87 +199,99 @@ def train(cfg: TrainConfig, console: Console | None = None, resume: bool = False
         raise UserError(f"output_dir {str(out)!r} already holds a run: choose another output_dir, or resume it with "
                         f"`grouprl train --resume {out}`" if held else f"output_dir {str(out)!r} is not empty: "
                         "expected a new or empty folder (a run writes several files and folders into it)")
-    locks: list[RunLock] = [RunLock(out).acquire()] if resume else []  # a new run's lock: once its input is good
-    try:
-        with StopSignals() as stop:
-            return _train(cfg, console, out, start, locks, stop, resume)
-    finally:
-        for lock in locks:  # a start that failed before writing anything leaves no folder behind
-            lock.release(remove_empty_folder=True)
+
+
+def together(fn, main_only: bool = False):
+    """Run fn on every rank (or on rank 0 only, its result sent to all): a UserError on any rank is raised
+    as the same UserError on every rank, so none is left waiting in a collective. One process: fn()."""
+    if world_size() == 1:
+        return fn()
+    result, error = None, None
+    if is_main() or not main_only:
+        try:
+            result = fn()
+        except UserError as e:
+            error = str(e)
+    agree(error)
+    return gather_objects(result)[0] if main_only else result
 
 
 def _train(cfg: TrainConfig, console: Console, out: Path, start: float, locks: list[RunLock], stop: StopSignals,
            resume: bool) -> TrainResult:
     code = reward_files([r.name for r in cfg.rewards])  # hashed before any of it is imported
-    ckpt = _resume_point(out, cfg, code, console) if resume else None
+    ckpt = together(lambda: _resume_point(out, cfg, code, console), main_only=True) if resume else None
+    world = world_size()
+    together(lambda: _refuse(world_problems(cfg, world, cfg.distributed.strategy)))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same on every rank: LoRA and value heads start identical
 
     task = build_task(cfg.task)
     rewards = RewardSet([(r.name, r.weight) for r in cfg.rewards], timeout_s=cfg.rewards_timeout_s)
-    task = _check_inputs(cfg, task, rewards, console)
-    if not locks:
-        locks.append(RunLock(out).acquire())
-    policy, tokenizer = load_policy(cfg.model)
+    task = together(lambda: _check_inputs(cfg, task, rewards, console))
+    if not resume:  # (a resume took it before anything else)
+        together(lambda: locks.append(RunLock(out).acquire()), main_only=True)
+    policy, tokenizer = together(lambda: load_policy(cfg.model))
+    device = next(policy.parameters()).device
+    if world > 1:
+        strategy = pick_strategy(cfg.distributed.strategy, policy, device)
+        together(lambda: _refuse(world_problems(cfg, world, strategy)))
+        cfg = cfg.model_copy(update={"distributed": cfg.distributed.model_copy(update={"strategy": strategy})})
     learner: Learner = LEARNERS[cfg.algo](cfg, policy)
+    if world > 1:
+        torch.manual_seed(cfg.seed + rank())  # dropout differs between ranks as between sequences
     in_order = cfg.task.name == "arithmetic" and cfg.task.curriculum
     stream = PromptStream(task.train, cfg.seed, in_order=in_order)
     history: list[dict] = []
     first_step = 1
     if ckpt is not None:
-        try:
-            state, optim_state, rng = load_trainer_state(ckpt)
-            load_weights(policy, ckpt)
-            learner.load(ckpt, optim_state, state)
-            torch.set_rng_state(rng["torch"])
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
-        except Exception as e:  # a file damaged after it was committed (a disk fault, a hand edit)
-            raise damaged(ckpt, e) from None
+        state = together(lambda: _restore(ckpt, learner))
         stream = PromptStream(task.train, cfg.seed, in_order, **state["data"])
         first_step = state["step"] + 1
         history = [m for m in read_metrics(out / "metrics.jsonl") if m["step"] < first_step]
         start -= history[-1]["elapsed"] if history else 0.0
-    if resume:  # the steps after the checkpoint (or all, without one) are run again: drop their log lines
+    if resume and is_main():  # the steps after the checkpoint (or all, without one) are run again: drop their logs
         truncate_jsonl(out / "metrics.jsonl", first_step - 1)
         truncate_jsonl(out / "completions.jsonl", first_step - 1)
-    save_config(cfg, out / "grouprl.yaml")
-    device = next(policy.parameters()).device
     info = {"algo": cfg.algo, "models_trained": learner.models_trained, "models_in_memory": learner.models_in_memory,
-            "trainable_parameters": learner.trainable_parameters, "device": str(device)}
-    (out / "run_info.json").write_text(json.dumps(info, indent=1))
-    log = MetricsLog(out)
+            "trainable_parameters": learner.trainable_parameters, "device": str(device), "world_size": world,
+            "strategy": cfg.distributed.strategy if world > 1 else None}
+    if is_main():
+        save_config(cfg, out / "grouprl.yaml")
+        (out / "run_info.json").write_text(json.dumps(info, indent=1))
+    log = MetricsLog(out) if is_main() else Silent()
     console.print(f"[bold]grouprl[/] {learner.name} on {cfg.task.name} ({len(task.train)} train / {len(task.eval)} "
                   f"held-out problems), model {cfg.model.name_or_path}, {learner.models_trained} model(s) trained, "
                   f"{learner.trainable_parameters:,} trainable parameters, batch {cfg.rollout.prompts_per_step} x "
-                  f"G={cfg.rollout.group_size} -> {out}"
-                  + (f", resumed after step {first_step - 1}" if ckpt is not None else ""))
+                  f"G={cfg.rollout.group_size}"
+                  + (f" on {world} ranks ({cfg.distributed.strategy}, {device.type})" if world > 1 else "")
+                  + f" -> {out}" + (f", resumed after step {first_step - 1}" if ckpt is not None else ""))
 
     def checkpoint(path: Path, step: int) -> Path:
         state = {"step": step, "data": stream.state(), "seed": cfg.seed, "reward_files": code, **learner.state()}
         log.sync()  # the logs reach the disk before the checkpoint that they must not lag behind
-        return save_checkpoint(path, policy, tokenizer, cfg, state, learner.optimizer_state(), cfg.save_merged,
-                               learner.save_extra)
+        return save_checkpoint(path, learner.policy, tokenizer, cfg, state, learner.trained(), cfg.save_merged,
+                               learner.export)
 
     bad_streak = 0
     try:
         with _progress(console, learner.name) as bar:
             job = bar.add_task("train", total=cfg.steps, completed=first_step - 1, info="")
             for step in range(first_step, cfg.steps + 1):
-                if stop.requested and step == first_step:
-                    raise Stopped(f"stopped by {stop.requested} before step {step}: nothing new to save; start "
+                if step == first_step and any_rank(bool(stop.requested), device):
+                    raise Stopped(f"stopped by {stop.requested or 'another rank'} before step {step}: nothing new to save; start "
                                   f"again with: grouprl train --resume {out}")
                 t0 = time.perf_counter()
-                batch = sample_and_score(policy, tokenizer, task, rewards, stream, cfg, learner.resamples_flat_groups,
-                                         learner.max_sampling_rounds)
+                batch = sample_and_score(policy, tokenizer, task, rewards, stream, cfg, step,
+                                         learner.resamples_flat_groups, learner.max_sampling_rounds)
                 t1 = time.perf_counter()
                 upd, adv = learner.update(batch.rollout, batch.total, step)
                 t2 = time.perf_counter()
                 m = step_metrics(batch, rewards.names, upd) | {
-                    "step_time": t2 - t0, "update_time": t2 - t1, "peak_mem_gib": peak_memory_gib(device),
-                    "elapsed": time.perf_counter() - start}
+                    "step_time": t2 - t0, "update_time": t2 - t1, "elapsed": time.perf_counter() - start}
+                peaks = gather_objects(peak_memory_gib(device))
+                m |= {"peak_mem_gib": peaks[0]} | ({"peak_mem_gib_max": max(peaks)} if world > 1 else {})
                 history.append({"step": step, **m})
                 log.log(step, m)
                 log.log_completions(step, [
@@ -245,18 +310,21 @@ def _train(cfg: TrainConfig, console: Console, out: Path, start: float, locks: l
                 if bad_streak:
                     bar.console.print(f"[yellow]warning:[/] step {step}: a non-finite loss or gradient norm; "
                                       f"{upd['nonfinite_steps']} optimizer step(s) skipped")
-                if bad_streak >= cfg.max_nonfinite_steps:
+                if bad_streak >= cfg.max_nonfinite_steps:  # the same count on every rank (all-reduced)
                     last = latest_checkpoint(out)
                     raise UserError(f"{bad_streak} steps in a row had a non-finite loss or gradient norm (up to step "
                                     f"{step}): stopped; the last good checkpoint is {last or 'none'}. Lower optim.lr, "
                                     "check the rewards' scale, or use float32")
                 if step == cfg.steps:
                     break
-                if stop.requested or (cfg.save_every and step % cfg.save_every == 0):
+                stopping = any_rank(bool(stop.requested), device)  # every rank stops after the same step
+                if stopping or (cfg.save_every and step % cfg.save_every == 0):
                     saved = checkpoint(out / "checkpoints" / f"step-{step:06d}", step)
-                    prune_checkpoints(out, cfg.save_total_limit)
-                if stop.requested:
-                    raise Stopped(f"stopped by {stop.requested} after step {step}; saved {saved}. Resume with: "
+                    if is_main():
+                        prune_checkpoints(out, cfg.save_total_limit)
+                if stopping:
+                    raise Stopped(f"stopped by {stop.requested or 'another rank'} after step {step}; saved {saved}. "
+                                  "Resume with: "
                                   f"grouprl train --resume {out}")
         final = checkpoint(out / "final", cfg.steps)
     finally:

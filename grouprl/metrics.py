@@ -14,6 +14,9 @@ from grouprl.errors import UserError
 
 
 class MetricsLog:
+    """metrics.jsonl, completions.jsonl and TensorBoard of a run. Under torchrun only rank 0 writes (the
+    batch it logs is the whole batch, every rank's completions in it); on the others it is `Silent`."""
+
     def __init__(self, out_dir: Path, tensorboard: bool = True):
         out_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = (out_dir / "metrics.jsonl").open("a")
@@ -53,6 +56,25 @@ class MetricsLog:
         self.completions.close()
         if self.tb is not None:
             self.tb.close()
+
+
+class Silent(MetricsLog):
+    """The log of a rank other than 0: writes nothing."""
+
+    def __init__(self):
+        pass
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def log_completions(self, step: int, rows: list[dict]) -> None:
+        pass
+
+    def sync(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _rows(path: Path) -> list[tuple[str, dict]]:

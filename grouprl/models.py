@@ -225,8 +225,8 @@ class Reference:
 
     def refresh(self, policy: PreTrainedModel) -> None:
         """pi_ref <- pi_theta. Under LoRA the base weights are the reference and cannot move."""
-        if not self.lora:
-            self.model.load_state_dict(policy.state_dict())
+        if not self.lora:  # under DDP the module's own keys; under FSDP2 shard onto shard
+            self.model.load_state_dict(getattr(policy, "module", policy).state_dict())
 
 
 def trainable_parameters(model: torch.nn.Module) -> int:

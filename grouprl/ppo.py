@@ -22,8 +22,9 @@ from torch import Tensor
 from grouprl.advantages import gae, kl_shaped_rewards, whiten
 from grouprl.config import PPOConfig, TrainConfig
 from grouprl.critic import Critic, load_critic
-from grouprl.learner import run_minibatches
-from grouprl.logprobs import forward_groups, group_rows, sequence_logprobs
+from grouprl.distributed import wrap
+from grouprl.learner import no_grad_rows, run_minibatches, sequence_logprobs, shuffle_seed
+from grouprl.logprobs import forward_groups
 from grouprl.losses import Normaliser, explained_variance, ppo_policy_loss, value_loss
 from grouprl.models import Reference, trainable_parameters
 from grouprl.optim import Optim, make_optimizer
@@ -74,9 +75,10 @@ def ppo_update(
     max_new_tokens: int,
     shared_prompt: bool = True,
     train_policy: bool = True,
+    seed: int = 0,
 ) -> tuple[PPOStepStats, Tensor]:
     """One PPO step on a scored batch. score: (N,) sequence rewards. Returns the stats and the advantages
-    (N, C) (whitened when configured)."""
+    (N, C) (whitened when configured). seed: the minibatch shuffle's (see run_minibatches)."""
     t0 = time.perf_counter()
     mask = rollout.completion_mask  # (N, C)
     score = score.to(mask.device) - cfg.missing_eos_penalty * rollout.truncated.to(mask.device).float()
@@ -86,13 +88,13 @@ def ppo_update(
     # 1. behaviour policy, old values and reference, without dropout or gradients
     policy.eval()
     critic.train(False)
-    old_logp, old_values = torch.zeros_like(mask), torch.zeros_like(mask)
-    with torch.no_grad():
-        for groups in torch.arange(mask.shape[0] // g).split(per_micro):
-            rows = group_rows(groups, g)
-            out = forward_groups(policy, rollout, rows, shared_prompt=shared_prompt, with_hidden=critic.shared)
-            old_logp[rows] = out.logp
-            old_values[rows] = critic.values(rollout, rows, shared_prompt, out)
+
+    def behaviour(rows: Tensor) -> dict[str, Tensor]:
+        out = forward_groups(policy, rollout, rows, shared_prompt=shared_prompt, with_hidden=critic.shared)
+        return {"logp": out.logp, "values": critic.values(rollout, rows, shared_prompt, out)}
+
+    old = no_grad_rows(mask.shape[0], g, per_micro, behaviour)
+    old_logp, old_values = old["logp"], old["values"]  # (N, C) each
     ref_logp = None
     if reference is not None and kl_coef > 0:
         with reference.active() as ref_model:
@@ -136,7 +138,8 @@ def ppo_update(
     optims = [policy_optim, critic_optim] if train_policy else [critic_optim]
     p = run_minibatches(rollout, mask, epochs=cfg.epochs, minibatches=cfg.minibatches,
                         micro_batch_size=cfg.micro_batch_size, max_len=max_new_tokens, optims=optims,
-                        micro_step=micro_step)
+                        models=([policy] if train_policy else []) + critic.modules(), micro_step=micro_step,
+                        shuffle_seed=seed)
     s, steps, tokens = p.sums, max(p.steps, 1), max(p.sums.get("tokens", 0.0), 1.0)
     stats.nonfinite_steps, stats.update_steps = p.nonfinite, p.steps
     stats.loss, stats.value_loss = s.get("loss", 0.0) / steps, s.get("value_loss", 0.0) / steps
@@ -162,11 +165,17 @@ class PPO:
     max_sampling_rounds = 1
 
     def __init__(self, cfg: TrainConfig, policy: torch.nn.Module):
-        self.cfg, self.policy = cfg, policy
-        self.critic = load_critic(cfg, policy)
+        """policy: the model as loaded; under torchrun it and the critic are wrapped here (after the
+        reference is copied, before the optimizers are built)."""
+        self.cfg = cfg
         self.reference = Reference(policy, cfg.model.lora.enabled) if cfg.ppo.kl_coef > 0 else None
+        if self.reference is not None and not self.reference.lora:
+            self.reference.model = wrap(self.reference.model, cfg.distributed, trainable=False)
+        self.critic = load_critic(cfg, policy)
+        self.policy = wrap(policy, cfg.distributed)
+        self.critic.wrap(self.policy, cfg.distributed)
         self.kl_coef = cfg.ppo.kl_coef
-        params = [p for p in policy.parameters() if p.requires_grad]
+        params = [p for p in self.policy.parameters() if p.requires_grad]
         self.policy_optim = make_optimizer(params, cfg.optim.lr, cfg.optim)
         self.critic_optim = make_optimizer(self.critic.parameters(), cfg.ppo.critic.lr or cfg.optim.lr, cfg.optim)
         self.models_trained = 1 if self.critic.shared else 2
@@ -181,7 +190,7 @@ class PPO:
         s, adv = ppo_update(
             self.policy, self.critic, self.reference, self.policy_optim, self.critic_optim, rollout, score, c.ppo,
             kl_coef=kl_coef, max_new_tokens=c.rollout.max_new_tokens, shared_prompt=not c.model.gradient_checkpointing,
-            train_policy=step > c.ppo.critic_warmup_steps)
+            train_policy=step > c.ppo.critic_warmup_steps, seed=shuffle_seed(c.seed, step))
         if c.ppo.kl_target is not None and self.reference is not None:
             self.kl_coef = adaptive_kl_coef(kl_coef, s.kl_seq, c.ppo.kl_target, c.ppo.kl_horizon, len(score))
         mask = rollout.completion_mask
@@ -204,22 +213,23 @@ class PPO:
     def resume_problem(cfg: TrainConfig, step: int) -> str | None:
         return None
 
-    def optimizer_state(self) -> dict:
-        critic = self.critic_optim.state_dict()
-        return self.policy_optim.state_dict() | {"critic_optimizer": critic["optimizer"],
-                                                 "critic_scheduler": critic["scheduler"]}
+    def trained(self) -> dict:
+        return {"policy": (self.policy, self.policy_optim), "critic": (self.critic.container(), self.critic_optim)}
 
     def state(self) -> dict:
         return {"kl_coef": self.kl_coef}
 
-    def save_extra(self, folder: Path) -> None:
+    def export(self, folder: Path) -> None:
         self.critic.save(folder)
 
-    def load(self, folder: Path, optim_state: dict, state: dict) -> None:
-        """Resume: the critic, both optimizers and schedulers, and the KL coefficient of a checkpoint."""
+    def load(self, state: dict) -> None:
+        """The KL coefficient where the adaptive controller had moved it."""
+        if self.cfg.ppo.kl_target is not None:
+            self.kl_coef = state["kl_coef"]
+
+    def load_legacy(self, folder: Path, optim_state: dict) -> None:
+        """A checkpoint written before sharded state: the critic's files, both optimizers and schedulers."""
         self.critic.load(folder)
         self.policy_optim.load_state_dict(optim_state)
         self.critic_optim.load_state_dict({"optimizer": optim_state["critic_optimizer"],
                                            "scheduler": optim_state["critic_scheduler"]})
-        if self.cfg.ppo.kl_target is not None:  # adaptive: where the controller had moved it
-            self.kl_coef = state["kl_coef"]

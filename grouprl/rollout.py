@@ -22,6 +22,7 @@ from torch import Tensor
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from grouprl.distributed import is_fsdp
 from grouprl.logprobs import prefill_groups
 
 
@@ -70,14 +71,15 @@ def lora_merged(model: PreTrainedModel):
     instead of three). The merged weights are new tensors swapped in, with the adapter switched off, and the
     originals are swapped back after: unlike merge/unmerge, the frozen base never drifts by rounding, so a
     resumed run matches an uninterrupted one bit for bit. Costs one copy of the adapted weights while
-    sampling; on CUDA (where sampling is bound by kernel launches) nothing is merged."""
+    sampling; on CUDA (where sampling is bound by kernel launches) and under FSDP2 (whose weights are
+    gathered views for the duration) nothing is merged."""
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer, Linear as LoraLinear
 
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     trainable = isinstance(model, PeftModel) and not model.peft_config[model.active_adapter].inference_mode
     on_cpu = next(model.parameters()).device.type == "cpu"
-    if not (layers and trainable and on_cpu and all(isinstance(m, LoraLinear) for m in layers)):
+    if not (layers and trainable and on_cpu and not is_fsdp(model) and all(isinstance(m, LoraLinear) for m in layers)):
         yield
         return
     swapped = []
@@ -120,9 +122,14 @@ def sample(
     top_p: float = 1.0,
     top_k: int = 0,
     greedy: bool = False,
+    seeds: list[int] | None = None,
 ) -> Tensor | None:
     """prompt_ids, prompt_mask: (B, P) left-padded. Returns completion ids (B * G, C), C <= max_new_tokens,
-    padded with pad_token_id after each row's EOS; None when the model's cache cannot be re-indexed."""
+    padded with pad_token_id after each row's EOS; None when the model's cache cannot be re-indexed.
+
+    seeds: one per prompt. Each group then draws its tokens from its own generator, so a prompt's G
+    completions do not depend on which other prompts share the batch: the same on one rank or split
+    across eight (up to rounding in the logits). Without seeds, torch's global generator is used."""
     b, g = prompt_ids.shape[0], group_size
     device = prompt_ids.device
     cache, logits, key, _ = prefill_groups(model, prompt_ids, prompt_mask, g)  # one prefill per prompt
@@ -135,13 +142,19 @@ def sample(
     tokens = torch.full((b * g, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     eos_t = torch.tensor(eos, device=device)
     warp = _warpers(temperature, top_k, top_p)
+    gens = [torch.Generator(device).manual_seed(s) for s in seeds] if seeds is not None and not greedy else None
     steps = 0
     for t in range(max_new_tokens):
         if greedy:
             nxt = logits.argmax(-1)
         else:
             probs = torch.softmax(warp(tokens[active, :t], logits), dim=-1)
-            nxt = torch.multinomial(probs, 1).squeeze(1)
+            if gens is None:
+                nxt = torch.multinomial(probs, 1).squeeze(1)
+            else:  # group by group (rows are ordered by group): (n,)
+                group = active // g
+                nxt = torch.cat([torch.multinomial(probs[group == b], 1, generator=gens[b]).squeeze(1)
+                                 for b in group.unique().tolist()])
         tokens[active, t] = nxt
         steps = t + 1
         keep = ~torch.isin(nxt, eos_t)
@@ -173,8 +186,10 @@ def generate(
     top_k: int = 0,
     greedy: bool = False,
     prefill: str = "",
+    seeds: list[int] | None = None,
 ) -> Rollout:
-    """Sample `group_size` completions for each chat-formatted prompt (which ends with `prefill`)."""
+    """Sample `group_size` completions for each chat-formatted prompt (which ends with `prefill`); with
+    `seeds` (one per prompt), each group's draws come from its own generator (see `sample`)."""
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     prompt_ids = enc.input_ids.repeat_interleave(group_size, 0)  # (N, P)
@@ -187,7 +202,7 @@ def generate(
         if device.type == "cpu":
             completion_ids = sample(model, enc.input_ids, enc.attention_mask, group_size=group_size,
                                     max_new_tokens=max_new_tokens, eos=eos, pad_token_id=tokenizer.pad_token_id,
-                                    temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy)
+                                    temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy, seeds=seeds)
         if completion_ids is None:
             # A complete GenerationConfig, so that the model's own defaults (a repetition penalty, say) do
             # not change the distribution that the logprobs and the KL assume.

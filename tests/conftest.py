@@ -40,6 +40,25 @@ def make_tiny_model(path: Path, layers: int = 2, hidden: int = 64, seed: int = 0
     return path
 
 
+def read_dcp(folder: Path) -> dict:
+    """A checkpoint's dcp/ (trained weights and optimizer states) as a flat {dotted name: value} dict."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(str(folder), f"{tmp}/state.pt")
+        state = torch.load(f"{tmp}/state.pt", weights_only=False)
+
+    def walk(x, prefix=""):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                yield from walk(v, f"{prefix}{k}.")
+        else:
+            yield prefix[:-1], x
+    return dict(walk(state))
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")

@@ -248,9 +248,9 @@ def test_data_columns_named_like_reward_arguments(tiny_model, tmp_path):
 @pytest.mark.parametrize("damage, file", [
     (lambda p: p.write_text('{"step": 3, broken'), "trainer_state.json"),
     (lambda p: p.write_text("[]"), "trainer_state.json"),
-    (lambda p: p.write_bytes(p.read_bytes()[:100]), "optimizer.pt"),
+    (lambda p: p.write_bytes(p.read_bytes()[:100]), "dcp/__0_0.distcp"),
     (lambda p: p.write_bytes(b"garbage"), "rng.pt"),
-    (lambda p: p.write_bytes(p.read_bytes()[:100]), "model.safetensors"),
+    (lambda p: p.write_bytes(b"garbage"), "dcp/.metadata"),  # a resume reads dcp/, not the HF export
 ])
 def test_a_damaged_committed_checkpoint_is_one_line_naming_the_one_before(damage, file, finished_run, tmp_path):
     run = tmp_path / "run"
@@ -291,11 +291,11 @@ def test_quotes_around_a_text_override_are_quoting(tmp_path):
 
 
 def test_a_really_full_disk(tiny_model, toy_data, tmp_path):
-    """A 1.1 MB tmpfs fills up while a checkpoint is written: one line, exit 2, the checkpoints before it
+    """A 2 MB tmpfs fills up while the second checkpoint is written: one line, exit 2, the checkpoints before it
     intact, and the run resumes once there is room. Needs root and mount (CI has both); skipped elsewhere."""
     disk = tmp_path / "small"
     disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1100k", "tmpfs", str(disk)], capture_output=True).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2000k", "tmpfs", str(disk)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here")
     try:
         out = disk / "run"

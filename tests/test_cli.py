@@ -40,7 +40,7 @@ def test_train_writes_metrics_completions_and_a_loadable_checkpoint(tiny_model, 
     assert (out / "checkpoints" / "step-000001" / "model.safetensors").is_file()
     assert not (out / "checkpoints" / "step-000002").exists()  # the last step is the final checkpoint
     final = out / "final"
-    for f in ("model.safetensors", "config.json", "grouprl.yaml", "trainer_state.json", "optimizer.pt", "rng.pt"):
+    for f in ("model.safetensors", "config.json", "grouprl.yaml", "trainer_state.json", "dcp/.metadata", "rng.pt"):
         assert (final / f).is_file(), f
     assert json.loads((final / "trainer_state.json").read_text())["step"] == 2
     assert any(p.name.startswith("events") for p in (out / "tensorboard").iterdir())
