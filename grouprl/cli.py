@@ -258,7 +258,8 @@ def compare(
     out: Path = typer.Option(Path("runs/compare"), "--out", "-o", help="Report folder (runs go in OUT/runs/)."),
     eval_num: int = typer.Option(100, help="Held-out problems per evaluation."),
     save_every: int = typer.Option(5, help="Checkpoint every N steps (resume points, equal-time evaluations)."),
-    nproc: int = NprocOpt,
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Run each arm as a torchrun job of N processes "
+                              "(one per GPU; gloo on the CPU)."),
 ) -> None:
     """Train GRPO, PPO and variants side by side, each in its own process, and write a report (markdown, JSON,
     plots, HTML). Run it again to continue an interrupted comparison."""
@@ -282,17 +283,20 @@ def compare(
 def plot(
     run_dir: Path = typer.Argument(..., help="A run's output_dir (holding metrics.jsonl)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG path (default: RUN_DIR/rewards.png)."),
+    versus: Optional[list[Path]] = typer.Option(None, "--versus", help="Other runs to draw beside it (repeatable): "
+                                                "their total reward and each reward function on the same axes."),
 ) -> None:
-    """Plot the reward curve of a run to a PNG."""
+    """Plot the reward curve of a run to a PNG (with --versus, several runs' curves on one figure)."""
     try:
         from grouprl.plots import plot_rewards
 
-        if not (run_dir / "metrics.jsonl").is_file():
-            raise UserError(f"{str(run_dir)!r} has no metrics.jsonl: expected a run's output_dir")
+        for d in [run_dir, *(versus or [])]:
+            if not (d / "metrics.jsonl").is_file():
+                raise UserError(f"{str(d)!r} has no metrics.jsonl: expected a run's output_dir")
         output = output or run_dir / "rewards.png"
         if output.suffix.lower() not in (".png", ".pdf", ".svg") or output.is_dir():
             raise UserError(f"--output {str(output)!r}: expected a .png, .pdf or .svg file path")
-        print(plot_rewards(run_dir, output))
+        print(plot_rewards(run_dir, output, others=list(versus or [])))
     except UserError as e:
         _fail(e)
     except OSError as e:

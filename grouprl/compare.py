@@ -225,7 +225,8 @@ def summarise(cfgs: dict[str, TrainConfig], overrides: dict[str, list[str]], out
             "name": name, "algo": cfg.algo, "overrides": overrides[name],
             "models_trained": info["models_trained"], "models_in_memory": info["models_in_memory"],
             "trainable_parameters": info["trainable_parameters"], "device": info["device"],
-            "peak_memory_gib": max(r["peak_mem_gib"] for r in h),
+            "world_size": info.get("world_size", 1),  # peak memory: of the largest rank
+            "peak_memory_gib": max(r.get("peak_mem_gib_max", r["peak_mem_gib"]) for r in h),
             "median_step_s": _median(h, "step_time"), "median_generation_s": _median(h, "gen_time"),
             "median_scoring_s": _median(h, "score_time"),
             "median_nograd_forward_s": statistics.median(r.get("prep_time", 0.0) for r in h),

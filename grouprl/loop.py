@@ -267,6 +267,9 @@ def _train(cfg: TrainConfig, console: Console, out: Path, start: float, locks: l
                   f"G={cfg.rollout.group_size}"
                   + (f" on {world} ranks ({cfg.distributed.strategy}, {device.type})" if world > 1 else "")
                   + f" -> {out}" + (f", resumed after step {first_step - 1}" if ckpt is not None else ""))
+    if cfg.model.gradient_checkpointing:
+        console.print("activation checkpointing: the update runs each sequence whole, not the prompt-shared forward "
+                      "(a recomputed block would append the shared prompt's cache a second time)")
 
     def checkpoint(path: Path, step: int) -> Path:
         state = {"step": step, "data": stream.state(), "seed": cfg.seed, "reward_files": code, **learner.state()}

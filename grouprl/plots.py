@@ -10,13 +10,7 @@ from grouprl.errors import UserError
 from grouprl.metrics import read_metrics
 
 
-def plot_rewards(run_dir: Path, out: Path, window: int = 5) -> Path:
-    """Reward per step (thin) with a moving average (thick), and each reward function's mean."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _rows(run_dir: Path) -> list[dict]:
     rows = read_metrics(run_dir / "metrics.jsonl")
     if not rows:
         raise UserError(f"{str(run_dir / 'metrics.jsonl')!r} holds no step yet: nothing to plot")
@@ -25,30 +19,45 @@ def plot_rewards(run_dir: Path, out: Path, window: int = 5) -> Path:
     if bad is not None:
         raise UserError(f"{str(run_dir / 'metrics.jsonl')!r} row {bad + 1} is not a grouprl metrics row (a step "
                         "and a reward)")
-    steps = [r["step"] for r in rows]
-    keys = sorted(k for k in rows[0] if k.startswith("reward/"))
+    return rows
+
+
+def plot_rewards(run_dir: Path, out: Path, window: int = 5, others: list[Path] | None = None) -> Path:
+    """Reward per step (thin) with a moving average (thick), and each reward function's mean; with `others`,
+    their curves on the same axes (dashed, dotted, ...), labelled by folder name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [(run_dir, _rows(run_dir))] + [(d, _rows(d)) for d in others or []]
+    keys = sorted(k for k in runs[0][1][0] if k.startswith("reward/"))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
 
     def smooth(ys: list[float]) -> list[float]:
         return [sum(ys[max(0, i - window + 1):i + 1]) / len(ys[max(0, i - window + 1):i + 1]) for i in range(len(ys))]
 
-    total = [r["reward"] for r in rows]
-    ax1.plot(steps, total, alpha=0.3, color="C0")
-    ax1.plot(steps, smooth(total), color="C0", label=f"total reward ({window}-step mean)")
+    for n, (d, rows) in enumerate(runs):
+        steps, style = [r["step"] for r in rows], ["-", "--", ":", "-."][n % 4]
+        name = f"{d.name}: " if others else ""
+        total = [r["reward"] for r in rows]
+        ax1.plot(steps, total, alpha=0.3, color=f"C{n}", linestyle=style)
+        ax1.plot(steps, smooth(total), color=f"C{n}", linestyle=style, label=f"{name}total reward ({window}-step mean)")
+        for i, k in enumerate(keys):
+            ax2.plot(steps, smooth([r.get(k, float("nan")) for r in rows]), color=f"C{i + 1}", linestyle=style,
+                     label=f"{name}{k.removeprefix('reward/')}" if others else k.removeprefix("reward/"))
     ax1.set_xlabel("step")
     ax1.set_ylabel("reward")
-    ax1.legend()
+    ax1.legend(fontsize="small")
     ax1.grid(alpha=0.3)
-    for i, k in enumerate(keys):
-        ax2.plot(steps, smooth([r[k] for r in rows]), color=f"C{i + 1}", label=k.removeprefix("reward/"))
     ax2.set_xlabel("step")
     ax2.set_ylabel(f"mean per function ({window}-step mean)")
-    ax2.legend()
+    ax2.legend(fontsize="x-small" if others else "medium")
     ax2.grid(alpha=0.3)
     algo = "grpo"
     if (run_dir / "grouprl.yaml").is_file():
         algo = yaml.safe_load((run_dir / "grouprl.yaml").read_text()).get("algo", "grpo")
-    fig.suptitle(f"{algo.upper()}: {run_dir}")
+    fig.suptitle(f"{algo.upper()}: {run_dir}" + "".join(f" vs {d}" for d in others or []))
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

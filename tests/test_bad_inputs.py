@@ -197,6 +197,12 @@ def test_plot_and_resume_survive_a_torn_last_line(finished_run, tmp_path):
     assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
+def test_plot_versus_draws_several_runs_on_one_figure(finished_run, tmp_path):
+    res = runner.invoke(app, ["plot", str(finished_run), "--versus", str(finished_run), "-o", str(tmp_path / "v.png")])
+    assert res.exit_code == 0 and (tmp_path / "v.png").stat().st_size > 10_000, res.output
+    one_error_line(runner.invoke(app, ["plot", str(finished_run), "--versus", str(tmp_path)]), "has no metrics.jsonl")
+
+
 # --- found by probing as a hostile user would ------------------------------------------------------------
 
 @pytest.mark.parametrize("sets, needles", [

@@ -166,3 +166,15 @@ def test_evaluation_cache_is_keyed_on_what_changes_the_result(tiny_model, toy_da
     cache.write_text(json.dumps({"model": str(model), "problems": 3, "format_rate": 1.0, "accuracy": 1.0}))
     assert run("eval.max_new_tokens=5", "task.prefill=<think>", num=3)["accuracy"] == 0.25
     assert len(calls) == 6
+
+
+def test_compare_runs_each_arm_distributed(tiny_model, toy_data, toy_reward, tmp_path):
+    """--nproc 2: each arm is a torchrun job of 2 ranks (its run_info says so) and the report is written."""
+    out = tmp_path / "report"
+    compare(None, base_sets(tiny_model, toy_data, toy_reward) + ["steps=2"], ["grpo", "ppo"], out, eval_num=4,
+            save_every=1, console=Console(quiet=True), nproc=2)
+    for arm in ("grpo", "ppo"):
+        info = json.loads((out / "runs" / arm / "run_info.json").read_text())
+        assert info["world_size"] == 2 and info["strategy"] == "ddp", info
+    report = json.loads((out / "report.json").read_text())
+    assert {(r["name"], r["world_size"]) for r in report["runs"]} == {("grpo", 2), ("ppo", 2)}

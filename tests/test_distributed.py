@@ -239,3 +239,57 @@ def test_ctrl_c_stops_every_rank_after_the_same_step_with_a_checkpoint(setup, tm
     rc, log, _ = grouprl_nproc("--resume", str(out), "--set", f"steps={step + 1}")
     assert rc == 0, log[-3000:]
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == list(range(1, step + 2))
+
+
+def test_a_prompts_completions_do_not_depend_on_the_rest_of_the_batch(tiny_model):
+    """Per-prompt seeds: prompt b sampled beside prompt a, or alone, or first, draws the same completions
+    (what lets a rank sample its slice and match one process)."""
+    from grouprl.batch import sampling_seed
+    from grouprl.models import load_tokenizer
+    from grouprl.rollout import generate
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    tok = load_tokenizer(str(tiny_model))
+    a, b = "<|user|>say a 1<|end|><|assistant|>", "<|user|>a longer prompt, b<|end|><|assistant|>"
+    sa, sb = sampling_seed(0, 1, 0, 0), sampling_seed(0, 1, 0, 1)
+
+    def draw(prompts, seeds):
+        return generate(model, tok, prompts, group_size=4, max_new_tokens=10, seeds=seeds).completions
+
+    both = draw([a, b], [sa, sb])
+    assert draw([b], [sb]) == both[4:] and draw([a], [sa]) == both[:4]
+    assert draw([b, a], [sb, sa]) == both[4:] + both[:4]
+    assert draw([a, b], [sa, sa + 1]) != both  # another seed, other completions
+    assert len({sampling_seed(0, s, r, p) for s in range(3) for r in range(2) for p in range(4)}) == 24
+
+
+def test_a_rank_share_of_a_minibatch_and_the_padding_passes(monkeypatch):
+    from grouprl import distributed, learner
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(learner, "world_size", lambda: 2)
+    groups = torch.tensor([5, 1, 4])  # 3 groups on 2 ranks: one rank runs a padding pass
+    shares = {}
+    for r in (0, 1):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        shares[r] = learner.my_micro_batches(groups, per_micro=1)
+    assert [x.tolist() if x is not None else None for x in shares[0]] == [[5], None]
+    assert [x.tolist() for x in shares[1]] == [[1], [4]]
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    assert [x.tolist() for x in learner.my_micro_batches(groups, per_micro=2)] == [[1, 4]]
+
+
+@pytest.mark.parametrize("sets, world, strategy, needle", [
+    ({"rollout.prompts_per_step": 6}, 4, "ddp", "rollout.prompts_per_step=6 must be divisible by the world size 4"),
+    ({"rollout.prompts_per_step": 4, "grpo.minibatches": 4}, 2, "ddp", "groups per minibatch"),
+    ({"grpo.micro_batch_size": 12}, 2, "ddp", "micro_batch_size=12 must be a multiple of rollout.group_size=8"),
+    ({"save_merged": True}, 2, "fsdp2", "save_merged is not supported with distributed.strategy=fsdp2"),
+    ({"distributed.cpu_offload": True}, 2, "ddp", "cpu_offload needs distributed.strategy=fsdp2"),
+])
+def test_world_size_problems(sets, world, strategy, needle):
+    from grouprl.config import world_problems
+
+    cfg = load_config(None, [f"{k}={v}" for k, v in sets.items()])
+    assert any(needle in p for p in world_problems(cfg, world, strategy)), world_problems(cfg, world, strategy)
+    assert world_problems(load_config(None, []), 2, strategy) == []  # the defaults split in two
