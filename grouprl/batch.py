@@ -87,14 +87,14 @@ def _to(r: Rollout, device) -> Rollout:
 
 
 def _sample_slice(policy, tokenizer, task: Task, rewards: RewardSet, rows: list[dict], cfg: TrainConfig,
-                  seeds: list[int]) -> Scored:
+                  seeds: list[int], device: torch.device) -> Scored:
     """G completions for each of `rows` (this rank's slice of a round), scored; tensors on the CPU."""
     ro = cfg.rollout
     prompts = [task.chat_prompt(tokenizer, r, cfg.task.prefill) for r in rows]
     t0 = time.perf_counter()
     rollout = generate(policy, tokenizer, prompts, group_size=ro.group_size, max_new_tokens=ro.max_new_tokens,
                        temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k, prefill=cfg.task.prefill,
-                       seeds=seeds)
+                       seeds=seeds, device=device)
     t1 = time.perf_counter()
     seq_rows = [rows[i] for i in rollout.prompt_index]
     seq_prompts = [prompts[i] for i in rollout.prompt_index]
@@ -104,22 +104,22 @@ def _sample_slice(policy, tokenizer, task: Task, rewards: RewardSet, rows: list[
 
 
 def _sample_round(policy, tokenizer, task: Task, rewards: RewardSet, rows: list[dict], cfg: TrainConfig,
-                  seeds: list[int]) -> Scored:
+                  seeds: list[int], device: torch.device) -> Scored:
     """The whole round on every rank: each rank samples and scores its contiguous slice of `rows`, then all
     slices are gathered in rank order. A rank's error becomes the same UserError on every rank."""
     lo, hi = shard(len(rows))
     piece, error = None, None
-    with gathered(policy) as model:  # a collective under FSDP2: every rank enters, with or without rows
-        try:
+    try:
+        with gathered(policy) as model:  # a collective under FSDP2: every rank enters, with or without rows
             if hi > lo:
-                piece = _sample_slice(model, tokenizer, task, rewards, rows[lo:hi], cfg, seeds[lo:hi])
-        except Exception as e:  # one rank's fault must not leave the others waiting in the gather below
-            if world_size() == 1:
-                raise
-            if not isinstance(e, UserError):
-                traceback.print_exc()
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            error = first if isinstance(e, UserError) else f"{type(e).__name__}: {first} (traceback above)"
+                piece = _sample_slice(model, tokenizer, task, rewards, rows[lo:hi], cfg, seeds[lo:hi], device)
+    except Exception as e:  # one rank's fault (out of memory too) must not leave the others in the gather below
+        if world_size() == 1:
+            raise
+        if not isinstance(e, UserError):
+            traceback.print_exc()
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        error = first if isinstance(e, UserError) else f"{type(e).__name__}: {first} (traceback above)"
     pieces = gather_objects((piece, error))
     agree_errors([e for _, e in pieces])
     done = [p for p, _ in pieces if p is not None]
@@ -133,13 +133,14 @@ def _sample_round(policy, tokenizer, task: Task, rewards: RewardSet, rows: list[
 
 
 def sample_and_score(policy, tokenizer, task: Task, rewards: RewardSet, stream: PromptStream, cfg: TrainConfig,
-                     step: int, resample_flat: bool = False, max_rounds: int = 1) -> Scored:
+                     step: int, device: torch.device, resample_flat: bool = False, max_rounds: int = 1) -> Scored:
     """Generate G completions for prompts_per_step prompts and score them. With resample_flat (dynamic
     sampling), groups whose rewards are all equal are dropped and more prompts are sampled, up to
     max_rounds generation rounds. Under torchrun every rank returns the same whole batch (see distributed.py);
-    the prompts are shared out and the counts that decide a refill are those of the whole batch."""
+    the prompts are shared out and the counts that decide a refill are those of the whole batch.
+    device: where the batch goes (the model's compute device; under FSDP2 CPU offload its sharded weights
+    are elsewhere)."""
     ro, g = cfg.rollout, cfg.rollout.group_size
-    device = next(policy.parameters()).device
     kept: list[Scored] = []
     groups_seen = groups_flat = 0
     n_kept = 0
@@ -147,7 +148,7 @@ def sample_and_score(policy, tokenizer, task: Task, rewards: RewardSet, stream: 
     for round_ in range(max_rounds if resample_flat else 1):
         rows = stream.take(ro.prompts_per_step - n_kept if resample_flat else ro.prompts_per_step)
         seeds = [sampling_seed(cfg.seed, step, round_, i) for i in range(len(rows))]
-        got = _sample_round(policy, tokenizer, task, rewards, rows, cfg, seeds)
+        got = _sample_round(policy, tokenizer, task, rewards, rows, cfg, seeds, device)
         t_gen += got.gen_seconds
         t_score += got.score_seconds
         tokens += got.generated_tokens

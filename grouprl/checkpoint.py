@@ -38,10 +38,9 @@ from typing import Callable
 import torch
 from safetensors import SafetensorError
 
-from torch.distributed.checkpoint import CheckpointException
-
 from grouprl.config import TrainConfig, save_config
-from grouprl.distributed import agree, first_line, full_state_dict, is_main, rank, save_trained, unwrap, world_size
+from grouprl.distributed import (agree, first_line, full_state_dict, is_main, rank, save_trained, stepped_optimizers,
+                                 unwrap, world_size)
 from grouprl.errors import UserError
 
 MARKER = "COMPLETE"
@@ -92,8 +91,8 @@ def export_pretrained(model: torch.nn.Module, folder: Path) -> None:
     """save_pretrained of a (possibly wrapped or sharded) model: every rank calls it, rank 0 writes (a peft
     model writes its adapter only)."""
     full = full_state_dict(model)
-    if is_main():
-        unwrap(model).save_pretrained(folder, safe_serialization=True, **({"state_dict": full} if full else {}))
+    on_main(lambda: unwrap(model).save_pretrained(folder, safe_serialization=True,
+                                                  **({"state_dict": full} if full else {})))
 
 
 def save_checkpoint(
@@ -111,8 +110,15 @@ def save_checkpoint(
     schedulers in trainer_state.json; extra(folder) writes what else the learner keeps (PPO's critic).
     A write that fails (a full disk: safetensors, torch.save, DCP and the OS each say it their own way)
     is one UserError on every rank; the half-written '<path>.tmp' is never read and is removed on resume."""
+    from torch.distributed.checkpoint import CheckpointException  # (a BaseException)
+
     try:
         return _save(path, model, tokenizer, cfg, state, trained or {}, merged, extra)
+    except UserError as e:  # a write that failed on some rank, raised on every rank by agree()
+        err = UserError(f"cannot write checkpoint {str(path)!r}: {e}; the checkpoints written before it are intact "
+                        "(free some space and resume)")
+        err.everywhere = True
+        raise err from None
     except (OSError, RuntimeError, SafetensorError, CheckpointException) as e:
         why = first_line(e)
         if "No space left" not in why and _disk_full(path):  # torch.save under DCP loses the errno
@@ -131,7 +137,7 @@ def _disk_full(path: Path) -> bool:
         return False
 
 
-def _on_main(fn: Callable[[], None]) -> None:
+def on_main(fn: Callable[[], None]) -> None:
     """Run fn on rank 0 and let every rank learn whether it failed (so none waits at the next collective)."""
     error = None
     if is_main():
@@ -151,8 +157,11 @@ def _save(path: Path, model: torch.nn.Module, tokenizer, cfg: TrainConfig, state
     def start() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _on_main(start)
+    on_main(start)
     full = full_state_dict(model)  # gathered from the shards under FSDP2 (a collective)
+
+    optims = {name: (m, o.optimizer) for name, (m, o) in trained.items()}
+    stepped = stepped_optimizers(optims)
 
     def hf_layout() -> None:
         plain = unwrap(model)
@@ -165,10 +174,11 @@ def _save(path: Path, model: torch.nn.Module, tokenizer, cfg: TrainConfig, state
             tokenizer.save_pretrained(tmp / "merged")
         save_config(cfg, tmp / "grouprl.yaml")
         schedulers = {name: o.scheduler.state_dict() for name, (_, o) in trained.items()}
-        (tmp / "trainer_state.json").write_text(json.dumps(state | {"schedulers": schedulers}, indent=1))
-    _on_main(hf_layout)
+        (tmp / "trainer_state.json").write_text(json.dumps(state | {"schedulers": schedulers,
+                                                                    "optimizers_stepped": stepped}, indent=1))
+    on_main(hf_layout)
     if trained:
-        save_trained({name: (m, o.optimizer) for name, (m, o) in trained.items()}, tmp / "dcp")
+        save_trained(optims, tmp / "dcp", stepped)
     fault_point("checkpoint:optimizer")
     if extra is not None:
         extra(tmp)
@@ -176,8 +186,8 @@ def _save(path: Path, model: torch.nn.Module, tokenizer, cfg: TrainConfig, state
 
     def rng_state() -> None:
         rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state()
+        if torch.cuda.is_available():  # one process: every device's; a rank: its own device's
+            rng["cuda"] = torch.cuda.get_rng_state_all() if world_size() == 1 else torch.cuda.get_rng_state()
         torch.save(rng, tmp / rng_file(rank()))
     error = None
     try:
@@ -203,7 +213,7 @@ def _save(path: Path, model: torch.nn.Module, tokenizer, cfg: TrainConfig, state
         _fsync(path.parent)
         _fsync(path.parent.parent)  # checkpoints/ itself may be new
         shutil.rmtree(old, ignore_errors=True)
-    _on_main(commit)
+    on_main(commit)
     return path
 
 
@@ -292,8 +302,8 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
 
 def load_trainer_state(path: Path) -> tuple[dict, dict | None, dict]:
     """(trainer_state, the optimizer states of a checkpoint written before dcp/ (optimizer.pt) or None, this
-    rank's RNG state: its own file when the checkpoint was written at this world size, else rank 0's);
-    tensors only."""
+    rank's RNG state: its own file when there is one, else rank 0's (a checkpoint written by fewer ranks: a
+    resume at another world size is not bit-exact anyway)); tensors only."""
     state = json.loads((path / "trainer_state.json").read_text())
     opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True) \
         if (path / "optimizer.pt").exists() and not (path / "dcp").exists() else None

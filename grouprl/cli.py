@@ -93,7 +93,8 @@ def train(
     Ctrl-C (or SIGTERM) stops after the current step with a checkpoint (exit 130); a second one at once."""
     out = "OUTPUT_DIR"
     if nproc > 1:
-        _launch(nproc, sys.argv[sys.argv.index("train"):] if "train" in sys.argv else None, config, set_)
+        _launch(nproc, sys.argv[sys.argv.index("train"):] if "train" in sys.argv else None,
+                config or (resume / "grouprl.yaml" if resume is not None else None), set_)
     try:
         import torch.distributed as dist
 
@@ -148,7 +149,7 @@ def _launch(nproc: int, argv: list[str] | None, config: Optional[Path], sets: Op
     try:
         from grouprl.config import load_config
 
-        timeout = load_config(config, list(sets or [])).distributed.timeout_s if config else 600.0
+        timeout = load_config(config, list(sets or [])).distributed.timeout_s if config and config.is_file() else 600.0
     except UserError as e:
         _fail(e)
     code, line = launch(nproc, args, timeout)

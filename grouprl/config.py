@@ -295,7 +295,7 @@ def world_problems(cfg: TrainConfig, world: int, strategy: str) -> list[str]:
         if cfg.save_merged:
             out.append("save_merged is not supported with distributed.strategy=fsdp2: merge the saved adapter "
                        "afterwards (grouprl eval loads adapters), or use ddp")
-    if cfg.distributed.cpu_offload and strategy != "fsdp2":
+    if world > 1 and cfg.distributed.cpu_offload and strategy != "fsdp2":
         out.append(f"distributed.cpu_offload needs distributed.strategy=fsdp2 (got {strategy})")
     return out
 

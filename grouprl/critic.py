@@ -22,9 +22,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from grouprl.checkpoint import export_pretrained, export_state, load_weights
+from grouprl.checkpoint import export_pretrained, export_state, load_weights, on_main
 from grouprl.config import DistributedConfig, TrainConfig
-from grouprl.distributed import is_main, unwrap, wrap
+from grouprl.distributed import unwrap, wrap
 from grouprl.logprobs import TokenLogprobs, forward_groups
 from grouprl.models import add_lora, load_causal_lm, resolve_model_path
 from grouprl.rollout import Rollout
@@ -66,7 +66,7 @@ class Critic:
         """Under torchrun: the head, and a separate value model, made data parallel as the policy is."""
         if not self.shared:
             self.model = wrap(self.model, cfg)
-        self.head = wrap(self.head, cfg)
+        self.head = wrap(self.head, cfg, mixed=False)  # V in float32 (the head reads hidden.float())
 
     def modules(self) -> list[nn.Module]:
         """The (wrapped) modules that its optimizer trains."""
@@ -98,8 +98,7 @@ class Critic:
         folder = checkpoint if self.shared else checkpoint / "critic"
         if not self.shared:
             export_pretrained(self.model, folder)
-        if is_main():
-            save_file(head, folder / VALUE_HEAD_FILE)
+        on_main(lambda: save_file(head, folder / VALUE_HEAD_FILE))
 
     def load(self, checkpoint: Path) -> None:
         """Resume from a checkpoint written before sharded state: the weights that `save` wrote."""
@@ -130,6 +129,10 @@ def load_critic(cfg: TrainConfig, policy: nn.Module) -> Critic:
         model = PeftModel.from_pretrained(model, path, is_trainable=True)
     elif lora.enabled:
         model = add_lora(model, lora)
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if out is not None and inp is not None and out.weight is not inp.weight:
+        out.weight.requires_grad_(False)  # V reads hidden states: an untied LM head gets no gradient (DDP
+        # would wait for it), and needs no AdamW state
     head = ValueHead(_hidden_size(model), device)
     saved = Path(path) / VALUE_HEAD_FILE
     if saved.is_file():

@@ -165,11 +165,12 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in base.modules() if type(m).__name__ in names]
 
 
-def wrap(model: nn.Module, cfg: DistributedConfig, trainable: bool = True) -> nn.Module:
+def wrap(model: nn.Module, cfg: DistributedConfig, trainable: bool = True, mixed: bool = True) -> nn.Module:
     """Make `model` data parallel across the job: DDP (a replica per rank, gradients all-reduced) or FSDP2
     (`fully_shard` per decoder layer, then the root: parameters, gradients and optimizer state sharded).
     A frozen model (the reference) is sharded under FSDP2 and left as is under DDP. One process: unchanged.
-    cfg.strategy is already resolved (not 'auto')."""
+    cfg.strategy is already resolved (not 'auto'); mixed=False keeps FSDP2's compute in the weights' dtype
+    (the float32 value head)."""
     strategy = cfg.strategy
     if world_size() == 1 or (strategy == "ddp" and not trainable):
         return model
@@ -188,7 +189,7 @@ def wrap(model: nn.Module, cfg: DistributedConfig, trainable: bool = True) -> nn
     if cfg.cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
     on_cuda = next(model.parameters()).device.type == "cuda"
-    if cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and on_cuda):
+    if mixed and (cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and on_cuda)):
         # compute in bf16, reduce gradients in float32; the weights and AdamW stay in the model's dtype
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for layer in decoder_layers(model):
@@ -248,32 +249,38 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor] | None:
     return {k: v for k, v in full.items() if k in own}
 
 
-def barrier() -> None:
-    if world_size() > 1:
-        dist.barrier()
-
-
-def trained_state(parts: dict[str, tuple[nn.Module, torch.optim.Optimizer]]) -> dict:
+def trained_state(parts: dict[str, tuple[nn.Module, torch.optim.Optimizer]], stepped: set[str]) -> dict:
     """{name: {"model": trainable weights, "optim": optimizer state}} keyed by parameter name (FQN), sharded
-    as the job holds them: what DCP saves and loads, at any world size."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    as the job holds them: what DCP saves and loads, at any world size. Only the optimizers named in
+    `stepped` have an "optim" entry: asking torch for the state of an optimizer that has never stepped
+    makes it take a step with lr 0 (zero moments, step 1), which would change the first real step."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
 
+    options = StateDictOptions(ignore_frozen_params=True)
     out = {}
     for name, (module, optimizer) in parts.items():
-        msd, osd = get_state_dict(module, [optimizer], options=StateDictOptions(ignore_frozen_params=True))
-        out[name] = {"model": msd, "optim": osd}
+        out[name] = {"model": get_model_state_dict(module, options=options)}
+        if name in stepped:
+            out[name]["optim"] = get_optimizer_state_dict(module, optimizer, options=options)
     return out
 
 
-def save_trained(parts: dict[str, tuple[nn.Module, torch.optim.Optimizer]], folder) -> None:
-    """Write the trained weights and optimizer states with torch.distributed.checkpoint (each rank its shards)."""
+def stepped_optimizers(parts: dict[str, tuple[nn.Module, torch.optim.Optimizer]]) -> list[str]:
+    """The names of the optimizers that have state (have taken a step)."""
+    return sorted(name for name, (_, optimizer) in parts.items() if optimizer.state)
+
+
+def save_trained(parts: dict[str, tuple[nn.Module, torch.optim.Optimizer]], folder, stepped: list[str]) -> None:
+    """Write the trained weights, and the states of the optimizers in `stepped`, with
+    torch.distributed.checkpoint (each rank its shards)."""
     import warnings
 
     import torch.distributed.checkpoint as dcp
 
     with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
         warnings.filterwarnings("ignore", message=".*single process.*")
-        dcp.save(trained_state(parts), checkpoint_id=str(folder))
+        dcp.save(trained_state(parts, set(stepped)), checkpoint_id=str(folder))
 
 
 def _fqn(name: str) -> str:
@@ -281,22 +288,25 @@ def _fqn(name: str) -> str:
     return ".".join(p for p in name.split(".") if p != "module")
 
 
-def load_trained(parts: dict[str, tuple[nn.Module, torch.optim.Optimizer]], folder) -> None:
-    """Read what save_trained wrote, resharded to this job's world size and strategy."""
+def load_trained(parts: dict[str, tuple[nn.Module, torch.optim.Optimizer]], folder, stepped: list[str]) -> None:
+    """Read what save_trained wrote, resharded to this job's world size and strategy; the optimizers not in
+    `stepped` (they had not stepped when saved) are left without state, as they were."""
     import warnings
 
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
 
-    state = trained_state(parts)
+    state = trained_state(parts, set(stepped))
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message=".*single process.*")
         dcp.load(state, checkpoint_id=str(folder))
+    # not strict: the frozen weights (a LoRA base) are not in the checkpoint; everything else must be
+    options = StateDictOptions(ignore_frozen_params=True, strict=False)
     for name, (module, optimizer) in parts.items():
         frozen = {_fqn(n) for n, p in module.named_parameters() if not p.requires_grad}
-        # not strict: the frozen weights (a LoRA base) are not in the checkpoint; everything else must be
-        missing, unexpected = set_state_dict(
-            module, [optimizer], model_state_dict=state[name]["model"], optim_state_dict=state[name]["optim"],
-            options=StateDictOptions(ignore_frozen_params=True, strict=False))
+        missing, unexpected = set_model_state_dict(module, state[name]["model"], options=options)
         missing = [k for k in missing if _fqn(k) not in frozen]
         assert not missing and not unexpected, (name, missing[:3], unexpected[:3])
+        if "optim" in state[name]:
+            set_optimizer_state_dict(module, optimizer, state[name]["optim"], options=options)

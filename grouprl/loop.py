@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint import CheckpointException
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
@@ -117,12 +116,21 @@ def _refuse(problems: list[str]) -> None:
 def _restore(ckpt: Path, learner: Learner) -> dict:
     """Put a checkpoint's trained weights, optimizers, schedulers, learner state and this rank's RNG back;
     returns its trainer state. dcp/ is read at any world size and strategy; a checkpoint written before
-    dcp/ existed (HF-layout weights and optimizer.pt) only where every rank holds the whole model."""
+    dcp/ existed (HF-layout weights and optimizer.pt) only where every rank holds the whole model.
+    Each rank first reads its own files, and all agree before the collective read of dcp/."""
+    from torch.distributed.checkpoint import CheckpointException  # (a BaseException)
+
+    error = None
     try:
         state, optim_state, rng = load_trainer_state(ckpt)
+    except Exception as e:  # a file damaged after it was committed (a disk fault, a hand edit)
+        error = str(damaged(ckpt, e))
+    agree(error)
+    try:
         parts = learner.trained()
         if (ckpt / "dcp").is_dir():
-            load_trained({name: (m, o.optimizer) for name, (m, o) in parts.items()}, ckpt / "dcp")
+            load_trained({name: (m, o.optimizer) for name, (m, o) in parts.items()}, ckpt / "dcp",
+                         state.get("optimizers_stepped", list(parts)))
             for name, (_, o) in parts.items():
                 o.scheduler.load_state_dict(state["schedulers"][name])
         elif any(is_fsdp(m) for m, _ in parts.values()):
@@ -132,14 +140,17 @@ def _restore(ckpt: Path, learner: Learner) -> dict:
             load_weights(unwrap(learner.policy), ckpt)
             learner.load_legacy(ckpt, optim_state)
         learner.load(state)
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            cuda = rng["cuda"]  # one device's state (a list of all devices' in checkpoints before dcp/)
-            torch.cuda.set_rng_state(cuda[torch.cuda.current_device()] if isinstance(cuda, list) else cuda)
     except UserError:
         raise
-    except (Exception, CheckpointException) as e:  # a file damaged after it was committed (a disk fault, a hand
-        raise damaged(ckpt, e) from None  # edit); DCP's exception is a BaseException
+    except (Exception, CheckpointException) as e:
+        raise damaged(ckpt, e) from None
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        cuda = rng["cuda"]  # one process: every device's (a list); a rank: its own device's
+        if isinstance(cuda, list) and world_size() == 1:
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            torch.cuda.set_rng_state(cuda[torch.cuda.current_device()] if isinstance(cuda, list) else cuda)
     return state
 
 
@@ -286,7 +297,7 @@ def _train(cfg: TrainConfig, console: Console, out: Path, start: float, locks: l
                     raise Stopped(f"stopped by {stop.requested or 'another rank'} before step {step}: nothing new to save; start "
                                   f"again with: grouprl train --resume {out}")
                 t0 = time.perf_counter()
-                batch = sample_and_score(policy, tokenizer, task, rewards, stream, cfg, step,
+                batch = sample_and_score(policy, tokenizer, task, rewards, stream, cfg, step, device,
                                          learner.resamples_flat_groups, learner.max_sampling_rounds)
                 t1 = time.perf_counter()
                 upd, adv = learner.update(batch.rollout, batch.total, step)
@@ -315,9 +326,11 @@ def _train(cfg: TrainConfig, console: Console, out: Path, start: float, locks: l
                                       f"{upd['nonfinite_steps']} optimizer step(s) skipped")
                 if bad_streak >= cfg.max_nonfinite_steps:  # the same count on every rank (all-reduced)
                     last = latest_checkpoint(out)
-                    raise UserError(f"{bad_streak} steps in a row had a non-finite loss or gradient norm (up to step "
+                    err = UserError(f"{bad_streak} steps in a row had a non-finite loss or gradient norm (up to step "
                                     f"{step}): stopped; the last good checkpoint is {last or 'none'}. Lower optim.lr, "
                                     "check the rewards' scale, or use float32")
+                    err.everywhere = True  # the streak is counted from all-reduced flags: every rank stops here
+                    raise err
                 if step == cfg.steps:
                     break
                 stopping = any_rank(bool(stop.requested), device)  # every rank stops after the same step

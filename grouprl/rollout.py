@@ -187,10 +187,12 @@ def generate(
     greedy: bool = False,
     prefill: str = "",
     seeds: list[int] | None = None,
+    device: torch.device | None = None,
 ) -> Rollout:
     """Sample `group_size` completions for each chat-formatted prompt (which ends with `prefill`); with
-    `seeds` (one per prompt), each group's draws come from its own generator (see `sample`)."""
-    device = next(model.parameters()).device
+    `seeds` (one per prompt), each group's draws come from its own generator (see `sample`). device: where
+    the model computes (default: where its first parameter is)."""
+    device = device or next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     prompt_ids = enc.input_ids.repeat_interleave(group_size, 0)  # (N, P)
     prompt_mask = enc.attention_mask.repeat_interleave(group_size, 0)

@@ -91,3 +91,27 @@ def test_resume_with_other_settings_is_refused(tiny_model, toy_data, toy_reward,
     changed = small(tiny_model, toy_data, toy_reward, out, "grpo", 3) + ["algo=ppo", "optim.lr=0.1"]
     with pytest.raises(UserError, match=r"other settings \(algo, optim.lr\)"):
         train(load_config(None, changed), Console(quiet=True), resume=True)
+
+
+def test_a_checkpoint_before_the_first_optimizer_step_changes_nothing(tiny_model, toy_data, toy_reward, tmp_path):
+    """During PPO's critic warm-up the policy's optimizer has not stepped. Saving must not give it state (torch
+    builds one with a step at lr 0, after which the first real step would be about 0.7x as large), and a resume
+    from there must leave it without state too."""
+    def cfg(out, save_every, steps=3):
+        return load_config(None, toy_config(tiny_model, toy_data, toy_reward, out, **{
+            "steps": steps, "rollout.group_size": 4, "rollout.prompts_per_step": 2, "rollout.max_new_tokens": 8,
+            "algo": "ppo", "ppo.critic_warmup_steps": 2, "save_every": save_every}))
+    quiet = Console(quiet=True)
+    plain = train(cfg(tmp_path / "a", 0), quiet)
+    saved = train(cfg(tmp_path / "b", 1), quiet)
+    state = json.loads((tmp_path / "b" / "checkpoints" / "step-000001" / "trainer_state.json").read_text())
+    assert state["optimizers_stepped"] == ["critic"]
+    a, b = weights(plain.final_checkpoint), weights(saved.final_checkpoint)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    import shutil
+
+    shutil.rmtree(tmp_path / "b" / "final")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-000002")
+    resumed = train(cfg(tmp_path / "b", 1), quiet, resume=True)  # from step 1, inside the warm-up
+    c = weights(resumed.final_checkpoint)
+    assert all(torch.equal(a[k], c[k]) for k in a)
