@@ -139,8 +139,14 @@ def _disk_full(path: Path) -> bool:
 
 def on_main(fn: Callable[[], None]) -> None:
     """Run fn on rank 0 and let every rank learn whether it failed (so none waits at the next collective)."""
+    _write(fn, here=is_main())
+
+
+def _write(fn: Callable[[], None], here: bool) -> None:
+    """Run the write fn where `here` is true; a failure on any rank is raised on every rank (agree). One
+    process: the error itself, for save_checkpoint to word."""
     error = None
-    if is_main():
+    if here:
         try:
             fn()
         except (OSError, RuntimeError, SafetensorError) as e:
@@ -189,14 +195,7 @@ def _save(path: Path, model: torch.nn.Module, tokenizer, cfg: TrainConfig, state
         if torch.cuda.is_available():  # one process: every device's; a rank: its own device's
             rng["cuda"] = torch.cuda.get_rng_state_all() if world_size() == 1 else torch.cuda.get_rng_state()
         torch.save(rng, tmp / rng_file(rank()))
-    error = None
-    try:
-        rng_state()
-    except (OSError, RuntimeError) as e:
-        if world_size() == 1:
-            raise
-        error = first_line(e)
-    agree(error)
+    _write(rng_state, here=True)  # each rank its own
 
     def commit() -> None:
         _fsync_tree(tmp)

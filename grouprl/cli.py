@@ -99,7 +99,7 @@ def train(
         import torch.distributed as dist
 
         from grouprl.config import load_config
-        from grouprl.distributed import shutdown
+        from grouprl.distributed import first_line, shutdown
         from grouprl.loop import train as run
 
         sets = list(set_ or []) + ([f"algo={algo}"] if algo is not None else [])
@@ -116,10 +116,11 @@ def train(
         shutdown()
     except UserError as e:
         _fail(e)
-    except dist.DistError as e:  # another rank died or hung past distributed.timeout_s
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        _fail(UserError(f"lost contact with another rank ({first[:200]}); see that rank's output above; the "
-                        f"checkpoints written so far are intact: grouprl train --resume {out}"), 1)
+    except RuntimeError as e:  # another rank died, or hung past distributed.timeout_s
+        if not (dist.is_initialized() and _lost_contact(e)):
+            raise
+        _fail(UserError(f"lost contact with another rank ({first_line(e)[:200]}); see that rank's output above; "
+                        f"the checkpoints written so far are intact: grouprl train --resume {out}"), 1)
     except OSError as e:
         _fail(_io_error(e))
     except Stopped as e:
@@ -130,6 +131,15 @@ def train(
         err = UserError(f"stopped at once; the checkpoints written so far are intact: grouprl train --resume {out}")
         err.everywhere = True
         _fail(err, 130)
+
+
+def _lost_contact(err: RuntimeError) -> bool:
+    """A collective failed because a peer is gone or silent (gloo and nccl say it in their own words)."""
+    import torch.distributed as dist
+
+    text = str(err)
+    return isinstance(err, dist.DistError) or any(s in text for s in (
+        "Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out", "timed out", "NCCL"))
 
 
 def _launch(nproc: int, argv: list[str] | None, config: Optional[Path], sets: Optional[list[str]]) -> None:
