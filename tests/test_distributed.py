@@ -47,6 +47,8 @@ CASES = {  # name -> settings; every run is compared with the same settings in o
     "ppo-ddp-separate": {"algo": "ppo", "distributed.strategy": "ddp", "ppo.kl_target": 0.01, "ppo.epochs": 2,
                          "ppo.minibatches": 2},
     "ppo-fsdp-head": {"algo": "ppo", "distributed.strategy": "fsdp2", "ppo.critic.kind": "head", "ppo.epochs": 2},
+    "ppo-ddp-lora": {"algo": "ppo", "distributed.strategy": "ddp", "model.lora.enabled": True, "optim.lr": 1e-2,
+                     "ppo.kl_coef": 0.05},  # a LoRA critic of its own, the adapter-off reference
 }
 MATCH = ["reward", "loss", "grad_norm", "kl", "entropy", "clip_frac", "ratio", "completion_len", "zero_std_frac",
          "value_loss", "explained_var", "critic_grad_norm", "kl_coef", "approx_kl"]
@@ -112,6 +114,9 @@ def setup(tiny_model, toy_data, toy_reward, tmp_path_factory):
     jobs.append(str(config("resume-w2", tmp / "two" / "resumed", **CASES["ddp-full-seqmean"], steps=1)))
     jobs.append(str(config("resume-w2-more", tmp / "two" / "resumed", **CASES["ddp-full-seqmean"])) + ":resume")
     jobs.append(str(config("fsdp-at-1", tmp / "two" / "fsdp-at-1", **CASES["fsdp-full-constant"], steps=1)))
+    jobs.append(str(config("fsdp-resume-w2", tmp / "two" / "fsdp-resumed", **CASES["fsdp-full-constant"], steps=1)))
+    jobs.append(str(config("fsdp-resume-w2-more", tmp / "two" / "fsdp-resumed", **CASES["fsdp-full-constant"]))
+                + ":resume")
     start = time.time()
     done = torchrun(str(Path(__file__).parent / "dist_worker.py"), *jobs)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
@@ -139,11 +144,13 @@ def test_dynamic_sampling_refilled_across_ranks(setup):
     assert any(0 < x["zero_std_frac"] for x in m), m
 
 
-def test_a_resume_at_world_size_2_equals_the_uninterrupted_run(setup):
-    a, b = setup / "two" / "ddp-full-seqmean" / "final", setup / "two" / "resumed" / "final"
+@pytest.mark.parametrize("case, resumed", [("ddp-full-seqmean", "resumed"), ("fsdp-full-constant", "fsdp-resumed")])
+def test_a_resume_at_world_size_2_equals_the_uninterrupted_run(case, resumed, setup):
+    """Stopped after step 1 and resumed by 2 ranks (DDP; FSDP2 with mu = 2 and two minibatches): bit for bit."""
+    a, b = setup / "two" / case / "final", setup / "two" / resumed / "final"
     wa, wb = weights(a), weights(b)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert_same_metrics(setup / "two" / "ddp-full-seqmean", setup / "two" / "resumed")
+    assert_same_metrics(setup / "two" / case, setup / "two" / resumed)
 
 
 def test_a_run_saved_at_world_size_2_resumes_at_world_size_1(setup, tmp_path):
