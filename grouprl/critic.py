@@ -26,7 +26,7 @@ from grouprl.checkpoint import export_pretrained, export_state, load_weights, on
 from grouprl.config import DistributedConfig, TrainConfig
 from grouprl.distributed import unwrap, wrap
 from grouprl.logprobs import TokenLogprobs, forward_groups
-from grouprl.models import add_lora, load_causal_lm, resolve_model_path
+from grouprl.models import add_lora, checkpoint_activations, load_causal_lm, resolve_model_path
 from grouprl.rollout import Rollout
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -120,8 +120,7 @@ def load_critic(cfg: TrainConfig, policy: nn.Module) -> Critic:
     base = json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.is_file() else path
     model = load_causal_lm(resolve_model_path(base), cfg.model)
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
+        checkpoint_activations(model)
     lora = spec.lora if spec.lora is not None else cfg.model.lora
     if adapter.is_file():  # a LoRA critic saved by grouprl: its base, with the adapter trainable again
         from peft import PeftModel

@@ -172,6 +172,13 @@ def load_causal_lm(path: str, cfg: ModelConfig) -> PreTrainedModel:
     return model.to(device)
 
 
+def checkpoint_activations(model: PreTrainedModel) -> None:
+    """Recompute each block's activations in the backward (transformers' own, under its newer name where it
+    has one), and no KV cache in the training forward."""
+    getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+    model.config.use_cache = False
+
+
 def add_lora(model: PreTrainedModel, lora: LoraConfig) -> PreTrainedModel:
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
@@ -191,8 +198,7 @@ def load_policy(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerB
     tok = load_tokenizer(path, cfg.trust_remote_code)
     model = load_causal_lm(path, cfg)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
+        checkpoint_activations(model)
     if cfg.lora.enabled:
         model = add_lora(model, cfg.lora)
     if model.generation_config.pad_token_id is None:

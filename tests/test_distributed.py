@@ -41,7 +41,7 @@ CASES = {  # name -> settings; every run is compared with the same settings in o
     "fsdp-lora-seqmean": {"distributed.strategy": "fsdp2", "model.lora.enabled": True, "grpo.beta": 0.04,
                           "grpo.advantage": "rloo", "optim.lr": 1e-2},
     "fsdp-full-checkpointed": {"distributed.strategy": "fsdp2", "model.gradient_checkpointing": True,
-                               "grpo.beta": 0.04, "grpo.advantage": "rank"},
+                               "grpo.beta": 0.04, "grpo.advantage": "rank", "grpo.ref_refresh_steps": 1},
     "ddp-dynamic": {"distributed.strategy": "ddp", "grpo.dynamic_sampling": True, "grpo.max_sampling_rounds": 3,
                     "grpo.loss_agg": "token_mean", "rewards": "HAS_A"},
     "ppo-ddp-separate": {"algo": "ppo", "distributed.strategy": "ddp", "ppo.kl_target": 0.01, "ppo.epochs": 2,
