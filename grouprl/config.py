@@ -107,6 +107,11 @@ class RolloutConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling. The logprobs and the KL use the full "
                          "tempered distribution, not the truncated one (as TRL does): keep 1.0 for exact ratios.")
     top_k: int = Field(0, ge=0, description="Top-k sampling; 0 disables it (same caveat as top_p).")
+    engine: Literal["auto", "grouprl", "hf"] = Field(
+        "auto", description="What samples: grouprl (a KV-cached loop: one prefill per prompt, finished rows leave "
+        "the batch, seeded per prompt), hf (transformers' generate), or auto (grouprl on the CPU, hf on CUDA, "
+        "as measured by benchmarks/speed.py; hf for models whose cache cannot be re-indexed). The trainer "
+        "recomputes the log-probs it trains on, so the engine changes speed, not the loss.")
 
 
 AdvantageName = Literal["zscore", "mean", "rloo", "rank", "batch_std"]

@@ -30,6 +30,7 @@ def test_train_writes_metrics_completions_and_a_loadable_checkpoint(tiny_model, 
     out = tmp_path / "run"
     res = run("train", *base_sets(tiny_model, toy_data, out), "--set", "save_every=1")
     assert res.exit_code == 0, res.output
+    assert "rollout engine: grouprl (auto)" in " ".join(res.output.split())  # the choice, logged
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2]
     for key in ("reward", "reward/soft_format", "reward_std/correctness", "zero_std_frac", "kl", "clip_frac",
