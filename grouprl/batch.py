@@ -13,7 +13,7 @@ import torch
 
 from grouprl.advantages import zero_std_groups
 from grouprl.config import TrainConfig
-from grouprl.distributed import agree_errors, gather_objects, gathered, shard, world_size
+from grouprl.distributed import agree_errors, first_line, gather_objects, gathered, shard, world_size
 from grouprl.errors import UserError
 from grouprl.rewards import RewardSet
 from grouprl.rollout import Rollout, concat, generate, select
@@ -88,7 +88,8 @@ def _to(r: Rollout, device) -> Rollout:
 
 def _sample_slice(policy, tokenizer, task: Task, rewards: RewardSet, rows: list[dict], cfg: TrainConfig,
                   seeds: list[int], device: torch.device) -> Scored:
-    """G completions for each of `rows` (this rank's slice of a round), scored; tensors on the CPU."""
+    """G completions for each of `rows` (this rank's slice of a round), scored; under torchrun the tensors are
+    moved to the CPU to be gathered."""
     ro = cfg.rollout
     prompts = [task.chat_prompt(tokenizer, r, cfg.task.prefill) for r in rows]
     t0 = time.perf_counter()
@@ -99,7 +100,8 @@ def _sample_slice(policy, tokenizer, task: Task, rewards: RewardSet, rows: list[
     seq_rows = [rows[i] for i in rollout.prompt_index]
     seq_prompts = [prompts[i] for i in rollout.prompt_index]
     per_fn, total = rewards.score(seq_prompts, rollout.completions, columns_of(seq_rows))
-    return Scored(_to(rollout, "cpu"), seq_rows, seq_prompts, per_fn, total, 0.0, gen_seconds=t1 - t0,
+    gatherable = _to(rollout, "cpu") if world_size() > 1 else rollout  # pickled for the other ranks
+    return Scored(gatherable, seq_rows, seq_prompts, per_fn, total, 0.0, gen_seconds=t1 - t0,
                   score_seconds=time.perf_counter() - t1, generated_tokens=rollout.lengths.sum().item())
 
 
@@ -118,8 +120,7 @@ def _sample_round(policy, tokenizer, task: Task, rewards: RewardSet, rows: list[
             raise
         if not isinstance(e, UserError):
             traceback.print_exc()
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        error = first if isinstance(e, UserError) else f"{type(e).__name__}: {first} (traceback above)"
+        error = first_line(e) if isinstance(e, UserError) else f"{type(e).__name__}: {first_line(e)} (traceback above)"
     pieces = gather_objects((piece, error))
     agree_errors([e for _, e in pieces])
     done = [p for p, _ in pieces if p is not None]

@@ -164,14 +164,12 @@ def _save(path: Path, model: torch.nn.Module, tokenizer, cfg: TrainConfig, state
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     on_main(start)
-    full = full_state_dict(model)  # gathered from the shards under FSDP2 (a collective)
-
+    export_pretrained(model, tmp)  # the weights gathered from the shards under FSDP2 (a collective)
     optims = {name: (m, o.optimizer) for name, (m, o) in trained.items()}
     stepped = stepped_optimizers(optims)
 
     def hf_layout() -> None:
         plain = unwrap(model)
-        plain.save_pretrained(tmp, safe_serialization=True, **({"state_dict": full} if full else {}))
         tokenizer.save_pretrained(tmp)
         fault_point("checkpoint:weights")
         if merged and hasattr(plain, "merge_and_unload"):

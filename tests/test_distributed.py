@@ -178,16 +178,22 @@ def error_lines(log: str) -> list[str]:
     return [line for line in log.splitlines() if line.startswith("error:")]
 
 
-def test_a_rank_that_raises_stops_the_job_with_one_line(setup, tmp_path):
+def job_where_rank_1_fails(setup, tmp_path, failure: str) -> tuple[int, str, float]:
+    """`grouprl train --nproc 2` with a reward function that runs `failure` on rank 1 at its third call (the
+    start-up probe, step 1, then step 2) and scores 0.5 otherwise."""
     bad = tmp_path / "bad.py"
-    bad.write_text("import os\ncalls = 0\ndef flaky(prompts, completions, **kw):\n    global calls\n    calls += 1\n"
-                   "    if os.environ.get('RANK') == '1' and calls == 3:  # the probe, step 1, then step 2\n"
-                   "        raise ValueError('no score for this one')\n    return [0.5] * len(completions)\n")
+    bad.write_text(f"import os\ncalls = 0\ndef flaky(prompts, completions, **kw):\n    global calls\n"
+                   f"    calls += 1\n    if os.environ.get('RANK') == '1' and calls == 3:\n        {failure}\n"
+                   "    return [0.5] * len(completions)\n")
     cfg = load_config(setup / "ddp-full-seqmean.yaml", [f"output_dir={tmp_path / 'out'}",
                                                          f"rewards=[{{name: '{bad}:flaky'}}]",
                                                          "distributed.timeout_s=30"])
     save_config(cfg, tmp_path / "c.yaml")
-    rc, log, seconds = grouprl_nproc("--config", str(tmp_path / "c.yaml"))
+    return grouprl_nproc("--config", str(tmp_path / "c.yaml"))
+
+
+def test_a_rank_that_raises_stops_the_job_with_one_line(setup, tmp_path):
+    rc, log, seconds = job_where_rank_1_fails(setup, tmp_path, "raise ValueError('no score for this one')")
     lines = error_lines(log)
     assert rc == 2 and len(lines) == 1, log[-3000:]
     assert "rank 1:" in lines[0] and "no score for this one" in lines[0] and "flaky" in lines[0], lines
@@ -196,15 +202,7 @@ def test_a_rank_that_raises_stops_the_job_with_one_line(setup, tmp_path):
 
 
 def test_a_rank_that_dies_stops_the_job_within_the_timeout(setup, tmp_path):
-    bad = tmp_path / "bad.py"
-    bad.write_text("import os\ncalls = 0\ndef dies(prompts, completions, **kw):\n    global calls\n    calls += 1\n"
-                   "    if os.environ.get('RANK') == '1' and calls == 3:\n        os._exit(3)\n"
-                   "    return [0.5] * len(completions)\n")
-    cfg = load_config(setup / "ddp-full-seqmean.yaml", [f"output_dir={tmp_path / 'out'}",
-                                                         f"rewards=[{{name: '{bad}:dies'}}]",
-                                                         "distributed.timeout_s=30"])
-    save_config(cfg, tmp_path / "c.yaml")
-    rc, log, seconds = grouprl_nproc("--config", str(tmp_path / "c.yaml"))
+    rc, log, seconds = job_where_rank_1_fails(setup, tmp_path, "os._exit(3)")
     assert rc != 0 and seconds < 120, log[-3000:]
     lines = error_lines(log)
     assert len(lines) == 1 and "rank 1" in lines[0], log[-3000:]
