@@ -95,7 +95,8 @@ def _sample_slice(policy, tokenizer, task: Task, rewards: RewardSet, rows: list[
     t0 = time.perf_counter()
     rollout = generate(policy, tokenizer, prompts, group_size=ro.group_size, max_new_tokens=ro.max_new_tokens,
                        temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k, prefill=cfg.task.prefill,
-                       seeds=seeds, device=device, engine=ro.engine)
+                       seeds=seeds, device=device, engine=ro.engine,
+                       static_cache=ro.static_cache, compile=ro.compile)
     t1 = time.perf_counter()
     seq_rows = [rows[i] for i in rollout.prompt_index]
     seq_prompts = [prompts[i] for i in rollout.prompt_index]

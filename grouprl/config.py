@@ -50,6 +50,9 @@ class ModelConfig(Section):
     )
     device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'...")
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model repo.")
+    attn_implementation: str = Field(
+        "auto", description="Attention kernel: auto (flash_attention_2 on CUDA when the flash-attn package is "
+        "installed, else sdpa), sdpa, eager, flash_attention_2, flash_attention_3, or a kernels-hub name.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings.")
 
@@ -107,11 +110,20 @@ class RolloutConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling. The logprobs and the KL use the full "
                          "tempered distribution, not the truncated one (as TRL does): keep 1.0 for exact ratios.")
     top_k: int = Field(0, ge=0, description="Top-k sampling; 0 disables it (same caveat as top_p).")
-    engine: Literal["auto", "grouprl", "hf"] = Field(
-        "auto", description="What samples: grouprl (a KV-cached loop: one prefill per prompt, finished rows leave "
-        "the batch, seeded per prompt), hf (transformers' generate), or auto (grouprl on the CPU, hf on CUDA, "
-        "as measured by benchmarks/speed.py; hf for models whose cache cannot be re-indexed). The trainer "
-        "recomputes the log-probs it trains on, so the engine changes speed, not the loss.")
+    engine: Literal["auto", "grouprl", "hf", "cb"] = Field(
+        "auto", description="What samples (grouprl/engines): grouprl (a KV-cached loop: one prefill per prompt, "
+        "finished rows leave the batch, seeded per prompt), hf (transformers' generate), cb (transformers' "
+        "continuous batching: paged attention, G completions forked from one prefill), or auto (the fastest "
+        "measured on the device: grouprl on the CPU, hf on CUDA). The trainer recomputes the log-probs it trains "
+        "on, so the engine changes speed, not the loss.")
+    static_cache: bool = Field(False, description="hf engine: a static KV cache (prompts padded to 64-token buckets).")
+    compile: bool = Field(False, description="hf engine: torch.compile the decoding step (needs static_cache).")
+
+    @model_validator(mode="after")
+    def _compile_needs_static(self):
+        if self.compile and not self.static_cache:
+            raise ValueError("rollout.compile=true needs rollout.static_cache=true (a compiled step needs fixed shapes)")
+        return self
 
 
 AdvantageName = Literal["zscore", "mean", "rloo", "rank", "batch_std"]

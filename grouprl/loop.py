@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from grouprl import engines
 from grouprl.batch import PromptStream, Scored, check_rewards, sample_and_score
 from grouprl.checkpoint import (clean_leftovers, complete_checkpoints, latest_checkpoint, load_trainer_state,
                                 load_weights, prune_checkpoints, save_checkpoint)
@@ -34,7 +35,6 @@ from grouprl.metrics import MetricsLog, Silent, read_metrics, truncate_jsonl
 from grouprl.models import context_length, load_policy, load_tokenizer, resolve_model_path
 from grouprl.ppo import PPO
 from grouprl.rewards import RewardSet
-from grouprl.rollout import pick_engine
 from grouprl.tasks import Task, build_task, default_max_prompt_tokens, fit_prompts
 
 LEARNERS = {"grpo": GRPO, "ppo": PPO}  # cfg.algo -> the update, with the models and optimizers it owns
@@ -279,8 +279,10 @@ def _train(cfg: TrainConfig, console: Console, out: Path, start: float, locks: l
                   f"G={cfg.rollout.group_size}"
                   + (f" on {world} ranks ({cfg.distributed.strategy}, {device.type})" if world > 1 else "")
                   + f" -> {out}" + (f", resumed after step {first_step - 1}" if ckpt is not None else ""))
-    console.print(f"rollout engine: {pick_engine(cfg.rollout.engine, device)}"
-                  + (" (auto)" if cfg.rollout.engine == "auto" else ""))
+    attention = getattr(getattr(learner.policy, "config", None), "_attn_implementation", None)
+    console.print(f"rollout engine: {engines.pick(cfg.rollout.engine, device)}"
+                  + (" (auto)" if cfg.rollout.engine == "auto" else "")
+                  + (f", attention: {attention}" if attention else ""))
     if cfg.model.gradient_checkpointing:
         console.print("activation checkpointing: the update runs each sequence whole, not the prompt-shared forward "
                       "(a recomputed block would append the shared prompt's cache a second time)")

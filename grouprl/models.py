@@ -156,11 +156,20 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
     return tok
 
 
+def pick_attention(name: str, device: torch.device) -> str:
+    """model.attn_implementation 'auto': flash_attention_2 on CUDA when flash-attn is installed (it also runs
+    packed sequences without a mask), else transformers' default, sdpa."""
+    if name != "auto":
+        return name
+    return "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
+
+
 def load_causal_lm(path: str, cfg: ModelConfig) -> PreTrainedModel:
     device = pick_device(cfg.device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=pick_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code
+            path, dtype=pick_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code,
+            attn_implementation=pick_attention(cfg.attn_implementation, device),
         )
     except (SafetensorError, pickle.UnpicklingError, EOFError) as e:  # what a cut or corrupt weights file raises
         raise UserError(f"cannot load model {path!r}: a weights file is truncated or corrupt ({_first_line(e)}); "

@@ -1,0 +1,114 @@
+"""Rollout engines (grouprl/engines): the same greedy rollout from each; sampled tokens whose log-probs, as the
+trainer recomputes them, are the engine's own; temperature, top-k and top-p honoured; auto's choice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from grouprl import engines
+from grouprl.logprobs import forward_groups
+from grouprl.models import load_tokenizer
+from grouprl.rollout import eos_ids, generate
+
+PROMPTS = ["<|user|>say a 1<|end|><|assistant|>", "<|user|>a longer prompt than that<|end|><|assistant|>x",
+           "<|user|>12+7=?<|end|><|assistant|>"]
+
+
+@pytest.fixture(scope="module")
+def model_and_tok(tiny_model):
+    """The tiny model made less uniform, with EOS likely enough that rows end at different steps."""
+    torch.manual_seed(2)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    tok = load_tokenizer(str(tiny_model))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+        model.lm_head.weight[eos_ids(model, tok)[0]] += 0.5
+    return model, tok
+
+
+def _same(a, b):
+    assert a.completions == b.completions
+    c = min(a.completion_len, b.completion_len)  # one engine may pad to a longer row: compare the masks
+    assert torch.equal(a.completion_mask[:, :c], b.completion_mask[:, :c])
+    assert a.completion_mask[:, c:].sum() == 0 and b.completion_mask[:, c:].sum() == 0
+    assert torch.equal(a.input_ids[:, :a.prompt_len + c], b.input_ids[:, :b.prompt_len + c])
+
+
+@pytest.mark.parametrize("options", [{"engine": "hf"}, {"engine": "cb"}, {"engine": "hf", "static_cache": True}])
+def test_every_engine_gives_the_same_greedy_rollout(model_and_tok, options):
+    model, tok = model_and_tok
+    ref = generate(model, tok, PROMPTS, group_size=2, max_new_tokens=12, greedy=True, engine="grouprl")
+    lengths = ref.lengths.tolist()
+    assert len(set(lengths)) >= 3 and ref.truncated.any() and not ref.truncated.all(), lengths
+    _same(generate(model, tok, PROMPTS, group_size=2, max_new_tokens=12, greedy=True, **options), ref)
+
+
+@pytest.mark.parametrize("engine", engines.ENGINES)
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 1.3])
+def test_trainer_logprobs_equal_the_engines_own(model_and_tok, engine, temperature):
+    """The trainer's recomputed log-probs (prompt-shared forward, at the rollout's temperature) are those of
+    the distribution each engine sampled from."""
+    model, tok = model_and_tok
+    torch.manual_seed(0)
+    ro = generate(model, tok, PROMPTS, group_size=4, max_new_tokens=16, temperature=temperature, engine=engine,
+                  with_logprobs=True)
+    assert ro.logprobs.shape == ro.completion_mask.shape and ro.lengths.sum() > 20
+    with torch.no_grad():
+        for shared in (True, False):
+            logp = forward_groups(model, ro, torch.arange(len(ro.completions)), shared_prompt=shared).logp
+            torch.testing.assert_close(logp * ro.completion_mask, ro.logprobs, rtol=0, atol=2e-5)
+    assert (ro.logprobs[ro.completion_mask == 0] == 0).all()
+
+
+@pytest.mark.parametrize("engine", engines.ENGINES)
+def test_top_k_and_top_p_are_honoured(model_and_tok, engine):
+    """top_k=1, or a top_p small enough to keep one token, samples the greedy completion; and the engine's
+    log-prob of a token it was forced to pick is 0."""
+    model, tok = model_and_tok
+    greedy = generate(model, tok, PROMPTS, group_size=3, max_new_tokens=12, greedy=True, engine="grouprl")
+    for warp in ({"top_k": 1}, {"top_p": 1e-6}):
+        torch.manual_seed(1)
+        ro = generate(model, tok, PROMPTS, group_size=3, max_new_tokens=12, temperature=1.3, engine=engine,
+                      with_logprobs=True, **warp)
+        _same(ro, greedy)
+        assert ro.logprobs.abs().max() < 1e-6
+
+
+def test_cb_samples_the_same_after_the_same_seed_and_follows_a_lora_adapter(tiny_model):
+    """Continuous batching is deterministic under torch's seed (all requests are queued before its thread
+    starts), and samples from the adapted policy, merged for sampling like the grouprl engine."""
+    from grouprl.config import LoraConfig, ModelConfig
+    from grouprl.models import load_policy
+
+    policy, tok = load_policy(ModelConfig(name_or_path=str(tiny_model), device="cpu",
+                                          lora=LoraConfig(enabled=True, r=4)))
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        runs.append(generate(policy, tok, PROMPTS, group_size=4, max_new_tokens=12, engine="cb", with_logprobs=True))
+    assert runs[0].completions == runs[1].completions
+    ro = runs[0]
+    logp = forward_groups(policy, ro, torch.arange(len(ro.completions))).logp.detach()
+    torch.testing.assert_close(logp * ro.completion_mask, ro.logprobs, rtol=0, atol=2e-5)
+    greedy = [generate(policy, tok, PROMPTS, group_size=1, max_new_tokens=12, greedy=True, engine=e).completions
+              for e in ("grouprl", "cb")]
+    assert greedy[0] == greedy[1]
+    with policy.disable_adapter():  # the adapter changes what is sampled, and disabled it is not merged in
+        base = [generate(policy, tok, PROMPTS, group_size=1, max_new_tokens=12, greedy=True, engine=e).completions
+                for e in ("grouprl", "cb", "hf")]
+    assert base[0] == base[1] == base[2] != greedy[1]
+
+
+def test_auto_picks_by_device_and_names_are_checked():
+    assert engines.pick("auto", torch.device("cpu")) == "grouprl"
+    assert engines.pick("auto", torch.device("cuda")) == "hf"
+    assert engines.pick("cb", torch.device("cpu")) == "cb"
+    with pytest.raises(ValueError, match="vllm"):
+        engines.pick("vllm", torch.device("cpu"))
