@@ -54,6 +54,11 @@ class ModelConfig(Section):
         "auto", description="Attention kernel: auto (flash_attention_2 on CUDA when the flash-attn package is "
         "installed, else sdpa), sdpa, eager, flash_attention_2, flash_attention_3, or a kernels-hub name.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    update_layout: Literal["auto", "shared", "packed", "padded"] = Field(
+        "auto", description="How the update's forwards lay out a batch: shared (each prompt once per group, its KV "
+        "cache repeated for the G completions), packed (all real tokens in one sequence, position ids restarting "
+        "per sequence: no padding), padded (every row whole). auto: shared, or packed under gradient_checkpointing "
+        "(benchmarks/layouts.py). Same values and gradients in each.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings.")
 
 
@@ -285,6 +290,9 @@ class TrainConfig(Section):
         if critic.kind == "head" and (critic.name_or_path is not None or critic.lora is not None):
             raise ValueError("ppo.critic.name_or_path and ppo.critic.lora need ppo.critic.kind: separate (a 'head' "
                              "critic is a scalar head on the policy's own trunk)")
+        if self.model.gradient_checkpointing and self.model.update_layout == "shared":
+            raise ValueError("model.update_layout=shared cannot run with model.gradient_checkpointing (a recomputed "
+                             "block would append the shared prompt's cache twice): use packed or auto")
         if self.grpo.ref_refresh_steps and self.model.lora.enabled:
             raise ValueError("grpo.ref_refresh_steps needs full fine-tuning: under LoRA the reference is the frozen base")
         return self

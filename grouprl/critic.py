@@ -81,14 +81,14 @@ class Critic:
         if not self.shared:
             self.model.train(mode)
 
-    def values(self, rollout: Rollout, rows: Tensor, shared_prompt: bool,
+    def values(self, rollout: Rollout, rows: Tensor, layout: str,
                policy_out: TokenLogprobs | None = None) -> Tensor:
         """V (n, C) for `rows` (whole groups). A shared head reads the hidden states of `policy_out` (the
         policy forward that also gave logp); without one, the trunk is run without gradient (head only)."""
         if self.shared and policy_out is not None:
             return self.head(policy_out.hidden)
         with torch.no_grad() if self.shared else nullcontext():
-            hidden = forward_groups(self.model, rollout, rows, shared_prompt=shared_prompt, with_logp=False,
+            hidden = forward_groups(self.model, rollout, rows, layout=layout, with_logp=False,
                                     with_hidden=True).hidden
         return self.head(hidden)
 

@@ -18,7 +18,7 @@ from grouprl.advantages import ADVANTAGES
 from grouprl.config import GRPOConfig, TrainConfig
 from grouprl.distributed import wrap
 from grouprl.learner import run_minibatches, sequence_logprobs, shuffle_seed
-from grouprl.logprobs import forward_groups
+from grouprl.logprobs import forward_groups, pick_layout
 from grouprl.losses import Normaliser, grpo_loss
 from grouprl.models import Reference, trainable_parameters
 from grouprl.optim import Optim, make_optimizer
@@ -50,7 +50,7 @@ def grpo_update(
     cfg: GRPOConfig,
     *,
     max_new_tokens: int,
-    shared_prompt: bool = True,
+    layout: str = "shared",
     seed: int = 0,
 ) -> UpdateStats:
     """Run mu x minibatches optimizer steps on the batch. adv: (N,). Returns token-weighted means.
@@ -69,17 +69,17 @@ def grpo_update(
     policy.eval()  # pi_old and pi_ref without dropout
     old_logp = None
     if cfg.mu > 1 or cfg.minibatches > 1:  # pi_old is the policy before this step's first update
-        old_logp = sequence_logprobs(policy, rollout, per_micro, shared_prompt)
+        old_logp = sequence_logprobs(policy, rollout, per_micro, layout)
     ref_logp = None
     if reference is not None and cfg.beta > 0:
         with reference.active() as ref_model:
-            ref_logp = sequence_logprobs(ref_model, rollout, per_micro, shared_prompt)
+            ref_logp = sequence_logprobs(ref_model, rollout, per_micro, layout)
     policy.train()
     prep_time = time.perf_counter() - t0
 
     def micro_step(rows: Tensor, norm: Normaliser) -> tuple[Tensor, dict[str, float]]:
         m = mask[rows]
-        out = forward_groups(policy, rollout, rows, with_entropy=True, shared_prompt=shared_prompt)
+        out = forward_groups(policy, rollout, rows, with_entropy=True, layout=layout)
         old = old_logp[rows] if old_logp is not None else out.logp.detach()
         ref = ref_logp[rows] if ref_logp is not None else None
         loss, s = grpo_loss(out.logp, old, ref, adv[rows], m, norm, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
@@ -110,6 +110,7 @@ class GRPO:
         """policy: the model as loaded; under torchrun it is wrapped here (after the reference is copied and
         before the optimizer is built on the parameters, sharded under FSDP2)."""
         self.cfg = cfg
+        self.layout = pick_layout(cfg.model.update_layout, cfg.model.gradient_checkpointing)
         self.reference = Reference(policy, cfg.model.lora.enabled) if cfg.grpo.beta > 0 else None
         if self.reference is not None and not self.reference.lora:
             self.reference.model = wrap(self.reference.model, cfg.distributed, trainable=False)
@@ -138,7 +139,7 @@ class GRPO:
         c = self.cfg
         adv = ADVANTAGES[c.grpo.advantage](score, rollout.group_size, c.grpo.eps_std)  # (N,)
         upd = grpo_update(self.policy, self.reference, self.optim, rollout, adv, c.grpo,
-                          max_new_tokens=c.rollout.max_new_tokens, shared_prompt=not c.model.gradient_checkpointing,
+                          max_new_tokens=c.rollout.max_new_tokens, layout=self.layout,
                           seed=shuffle_seed(c.seed, step))
         if self.reference is not None and c.grpo.ref_refresh_steps and step % c.grpo.ref_refresh_steps == 0:
             self.reference.refresh(self.policy)

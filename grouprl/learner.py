@@ -111,10 +111,10 @@ def no_grad_rows(num_sequences: int, group_size: int, groups_per_micro: int,
     return out
 
 
-def sequence_logprobs(model, rollout: Rollout, groups_per_micro: int, shared_prompt: bool) -> Tensor:
+def sequence_logprobs(model, rollout: Rollout, groups_per_micro: int, layout: str) -> Tensor:
     """(N, C) logp of every completion token under `model`, without gradients."""
     return no_grad_rows(len(rollout.completions), rollout.group_size, groups_per_micro, lambda rows: {
-        "logp": forward_groups(model, rollout, rows, shared_prompt=shared_prompt).logp})["logp"]
+        "logp": forward_groups(model, rollout, rows, layout=layout).logp})["logp"]
 
 
 def run_minibatches(

@@ -153,16 +153,81 @@ def group_rows(groups: Tensor, group_size: int) -> Tensor:
     return (groups.unsqueeze(1) * group_size + torch.arange(group_size)).flatten()
 
 
-def forward_groups(model, rollout: Rollout, rows: Tensor, with_entropy: bool = False, shared_prompt: bool = True,
+def packed_completion_logprobs(
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    completion_len: int,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    with_logp: bool = True,
+    with_hidden: bool = False,
+) -> TokenLogprobs:
+    """Like `completion_logprobs`, with no padding: the real tokens of all N rows are packed into one row and
+    the position ids restart at 0 for each sequence, from which transformers builds a block-diagonal causal
+    mask (flash attention takes the sequence boundaries instead and needs no mask). Logits are computed only
+    at the positions that predict a completion token. Results come back in the (N, C) padded layout, 0 on
+    padding."""
+    c = completion_len
+    real = attention_mask.bool()
+    lengths = real.sum(1)  # (N,) prompt + completion tokens through EOS
+    comp = real[:, -c:].sum(1)  # (N,) completion tokens
+    starts = torch.cumsum(lengths, 0) - lengths  # (N,) each sequence's first column in the packed row
+    packed = input_ids[real].unsqueeze(0)  # (1, T): row-major, so sequence after sequence
+    position_ids = torch.cat([torch.arange(n, device=input_ids.device) for n in lengths.tolist()]).unsqueeze(0)
+    slot = torch.arange(c, device=input_ids.device)
+    keep = slot.unsqueeze(0) < comp.unsqueeze(1)  # (N, C) the completion tokens
+    # the position predicting completion token j of row i: its start + prompt length + j - 1
+    where = (starts + lengths - comp - 1).unsqueeze(1) + slot  # (N, C)
+    at = where[keep]  # (K,) in packed order
+    out = model(input_ids=packed, attention_mask=None, position_ids=position_ids, use_cache=False,
+                logits_to_keep=at if with_logp else 1, output_hidden_states=with_hidden)
+
+    def unpack(x: Tensor) -> Tensor:  # (K, ...) -> (N, C, ...), zeros on padding
+        full = x.new_zeros(*keep.shape, *x.shape[1:])
+        full[keep] = x
+        return full
+
+    hidden = unpack(out.hidden_states[-1][0, at]) if with_hidden else None
+    if not with_logp:
+        return TokenLogprobs(None, None, hidden)
+    logits = out.logits[0].unsqueeze(1)  # (K, 1, V)
+    if temperature != 1.0:
+        logits = logits.float() / temperature
+    targets = packed[0, at + 1].unsqueeze(1)  # (K, 1)
+    logp = unpack(selective_log_softmax(logits, targets, chunk=256).squeeze(1))
+    return TokenLogprobs(logp, unpack(entropy(logits, chunk=256).squeeze(1)) if with_entropy else None, hidden)
+
+
+# Rollout-level helpers: rows come in groups of G that share a prompt; batches are made of whole groups.
+
+LAYOUTS = ("shared", "packed", "padded")
+
+
+def pick_layout(layout: str, checkpointing: bool) -> str:
+    """model.update_layout 'auto': shared (on the CPU 2-5x faster than packed or padded: benchmarks/layouts.py),
+    but packed under activation checkpointing, where a recomputed block would append the prompt's cache twice."""
+    if layout == "auto":
+        return "packed" if checkpointing else "shared"
+    return layout
+
+
+def group_rows(groups: Tensor, group_size: int) -> Tensor:
+    """Group indices (k,) -> the indices of their rows (k * G,), group by group."""
+    return (groups.unsqueeze(1) * group_size + torch.arange(group_size)).flatten()
+
+
+def forward_groups(model, rollout: Rollout, rows: Tensor, with_entropy: bool = False, layout: str = "shared",
                    with_logp: bool = True, with_hidden: bool = False) -> TokenLogprobs:
     """Log-probs (n, C) at the rollout's temperature (and optionally hidden states (n, C, H)) of the
-    completions in `rows` (whole groups, from group_rows). With shared_prompt, each prompt runs once per
-    group."""
+    completions in `rows` (whole groups, from group_rows). layout: 'shared' runs each prompt once per group;
+    'packed' packs the rows' real tokens into one sequence; 'padded' runs every row whole, padding included."""
     g, p, temperature = rollout.group_size, rollout.prompt_len, rollout.temperature
-    if shared_prompt:
+    if layout == "shared":
         heads = rows[::g]
         return grouped_completion_logprobs(
             model, rollout.input_ids[heads, :p], rollout.attention_mask[heads, :p], rollout.input_ids[rows, p:],
             rollout.attention_mask[rows, p:], g, temperature, with_entropy, with_logp, with_hidden)
-    return completion_logprobs(model, rollout.input_ids[rows], rollout.attention_mask[rows],
-                               rollout.completion_len, temperature, with_entropy, with_logp, with_hidden)
+    fn = packed_completion_logprobs if layout == "packed" else completion_logprobs
+    return fn(model, rollout.input_ids[rows], rollout.attention_mask[rows], rollout.completion_len, temperature,
+              with_entropy, with_logp, with_hidden)

@@ -24,7 +24,7 @@ from grouprl.config import PPOConfig, TrainConfig
 from grouprl.critic import Critic, load_critic
 from grouprl.distributed import wrap
 from grouprl.learner import no_grad_rows, run_minibatches, sequence_logprobs, shuffle_seed
-from grouprl.logprobs import forward_groups
+from grouprl.logprobs import forward_groups, pick_layout
 from grouprl.losses import Normaliser, explained_variance, ppo_policy_loss, value_loss
 from grouprl.models import Reference, trainable_parameters
 from grouprl.optim import Optim, make_optimizer
@@ -73,7 +73,7 @@ def ppo_update(
     *,
     kl_coef: float,
     max_new_tokens: int,
-    shared_prompt: bool = True,
+    layout: str = "shared",
     train_policy: bool = True,
     seed: int = 0,
 ) -> tuple[PPOStepStats, Tensor]:
@@ -90,15 +90,15 @@ def ppo_update(
     critic.train(False)
 
     def behaviour(rows: Tensor) -> dict[str, Tensor]:
-        out = forward_groups(policy, rollout, rows, shared_prompt=shared_prompt, with_hidden=critic.shared)
-        return {"logp": out.logp, "values": critic.values(rollout, rows, shared_prompt, out)}
+        out = forward_groups(policy, rollout, rows, layout=layout, with_hidden=critic.shared)
+        return {"logp": out.logp, "values": critic.values(rollout, rows, layout, out)}
 
     old = no_grad_rows(mask.shape[0], g, per_micro, behaviour)
     old_logp, old_values = old["logp"], old["values"]  # (N, C) each
     ref_logp = None
     if reference is not None and kl_coef > 0:
         with reference.active() as ref_model:
-            ref_logp = sequence_logprobs(ref_model, rollout, per_micro, shared_prompt)
+            ref_logp = sequence_logprobs(ref_model, rollout, per_micro, layout)
     prep_time = time.perf_counter() - t0
 
     # 2-3. KL-shaped rewards, GAE, whitening
@@ -124,12 +124,12 @@ def ppo_update(
         out, sums = None, {}
         pg_loss = torch.zeros((), device=mask.device)
         if train_policy:
-            out = forward_groups(policy, rollout, rows, with_entropy=True, shared_prompt=shared_prompt,
+            out = forward_groups(policy, rollout, rows, with_entropy=True, layout=layout,
                                  with_hidden=critic.shared)
             pg_loss, ps = ppo_policy_loss(out.logp, old_logp[rows], adv[rows], m, norm, cfg.eps)
             sums = {"clipped": ps.clipped, "approx_kl": ps.approx_kl, "ratio": ps.ratio,
                     "entropy": (out.entropy * m).sum().item()}
-        values = critic.values(rollout, rows, shared_prompt, out)
+        values = critic.values(rollout, rows, layout, out)
         vf_loss, vs = value_loss(values, old_values[rows], returns[rows], m, norm, cfg.eps_value)
         sums |= {"loss": pg_loss.item(), "value_loss": vf_loss.item(), "value_clipped": vs.clipped,
                  "tokens": vs.tokens}
@@ -168,6 +168,7 @@ class PPO:
         """policy: the model as loaded; under torchrun it and the critic are wrapped here (after the
         reference is copied, before the optimizers are built)."""
         self.cfg = cfg
+        self.layout = pick_layout(cfg.model.update_layout, cfg.model.gradient_checkpointing)
         self.reference = Reference(policy, cfg.model.lora.enabled) if cfg.ppo.kl_coef > 0 else None
         if self.reference is not None and not self.reference.lora:
             self.reference.model = wrap(self.reference.model, cfg.distributed, trainable=False)
@@ -189,7 +190,7 @@ class PPO:
         kl_coef = self.kl_coef
         s, adv = ppo_update(
             self.policy, self.critic, self.reference, self.policy_optim, self.critic_optim, rollout, score, c.ppo,
-            kl_coef=kl_coef, max_new_tokens=c.rollout.max_new_tokens, shared_prompt=not c.model.gradient_checkpointing,
+            kl_coef=kl_coef, max_new_tokens=c.rollout.max_new_tokens, layout=self.layout,
             train_policy=step > c.ppo.critic_warmup_steps, seed=shuffle_seed(c.seed, step))
         if c.ppo.kl_target is not None and self.reference is not None:
             self.kl_coef = adaptive_kl_coef(kl_coef, s.kl_seq, c.ppo.kl_target, c.ppo.kl_horizon, len(score))

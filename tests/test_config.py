@@ -350,3 +350,10 @@ def test_config_file_unreadable(tmp_path, monkeypatch):
 def test_invalid_yaml_names_the_line(tmp_path):
     p = write(tmp_path, "steps: 3\nrollout:\n  group_size: [1, 2\n", name="broken.yaml")
     assert "line" in config_error(p)
+
+
+def test_engine_and_layout_options_that_cannot_run_are_refused():
+    assert "static_cache" in config_error(None, ["rollout.compile=true"])
+    assert "packed or auto" in config_error(None, ["model.gradient_checkpointing=true", "model.update_layout=shared"])
+    assert "vllm" in config_error(None, ["rollout.engine=vllm"])
+    assert load_config(None, ["rollout.engine=cb", "model.update_layout=packed"]).rollout.engine == "cb"

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from grouprl import engines
-from grouprl.logprobs import forward_groups
+from grouprl.logprobs import LAYOUTS, forward_groups
 from grouprl.models import load_tokenizer
 from grouprl.rollout import eos_ids, generate
 
@@ -57,8 +57,8 @@ def test_trainer_logprobs_equal_the_engines_own(model_and_tok, engine, temperatu
                   with_logprobs=True)
     assert ro.logprobs.shape == ro.completion_mask.shape and ro.lengths.sum() > 20
     with torch.no_grad():
-        for shared in (True, False):
-            logp = forward_groups(model, ro, torch.arange(len(ro.completions)), shared_prompt=shared).logp
+        for layout in LAYOUTS:
+            logp = forward_groups(model, ro, torch.arange(len(ro.completions)), layout=layout).logp
             torch.testing.assert_close(logp * ro.completion_mask, ro.logprobs, rtol=0, atol=2e-5)
     assert (ro.logprobs[ro.completion_mask == 0] == 0).all()
 

@@ -47,6 +47,16 @@ def test_grpo_variants_run_and_learn(tiny_model, toy_data, toy_reward, tmp_path)
     assert last > first + 0.15, [round(r["reward"], 3) for r in h]
 
 
+def test_grpo_learns_with_continuous_batching_and_packed_updates(tiny_model, toy_data, toy_reward, tmp_path):
+    """rollout.engine=cb samples, model.update_layout=packed trains: the tiny model still learns."""
+    sets = toy_config(tiny_model, toy_data, toy_reward, tmp_path / "cb", **{
+        "rollout.engine": "cb", "model.update_layout": "packed"})
+    result = train(load_config(None, sets), console=Console(quiet=True))
+    rewards = [h["reward"] for h in result.history]
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert first < 0.15 and last > first + 0.3, rewards
+
+
 def test_lora_reference_is_the_base_model(tiny_model):
     import torch
     from transformers import AutoModelForCausalLM
