@@ -3,6 +3,7 @@ roofline, so the table says how far each engine is from the limit.
 
     python benchmarks/engines.py [--model embedded|tiny|qwen2.5-0.5b|qwen2.5-1.5b] [--prompts 4] [--group-size 8]
                                  [--tokens 48] [--repeats 3] [--engines grouprl,hf,hf-static,cb] [--device cpu|cuda]
+                                 [--out FILE.json] [--smoke]
 
 The prompts are the default task's chat prompts. EOS is switched off, so every engine produces exactly
 prompts x G x tokens tokens and the rates compare like for like. Engines run in turn within each repeat
@@ -117,7 +118,10 @@ def main() -> None:
     ap.add_argument("--engines", default="grouprl,hf,hf-static,cb")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--smoke", action="store_true", help="the tiny test model, 2 prompts x G 4 x 8 tokens, once")
     a = ap.parse_args()
+    if a.smoke:
+        a.model, a.prompts, a.group_size, a.tokens, a.repeats = "tiny", 2, 4, 8, 1
     device = torch.device(a.device)
     with tempfile.TemporaryDirectory() as tmp:
         model, tok = build_model(a.model, device, Path(tmp))

@@ -1,6 +1,6 @@
 """Forward + backward of one update over a sampled batch in each layout, on the same rows.
 
-    python benchmarks/layouts.py [--prompts 4] [--group-size 8] [--max-new-tokens 48] [--repeats 3] [--lora]
+    python benchmarks/layouts.py [--prompts 4] [--group-size 8] [--max-new-tokens 48] [--repeats 3] [--lora] [--smoke]
 
 shared: each prompt once per group, its cache repeated G times; packed: every row's real tokens in one
 sequence (position ids restart per sequence, no padding); padded: every row whole, padded to the longest.
@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -31,7 +34,14 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--lora", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="the tiny test model, 2 prompts x G 4 x 8 tokens, once")
     a = ap.parse_args()
+    tmp = tempfile.TemporaryDirectory()
+    if a.smoke:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from conftest import make_tiny_model
+        a.model = str(make_tiny_model(Path(tmp.name) / "tiny"))
+        a.prompts, a.group_size, a.max_new_tokens, a.repeats = 2, 4, 8, 1
     model, tok = load_policy(ModelConfig(name_or_path=a.model, lora=LoraConfig(enabled=a.lora, r=16, alpha=32)))
     task = build_task(TaskConfig())
     prompts = [task.chat_prompt(tok, r, "<reasoning>\n") for r in task.train[:a.prompts]]
@@ -55,6 +65,7 @@ def main() -> None:
             logps[layout] = logp.detach() * ro.completion_mask
     for layout in LAYOUTS:
         err = (logps[layout] - logps["padded"]).abs().max().item()
+        assert err < 1e-3, f"{layout} disagrees with padded by {err}"
         print(f"{layout:7s} median {statistics.median(times[layout]):6.2f} s  "
               f"x{statistics.median(times['padded']) / statistics.median(times[layout]):.2f} vs padded  "
               f"max |logp - padded| {err:.1e}")

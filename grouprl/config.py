@@ -57,8 +57,9 @@ class ModelConfig(Section):
     update_layout: Literal["auto", "shared", "packed", "padded"] = Field(
         "auto", description="How the update's forwards lay out a batch: shared (each prompt once per group, its KV "
         "cache repeated for the G completions), packed (all real tokens in one sequence, position ids restarting "
-        "per sequence: no padding), padded (every row whole). auto: shared, or packed under gradient_checkpointing "
-        "(benchmarks/layouts.py). Same values and gradients in each.")
+        "per sequence: no padding; fast only with flash attention), padded (every row whole). auto: shared; under "
+        "gradient_checkpointing packed with flash attention, else padded (benchmarks/layouts.py). Same values and "
+        "gradients in each.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings.")
 
 
@@ -292,7 +293,7 @@ class TrainConfig(Section):
                              "critic is a scalar head on the policy's own trunk)")
         if self.model.gradient_checkpointing and self.model.update_layout == "shared":
             raise ValueError("model.update_layout=shared cannot run with model.gradient_checkpointing (a recomputed "
-                             "block would append the shared prompt's cache twice): use packed or auto")
+                             "block would append the shared prompt's cache twice): use padded, packed or auto")
         if self.grpo.ref_refresh_steps and self.model.lora.enabled:
             raise ValueError("grpo.ref_refresh_steps needs full fine-tuning: under LoRA the reference is the frozen base")
         return self

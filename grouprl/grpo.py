@@ -18,7 +18,7 @@ from grouprl.advantages import ADVANTAGES
 from grouprl.config import GRPOConfig, TrainConfig
 from grouprl.distributed import wrap
 from grouprl.learner import run_minibatches, sequence_logprobs, shuffle_seed
-from grouprl.logprobs import forward_groups, pick_layout
+from grouprl.logprobs import attention, forward_groups, pick_layout
 from grouprl.losses import Normaliser, grpo_loss
 from grouprl.models import Reference, trainable_parameters
 from grouprl.optim import Optim, make_optimizer
@@ -110,7 +110,7 @@ class GRPO:
         """policy: the model as loaded; under torchrun it is wrapped here (after the reference is copied and
         before the optimizer is built on the parameters, sharded under FSDP2)."""
         self.cfg = cfg
-        self.layout = pick_layout(cfg.model.update_layout, cfg.model.gradient_checkpointing)
+        self.layout = pick_layout(cfg.model.update_layout, cfg.model.gradient_checkpointing, attention(policy))
         self.reference = Reference(policy, cfg.model.lora.enabled) if cfg.grpo.beta > 0 else None
         if self.reference is not None and not self.reference.lora:
             self.reference.model = wrap(self.reference.model, cfg.distributed, trainable=False)

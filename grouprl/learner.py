@@ -31,6 +31,7 @@ from grouprl.rollout import Rollout
 class Learner(Protocol):
     name: str  # shown in the console and the summary ("GRPO")
     policy: torch.nn.Module  # the policy as trained (under torchrun wrapped by DDP or sharded by FSDP2)
+    layout: str  # how its update lays out a batch (logprobs.LAYOUTS)
     models_trained: int  # models with their own optimizer
     models_in_memory: int  # full model copies held (a LoRA reference or a shared trunk costs none)
     trainable_parameters: int

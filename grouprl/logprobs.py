@@ -146,13 +146,6 @@ def grouped_completion_logprobs(
     return TokenLogprobs(logp, entropy(logits) if with_entropy else None, hidden)
 
 
-# Rollout-level helpers: rows come in groups of G that share a prompt; batches are made of whole groups.
-
-def group_rows(groups: Tensor, group_size: int) -> Tensor:
-    """Group indices (k,) -> the indices of their rows (k * G,), group by group."""
-    return (groups.unsqueeze(1) * group_size + torch.arange(group_size)).flatten()
-
-
 def packed_completion_logprobs(
     model: torch.nn.Module,
     input_ids: Tensor,
@@ -204,12 +197,22 @@ def packed_completion_logprobs(
 LAYOUTS = ("shared", "packed", "padded")
 
 
-def pick_layout(layout: str, checkpointing: bool) -> str:
-    """model.update_layout 'auto': shared (on the CPU 2-5x faster than packed or padded: benchmarks/layouts.py),
-    but packed under activation checkpointing, where a recomputed block would append the prompt's cache twice."""
-    if layout == "auto":
-        return "packed" if checkpointing else "shared"
-    return layout
+def attention(model: torch.nn.Module) -> str | None:
+    """The attention implementation transformers runs the model with ('sdpa', 'flash_attention_2', ...)."""
+    return getattr(getattr(getattr(model, "module", model), "config", None), "_attn_implementation", None)
+
+
+def pick_layout(layout: str, checkpointing: bool, attention: str | None) -> str:
+    """model.update_layout 'auto': shared (on the CPU 2-2.4x faster than padded: benchmarks/layouts.py). Under
+    activation checkpointing, where a recomputed block would append the shared prompt's cache twice: packed
+    with flash attention (varlen kernels: no mask, no work across sequences), else padded. Without flash
+    attention a packed row gets a dense block-diagonal mask and the attention of the whole row, measured 3x
+    slower than padded on the CPU."""
+    if layout != "auto":
+        return layout
+    if not checkpointing:
+        return "shared"
+    return "packed" if (attention or "").startswith("flash") else "padded"
 
 
 def group_rows(groups: Tensor, group_size: int) -> Tensor:

@@ -31,7 +31,7 @@ from grouprl.errors import Stopped, UserError
 from grouprl.grpo import GRPO
 from grouprl.guard import LOCK_FILE, RunLock, StopSignals, reward_files
 from grouprl.learner import Learner
-from grouprl.logprobs import pick_layout
+from grouprl.logprobs import attention
 from grouprl.metrics import MetricsLog, Silent, read_metrics, truncate_jsonl
 from grouprl.models import context_length, load_policy, load_tokenizer, resolve_model_path
 from grouprl.ppo import PPO
@@ -280,11 +280,10 @@ def _train(cfg: TrainConfig, console: Console, out: Path, start: float, locks: l
                   f"G={cfg.rollout.group_size}"
                   + (f" on {world} ranks ({cfg.distributed.strategy}, {device.type})" if world > 1 else "")
                   + f" -> {out}" + (f", resumed after step {first_step - 1}" if ckpt is not None else ""))
-    attention = getattr(getattr(learner.policy, "config", None), "_attn_implementation", None)
-    layout = pick_layout(cfg.model.update_layout, cfg.model.gradient_checkpointing)
+    attn = attention(learner.policy)
     console.print(f"rollout engine: {engines.pick(cfg.rollout.engine, device)}"
-                  + (" (auto)" if cfg.rollout.engine == "auto" else "") + (f", attention: {attention}" if attention else "")
-                  + f", update layout: {layout}" + (" (auto)" if cfg.model.update_layout == "auto" else ""))
+                  + (" (auto)" if cfg.rollout.engine == "auto" else "") + (f", attention: {attn}" if attn else "")
+                  + f", update layout: {learner.layout}" + (" (auto)" if cfg.model.update_layout == "auto" else ""))
 
     def checkpoint(path: Path, step: int) -> Path:
         state = {"step": step, "data": stream.state(), "seed": cfg.seed, "reward_files": code, **learner.state()}

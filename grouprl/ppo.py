@@ -24,7 +24,7 @@ from grouprl.config import PPOConfig, TrainConfig
 from grouprl.critic import Critic, load_critic
 from grouprl.distributed import wrap
 from grouprl.learner import no_grad_rows, run_minibatches, sequence_logprobs, shuffle_seed
-from grouprl.logprobs import forward_groups, pick_layout
+from grouprl.logprobs import attention, forward_groups, pick_layout
 from grouprl.losses import Normaliser, explained_variance, ppo_policy_loss, value_loss
 from grouprl.models import Reference, trainable_parameters
 from grouprl.optim import Optim, make_optimizer
@@ -168,7 +168,7 @@ class PPO:
         """policy: the model as loaded; under torchrun it and the critic are wrapped here (after the
         reference is copied, before the optimizers are built)."""
         self.cfg = cfg
-        self.layout = pick_layout(cfg.model.update_layout, cfg.model.gradient_checkpointing)
+        self.layout = pick_layout(cfg.model.update_layout, cfg.model.gradient_checkpointing, attention(policy))
         self.reference = Reference(policy, cfg.model.lora.enabled) if cfg.ppo.kl_coef > 0 else None
         if self.reference is not None and not self.reference.lora:
             self.reference.model = wrap(self.reference.model, cfg.distributed, trainable=False)

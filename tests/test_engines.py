@@ -112,3 +112,20 @@ def test_auto_picks_by_device_and_names_are_checked():
     assert engines.pick("cb", torch.device("cpu")) == "cb"
     with pytest.raises(ValueError, match="vllm"):
         engines.pick("vllm", torch.device("cpu"))
+
+
+def test_draw_locates_a_uniform_in_the_cumulative_probabilities():
+    """The grouprl engine's draw: intervals [0, .1) -> 0, none for the 0-probability token, [.1, .7) -> 2,
+    [.7, 1) -> 3; over many rows the frequencies are the probabilities."""
+    from grouprl.engines.loop import draw
+
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3]])
+    for seed in range(20):
+        u = torch.rand(1, 1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).item()
+        expected = 0 if u < 0.1 else 2 if u < 0.7 else 3
+        assert draw(probs, torch.Generator().manual_seed(seed)).item() == expected, (seed, u)
+    many = draw(probs.expand(40000, 4), torch.Generator().manual_seed(0))
+    freq = torch.bincount(many, minlength=4).float() / 40000
+    assert freq[1] == 0 and (freq - probs[0]).abs().max() < 0.01, freq
+    unnormalised = draw(torch.tensor([[2.0, 0.0, 0.0, 6.0]]).expand(20000, 4), torch.Generator().manual_seed(1))
+    assert set(unnormalised.tolist()) == {0, 3} and abs((unnormalised == 3).float().mean() - 0.75) < 0.015

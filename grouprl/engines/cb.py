@@ -30,14 +30,15 @@ def _base(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def cache_config(prompt_lengths: list[int], params: SamplingParams, forks: int) -> ContinuousBatchingConfig:
+def cache_config(prompt_lengths: list[int], params: SamplingParams, forks: int,
+                 device: torch.device) -> ContinuousBatchingConfig:
     g, c = forks, params.max_new_tokens
     # each prompt's pages once (shared by its G forks) plus each completion's own pages, with one page of slack
     pages = sum(math.ceil(p / PAGE) + g * (math.ceil((p % PAGE + c) / PAGE) + 1) for p in prompt_lengths)
     return ContinuousBatchingConfig(page_size=PAGE, num_blocks=pages, return_logprobs=params.with_logprobs,
                                     max_batch_tokens=max(sum(prompt_lengths), len(prompt_lengths) * g),
-                                    max_requests_per_batch=len(prompt_lengths) * g, use_cuda_graph=False,
-                                    scheduler_type="fifo")
+                                    max_requests_per_batch=len(prompt_lengths) * g, scheduler_type="fifo",
+                                    use_cuda_graph=None if device.type == "cuda" else False)  # None: its own choice
 
 
 @torch.no_grad()
@@ -51,7 +52,7 @@ def sample(model, prompt_ids: Tensor, prompt_mask: Tensor, params: SamplingParam
     gen = generation_config(params, num_return_sequences=forks)
     model = _base(model)
     manager = model.init_continuous_batching(generation_config=gen,
-                                             continuous_batching_config=cache_config([len(i) for i in inputs], params, forks))
+                                             continuous_batching_config=cache_config([len(i) for i in inputs], params, forks, device))
     results = {}
     try:
         request_ids = manager.add_requests(inputs=inputs, max_new_tokens=params.max_new_tokens)

@@ -29,6 +29,16 @@ def warpers(temperature: float, top_k: int, top_p: float) -> LogitsProcessorList
     return out
 
 
+def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One token per row of probs (n, V) by inverse CDF: one uniform per row, located in the cumulative
+    probabilities (float64, so a token's interval is its probability to 1e-16). `torch.multinomial` draws one
+    exponential per vocabulary entry instead, which was 16% of a CPU decode step at a 49k vocabulary. A
+    token of probability 0 has an empty interval and is never drawn."""
+    cdf = probs.double().cumsum(-1)  # (n, V)
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+
+
 @torch.no_grad()
 def sample(model, prompt_ids: Tensor, prompt_mask: Tensor, params: SamplingParams) -> Sampled | None:
     """None when the model's cache cannot be re-indexed (the caller then uses generate)."""
@@ -56,11 +66,10 @@ def sample(model, prompt_ids: Tensor, prompt_mask: Tensor, params: SamplingParam
         else:
             probs = torch.softmax(scores, dim=-1)
             if gens is None:
-                nxt = torch.multinomial(probs, 1).squeeze(1)
+                nxt = draw(probs)
             else:  # group by group (rows are ordered by group): (n,)
                 group = active // g
-                nxt = torch.cat([torch.multinomial(probs[group == k], 1, generator=gens[k]).squeeze(1)
-                                 for k in group.unique().tolist()])
+                nxt = torch.cat([draw(probs[group == k], gens[k]) for k in group.unique().tolist()])
         tokens[active, t] = nxt
         if logprobs is not None:
             logprobs[active, t] = torch.log_softmax(scores, -1).gather(1, nxt.unsqueeze(1)).squeeze(1)
