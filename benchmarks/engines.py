@@ -33,29 +33,24 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from grouprl.config import ModelConfig, TaskConfig  # noqa: E402
 from grouprl.engines import SamplingParams, sample  # noqa: E402
 from grouprl.models import load_policy, pick_dtype  # noqa: E402
 from grouprl.tasks import build_task  # noqa: E402
+from shapes import SHAPES, random_model  # noqa: E402
 
-SHAPES = {  # (hidden, intermediate, layers, heads, kv heads, vocab): the published configs' shapes
-    "qwen2.5-0.5b": (896, 4864, 24, 14, 2, 151936),
-    "qwen2.5-1.5b": (1536, 8960, 28, 12, 2, 151936),
-}
 ENGINES = {"grouprl": ("grouprl", {}), "hf": ("hf", {}), "hf-static": ("hf", {"static_cache": True}),
            "hf-compile": ("hf", {"static_cache": True, "compile": True}), "cb": ("cb", {})}
 
 
 def build_model(name: str, device: torch.device, folder: Path):
     if name in SHAPES:  # the embedded tokenizer (prompts only) and a random model of the shape
-        from transformers import Qwen2Config, Qwen2ForCausalLM
-        _, tok = load_policy(ModelConfig(device="cpu"))
-        h, i, layers, heads, kv, vocab = SHAPES[name]
-        cfg = Qwen2Config(hidden_size=h, intermediate_size=i, num_hidden_layers=layers, num_attention_heads=heads,
-                          num_key_value_heads=kv, vocab_size=vocab, tie_word_embeddings=True)
-        model = Qwen2ForCausalLM(cfg).to(device=device, dtype=pick_dtype("auto", device))
-        return model.eval(), tok
+        from grouprl.config import EMBEDDED_MODEL
+        from grouprl.models import load_tokenizer, resolve_model_path
+        tok = load_tokenizer(resolve_model_path(EMBEDDED_MODEL))
+        return random_model(name, pick_dtype("auto", device)).to(device).eval(), tok
     path = "embedded:smollm2-135m-instruct"
     if name == "tiny":
         from conftest import make_tiny_model
@@ -110,7 +105,8 @@ def roofline(model, rows: int, context: float, bandwidth: float, flops: float) -
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="embedded", choices=["embedded", "tiny", *SHAPES])
+    ap.add_argument("--model", default="embedded", choices=["embedded", "tiny", *SHAPES],
+                    help="the embedded SmolLM2-135M, the tiny test model, or a published shape with random weights")
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=48)

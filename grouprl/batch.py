@@ -82,7 +82,8 @@ def sampling_seed(seed: int, step: int, round_: int, prompt: int) -> int:
 
 
 def _to(r: Rollout, device) -> Rollout:
-    tensors = {k: getattr(r, k).to(device) for k in ("input_ids", "attention_mask", "completion_mask", "truncated")}
+    tensors = {k: getattr(r, k).to(device) for k in ("input_ids", "attention_mask", "completion_mask", "truncated",
+                                                     "logprobs") if getattr(r, k) is not None}
     return r._replace(**tensors)
 
 

@@ -51,8 +51,9 @@ class ModelConfig(Section):
     device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'...")
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model repo.")
     attn_implementation: str = Field(
-        "auto", description="Attention kernel: auto (flash_attention_2 on CUDA when the flash-attn package is "
-        "installed, else sdpa), sdpa, eager, flash_attention_2, flash_attention_3, or a kernels-hub name.")
+        "auto", description="Attention kernel: auto (transformers' default, sdpa where the model has it; "
+        "flash_attention_2 on CUDA with bf16/fp16 weights when flash-attn is installed and the model supports it), "
+        "sdpa, eager, flash_attention_2, flash_attention_3, or a kernels-hub name.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     update_layout: Literal["auto", "shared", "packed", "padded"] = Field(
         "auto", description="How the update's forwards lay out a batch: shared (each prompt once per group, its KV "
@@ -126,9 +127,12 @@ class RolloutConfig(Section):
     compile: bool = Field(False, description="hf engine: torch.compile the decoding step (needs static_cache).")
 
     @model_validator(mode="after")
-    def _compile_needs_static(self):
+    def _hf_options(self):
         if self.compile and not self.static_cache:
             raise ValueError("rollout.compile=true needs rollout.static_cache=true (a compiled step needs fixed shapes)")
+        if self.static_cache and self.engine != "hf":
+            raise ValueError(f"rollout.static_cache is an option of the hf engine: set rollout.engine=hf "
+                             f"(got {self.engine})")
         return self
 
 

@@ -231,6 +231,8 @@ def forward_groups(model, rollout: Rollout, rows: Tensor, with_entropy: bool = F
         return grouped_completion_logprobs(
             model, rollout.input_ids[heads, :p], rollout.attention_mask[heads, :p], rollout.input_ids[rows, p:],
             rollout.attention_mask[rows, p:], g, temperature, with_entropy, with_logp, with_hidden)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}: expected one of {', '.join(LAYOUTS)}")
     fn = packed_completion_logprobs if layout == "packed" else completion_logprobs
     return fn(model, rollout.input_ids[rows], rollout.attention_mask[rows], rollout.completion_len, temperature,
               with_entropy, with_logp, with_hidden)

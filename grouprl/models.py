@@ -156,12 +156,14 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
     return tok
 
 
-def pick_attention(name: str, device: torch.device) -> str:
-    """model.attn_implementation 'auto': flash_attention_2 on CUDA when flash-attn is installed (it also runs
-    packed sequences without a mask), else transformers' default, sdpa."""
-    if name != "auto":
-        return name
-    return "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
+def use_flash_attention(model: PreTrainedModel, name: str) -> None:
+    """model.attn_implementation 'auto': transformers' own default (sdpa where the model has it, else eager),
+    switched to flash_attention_2 on CUDA when the flash-attn package is installed, the weights are bf16 or
+    fp16 and the model supports it (its varlen kernels also run packed sequences without a mask)."""
+    dtype = next(model.parameters()).dtype
+    if (name == "auto" and model.device.type == "cuda" and importlib.util.find_spec("flash_attn")
+            and dtype in (torch.bfloat16, torch.float16) and getattr(model, "_supports_flash_attn", False)):
+        model.set_attn_implementation("flash_attention_2")
 
 
 def load_causal_lm(path: str, cfg: ModelConfig) -> PreTrainedModel:
@@ -169,7 +171,7 @@ def load_causal_lm(path: str, cfg: ModelConfig) -> PreTrainedModel:
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=pick_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code,
-            attn_implementation=pick_attention(cfg.attn_implementation, device),
+            **({} if cfg.attn_implementation == "auto" else {"attn_implementation": cfg.attn_implementation}),
         )
     except (SafetensorError, pickle.UnpicklingError, EOFError) as e:  # what a cut or corrupt weights file raises
         raise UserError(f"cannot load model {path!r}: a weights file is truncated or corrupt ({_first_line(e)}); "
@@ -178,7 +180,9 @@ def load_causal_lm(path: str, cfg: ModelConfig) -> PreTrainedModel:
         raise
     except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: torch.load of a broken .bin zip
         raise UserError(f"cannot load model {path!r}: {_first_line(e)}") from None
-    return model.to(device)
+    model = model.to(device)
+    use_flash_attention(model, cfg.attn_implementation)
+    return model
 
 
 def checkpoint_activations(model: PreTrainedModel) -> None:

@@ -354,6 +354,7 @@ def test_invalid_yaml_names_the_line(tmp_path):
 
 def test_engine_and_layout_options_that_cannot_run_are_refused():
     assert "static_cache" in config_error(None, ["rollout.compile=true"])
+    assert "rollout.engine=hf" in config_error(None, ["rollout.static_cache=true"])
     assert "packed or auto" in config_error(None, ["model.gradient_checkpointing=true", "model.update_layout=shared"])
     assert "vllm" in config_error(None, ["rollout.engine=vllm"])
     assert load_config(None, ["rollout.engine=cb", "model.update_layout=packed"]).rollout.engine == "cb"

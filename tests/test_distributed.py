@@ -66,17 +66,23 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def assert_same_weights(a: Path, b: Path, start: Path | None) -> None:
-    """Equal up to float rounding: |a - b| is below 1e-6 and below 1% of the largest update |a - start|
-    (AdamW divides by sqrt(v), so a gradient of rounding size can move a weight by up to lr)."""
+    """Equal up to float rounding: |a - b| is below 1% of the largest update (|a - start|; under LoRA, whose
+    B matrices start at zero, the largest |B|) and below 3e-5 (AdamW divides by sqrt(v), so a gradient of
+    rounding size can move a weight by up to lr)."""
     wa, wb = weights(a), weights(b)
     assert wa.keys() == wb.keys()
     diff = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    lora_b = [k for k in wa if "lora_B" in k]
+    moved = None
     if start is not None:
         w0 = weights(start)
         moved = max((wa[k] - w0[k]).abs().max().item() for k in wa if k in w0)
+    elif lora_b:
+        moved = max(wa[k].abs().max().item() for k in lora_b)
+    if moved is not None:
         assert moved > 1e-4, moved  # it did train
         assert diff < 0.01 * moved, (diff, moved)
-    assert diff < 1e-5, diff
+    assert diff < 3e-5, diff
 
 
 def assert_same_metrics(a: Path, b: Path) -> None:

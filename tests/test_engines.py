@@ -37,7 +37,8 @@ def _same(a, b):
     assert torch.equal(a.input_ids[:, :a.prompt_len + c], b.input_ids[:, :b.prompt_len + c])
 
 
-@pytest.mark.parametrize("options", [{"engine": "hf"}, {"engine": "cb"}, {"engine": "hf", "static_cache": True}])
+@pytest.mark.parametrize("options", [{"engine": e} for e in engines.ENGINES if e != "grouprl"]
+                         + [{"engine": "hf", "static_cache": True}])
 def test_every_engine_gives_the_same_greedy_rollout(model_and_tok, options):
     model, tok = model_and_tok
     ref = generate(model, tok, PROMPTS, group_size=2, max_new_tokens=12, greedy=True, engine="grouprl")
@@ -78,8 +79,9 @@ def test_top_k_and_top_p_are_honoured(model_and_tok, engine):
 
 
 def test_cb_samples_the_same_after_the_same_seed_and_follows_a_lora_adapter(tiny_model):
-    """Continuous batching is deterministic under torch's seed (all requests are queued before its thread
-    starts), and samples from the adapted policy, merged for sampling like the grouprl engine."""
+    """Continuous batching is deterministic under torch's seed or the prompts' seeds (all requests are queued
+    before its thread starts) and leaves torch's generator as it was; it samples from the adapted policy,
+    merged for sampling like the grouprl engine."""
     from grouprl.config import LoraConfig, ModelConfig
     from grouprl.models import load_policy
 
@@ -93,7 +95,13 @@ def test_cb_samples_the_same_after_the_same_seed_and_follows_a_lora_adapter(tiny
     for _ in range(2):
         torch.manual_seed(5)
         runs.append(generate(policy, tok, PROMPTS, group_size=4, max_new_tokens=12, engine="cb", with_logprobs=True))
+        after = torch.rand(3)  # the call leaves torch's generator as it found it
     assert runs[0].completions == runs[1].completions
+    torch.manual_seed(5)
+    assert torch.equal(torch.rand(3), after)
+    seeded = [generate(policy, tok, PROMPTS, group_size=4, max_new_tokens=12, engine="cb", seeds=[1, 2, 3]).completions
+              for _ in range(2)]
+    assert seeded[0] == seeded[1]  # with the prompts' seeds, whatever the global generator's state
     ro = runs[0]
     logp = forward_groups(policy, ro, torch.arange(len(ro.completions))).logp.detach()
     torch.testing.assert_close(logp * ro.completion_mask, ro.logprobs, rtol=0, atol=2e-5)

@@ -5,7 +5,8 @@
 prompt_ids, prompt_mask: (B, P) left-padded, one row per prompt. It returns G completions per prompt, rows
 b*G .. b*G + G - 1 for prompt b, as token ids (N, C) padded with params.pad_token_id after each row's EOS,
 and, when params.with_logprobs, the engine's own log-probability of every sampled token under the
-distribution it sampled from (None when the engine cannot run this model: the caller falls back to hf).
+distribution it sampled from. The grouprl loop returns None for a model whose cache it cannot re-index,
+and the caller falls back to hf; cb raises a one-line UserError for a model it cannot run.
 
 The trainer recomputes every log-prob it trains on, so an engine only has to sample from the right
 distribution; the log-probs it returns are for checking that (tests/test_engines.py) and nothing else.
@@ -38,7 +39,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     greedy: bool = False
-    seeds: tuple[int, ...] | None = None  # one per prompt; honoured by the grouprl engine (see engines/loop.py)
+    seeds: tuple[int, ...] | None = None  # one per prompt: grouprl seeds each group with its own; cb seeds the call
     with_logprobs: bool = False
     static_cache: bool = False  # hf: a static KV cache
     compile: bool = False  # hf: torch.compile the decoding step (with the static cache)

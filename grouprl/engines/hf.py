@@ -16,10 +16,18 @@ PROMPT_BUCKET = 64
 
 
 def generation_config(params: SamplingParams, **extra) -> GenerationConfig:
-    """A complete GenerationConfig, so that the model's own defaults (a repetition penalty, say) do not
-    change the distribution that the log-probs and the KL assume."""
-    warp = {} if params.greedy else {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k}
-    return GenerationConfig(do_sample=not params.greedy, **warp, repetition_penalty=1.0, no_repeat_ngram_size=0,
+    """A GenerationConfig that sets the distribution-changing fields transformers would otherwise fill from
+    the model's own generation_config (a repetition penalty or Qwen's top_k 20, say), so that the sampling
+    distribution is the one the log-probs and the KL assume: temperature, top-k and top-p as asked; typical-p,
+    epsilon / eta cutoffs, repetition penalties, n-gram blocking and a minimum length neutral. (min_p is left
+    unset: a neutral MinP warper would still cost a softmax per token, and continuous batching warns on it.)
+    Greedy sets the library's neutral values (no warning about unused sampling flags)."""
+    if params.greedy:
+        warp = {"temperature": 1.0, "top_p": 1.0, "top_k": 50}
+    else:
+        warp = {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k}
+    return GenerationConfig(do_sample=not params.greedy, **warp, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+                            repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
                             min_new_tokens=0, max_new_tokens=params.max_new_tokens, eos_token_id=list(params.eos),
                             pad_token_id=params.pad_token_id, use_cache=True, **extra)
 

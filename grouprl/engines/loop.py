@@ -35,6 +35,8 @@ def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
     exponential per vocabulary entry instead, which was 16% of a CPU decode step at a 49k vocabulary. A
     token of probability 0 has an empty interval and is never drawn."""
     cdf = probs.double().cumsum(-1)  # (n, V)
+    if not torch.isfinite(cdf[:, -1]).all():
+        raise FloatingPointError("the model's next-token probabilities are not finite (NaN or inf in its logits)")
     u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
 

@@ -1,0 +1,54 @@
+"""benchmarks/vs_trl.py --smoke: both systems (grouprl alone when TRL is not installed) run and report."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FIELDS = {"median_step_s", "sampling_s", "update_s", "tokens_per_s", "completion_len", "peak_mem_gib", "steps_measured"}
+
+
+def test_vs_trl_smoke(tmp_path):
+    out = tmp_path / "vs_trl.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "vs_trl.py"), "--smoke", "--device", "cpu",
+                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    have_trl = importlib.util.find_spec("trl") is not None
+    systems = {"grouprl", "trl"} if have_trl else {"grouprl"}
+    assert set(data["summary"]) == systems and data["trl_missing"] == (not have_trl)
+    for name in systems:
+        summary = data["summary"][name]
+        assert FIELDS <= set(summary), (name, summary)
+        assert summary["steps_measured"] == 2 * len(data["raw"][name]) and summary["peak_mem_gib"] > 0
+        assert summary["completions_per_step"] == 8  # 2 prompts x G 4
+        for run in data["raw"][name]:
+            assert len(run["steps"]) == 3 and all(s["step_s"] > 0 for s in run["steps"])  # 1 warm-up + 2
+    if have_trl:
+        assert data["order"] == ["grouprl", "trl", "trl", "grouprl"] and data["trl"]
+        assert set(data["ratio_trl_over_grouprl"]) >= {"median_step_s", "peak_mem_gib"}
+        assert all(s["longest"] <= 8 and s["optimizer_steps"] == 1 for r in data["raw"]["trl"] for s in r["steps"])
+    else:
+        assert "TRL is not installed" in res.stdout
+
+
+def test_engines_and_layouts_benchmarks_smoke(tmp_path):
+    """benchmarks/engines.py: every engine's tokens/s beside the roofline; benchmarks/layouts.py: the three
+    layouts agree and are timed."""
+    out = tmp_path / "engines.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "engines.py"), "--smoke", "--device", "cpu",
+                          "--engines", "grouprl,hf,hf-static,cb", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert set(data["engines"]) == {"grouprl", "hf", "hf-static", "cb"}
+    assert data["roofline"]["tokens_per_s"] > 0 and data["bandwidth_gb_s"] > 0
+    assert all(e["tokens_per_s"] > 0 and e["x_from_roofline"] > 0 for e in data["engines"].values())
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "layouts.py"), "--smoke"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert all(f"{name} " in res.stdout for name in ("shared", "packed", "padded"))
