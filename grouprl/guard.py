@@ -84,7 +84,8 @@ class StopSignals:
     delivers signals there).
 
     A second signal within `same_request_s` of the first is the same request: under torchrun a Ctrl-C reaches
-    each worker twice, from the terminal and forwarded by the launcher, milliseconds apart."""
+    each worker twice, from the terminal and forwarded by the launcher, milliseconds apart on an idle machine
+    and, seen in the test suite on two busy cores, more than half a second apart (the loop allows 2 s)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

@@ -197,7 +197,7 @@ def train(cfg: TrainConfig, console: Console | None = None, resume: bool = False
         together(lambda: _check_output_dir(out, resume), main_only=True)
         if resume:  # a new run's lock: once its input is good
             together(lambda: locks.append(RunLock(out).acquire()), main_only=True)
-        with StopSignals(same_request_s=0.5 if world_size() > 1 else 0.0, announce=is_main()) as stop:
+        with StopSignals(same_request_s=2.0 if world_size() > 1 else 0.0, announce=is_main()) as stop:
             return _train(cfg, console, out, start, locks, stop, resume)
     finally:
         for lock in locks:  # a start that failed before writing anything leaves no folder behind

@@ -176,12 +176,21 @@ def test_generator_exit_is_user_error():
 
 
 def test_keyboard_interrupt_passes_through():
-    # the user's Ctrl-C while a reward runs: the training loop handles it, so it arrives unchanged
+    # the user's Ctrl-C while a reward runs with Python's own SIGINT handler (the Python API, eval): it may be
+    # the user's, so it arrives unchanged. Set here: the suite's process-wide handler is not this test's to assume
+    # (it once read as another handler in a full CI run).
     def interrupted(prompts, completions, **_):
         raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        call(interrupted, timeout_s=5)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            call(interrupted, timeout_s=5)
+        signal.signal(signal.SIGINT, lambda *a: None)  # a stop handler installed (training): the reward's fault
+        with pytest.raises(UserError, match="raised KeyboardInterrupt"):
+            call(interrupted, timeout_s=5)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_multi_line_exception_reported_on_one_line():
