@@ -92,6 +92,67 @@ def run_configs(config: Path | None, sets: list[str], specs: list[RunSpec], out:
     return cfgs
 
 
+# Settings that change how fast a run goes or where it writes, never what it computes.
+NO_EFFECT = {"output_dir", "save_every", "save_merged", "save_total_limit", "max_nonfinite_steps", "rewards_timeout_s",
+             "threads", "eval", "distributed", "rollout.engine", "rollout.static_cache", "rollout.compile",
+             "model.attn_implementation", "model.update_layout", "model.device"}
+
+
+def without_effect(cfg: TrainConfig) -> dict[str, str]:
+    """The settings of cfg that cannot change its training at its other settings, each with the reason."""
+    out = {}
+    g = cfg.grpo
+    if cfg.algo == "grpo" and g.mu == 1 and g.minibatches == 1:
+        why = (f"with grpo.mu=1 and grpo.minibatches=1 each batch takes one optimizer step on-policy, so the ratio "
+               f"is exactly 1: never clipped, and a sequence-level ratio has the token-level gradient")
+        out |= {"grpo.ratio": why, "grpo.eps_low": why, "grpo.eps_high": why}
+    if cfg.algo == "grpo" and g.beta == 0:
+        out["grpo.ref_refresh_steps"] = "with grpo.beta=0 there is no reference"
+    return out
+
+
+def _flat(cfg: TrainConfig) -> dict:
+    out = {}
+
+    def walk(d: dict, prefix: str = "") -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = v
+    walk(cfg.model_dump(mode="json"))
+    return out
+
+
+def _ignored(cfg: TrainConfig, key: str) -> str | None:
+    """Why `key` cannot change cfg's training (None: it can)."""
+    if key in NO_EFFECT or key.split(".")[0] in NO_EFFECT:
+        return "speed and output settings"
+    if key.startswith("ppo." if cfg.algo == "grpo" else "grpo."):
+        return f"{key.split('.')[0]} settings do not apply to {cfg.algo}"
+    return without_effect(cfg).get(key)
+
+
+def check_arms_differ(cfgs: dict[str, TrainConfig]) -> list[str]:
+    """Refuse (one line) two runs that would train the same way; return a warning for each setting a run sets
+    away from its default that has no effect at its other settings (DAPO's eps_high at mu = 1, say)."""
+    flat = {name: _flat(cfg) for name, cfg in cfgs.items()}
+    names = list(cfgs)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if cfgs[a].algo != cfgs[b].algo:
+                continue
+            differ = [k for k in flat[a] if flat[a][k] != flat[b][k] and k != "output_dir"]
+            reasons = [_ignored(cfgs[a], k) for k in differ]
+            if all(reasons):
+                why = "; ".join(dict.fromkeys(f"{k}: {r}" for k, r in zip(differ, reasons))) or "equal settings"
+                raise UserError(f"runs {a!r} and {b!r} would train identically at these settings ({why}): drop "
+                                "one, or set what makes them differ (e.g. --set grpo.mu=2)")
+    default = _flat(TrainConfig())
+    return [f"{name}: {key}={flat[name][key]} has no effect here ({why})" for name, cfg in cfgs.items()
+            for key, why in without_effect(cfg).items() if flat[name][key] != default[key]]
+
+
 def _done_steps(run_dir: Path) -> int:
     path = run_dir / "metrics.jsonl"
     return len(read_metrics(path)) if path.is_file() else 0
@@ -255,6 +316,8 @@ def compare(config: Path | None, sets: list[str], run_texts: list[str], out: Pat
     console = console or Console()
     specs = [RunSpec.parse(t) for t in run_texts]
     cfgs = run_configs(config, sets, specs, out, save_every)
+    for warning in check_arms_differ(cfgs):
+        console.print(f"[yellow]warning:[/] {warning}")
     for name, cfg in cfgs.items():
         check_unchanged(name, cfg)
     out.mkdir(parents=True, exist_ok=True)

@@ -178,3 +178,21 @@ def test_compare_runs_each_arm_distributed(tiny_model, toy_data, toy_reward, tmp
         assert info["world_size"] == 2 and info["strategy"] == "ddp", info
     report = json.loads((out / "report.json").read_text())
     assert {(r["name"], r["world_size"]) for r in report["runs"]} == {("grpo", 2), ("ppo", 2)}
+
+
+def test_arms_that_would_train_identically_are_refused_and_settings_without_effect_warned(tmp_path):
+    """At mu = 1 with one minibatch the ratio is exactly 1: GSPO is GRPO (refused, saying why), and DAPO's
+    eps_high changes nothing (a warning); at mu = 2 both matter. Equal overrides under two names are refused."""
+    from grouprl.compare import RunSpec, check_arms_differ, run_configs
+
+    def cfgs(runs, sets=()):
+        return run_configs(None, ["grpo.beta=0", *sets], [RunSpec.parse(r) for r in runs], tmp_path, 0)
+
+    with pytest.raises(UserError, match=r"'grpo' and 'gspo' would train identically .*grpo\.ratio: with grpo\.mu=1"):
+        check_arms_differ(cfgs(["grpo", "gspo"]))
+    assert check_arms_differ(cfgs(["grpo", "gspo"], ["grpo.mu=2"])) == []
+    warnings = check_arms_differ(cfgs(["grpo", "dapo", "ppo"]))
+    assert len(warnings) == 1 and warnings[0].startswith("dapo: grpo.eps_high=0.28 has no effect here")
+    with pytest.raises(UserError, match="'a' and 'b' would train identically .*rollout.engine: speed and output"):
+        check_arms_differ(cfgs(["a:grpo.advantage=rank", "b:grpo.advantage=rank rollout.engine=hf"]))
+    assert check_arms_differ(cfgs(["grpo", "dr-grpo", "rloo"])) == []
