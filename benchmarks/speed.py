@@ -20,7 +20,9 @@ import torch
 from grouprl.config import ModelConfig, TaskConfig
 from grouprl.logprobs import completion_logprobs, grouped_completion_logprobs
 from grouprl.models import load_policy
-from grouprl.rollout import completion_mask_from_ids, eos_ids, sample
+from grouprl.engines import SamplingParams
+from grouprl.engines.loop import sample
+from grouprl.rollout import completion_mask_from_ids, eos_ids
 from grouprl.tasks import build_task
 
 
@@ -47,8 +49,9 @@ def main() -> None:
             t0 = time.perf_counter()
             with torch.no_grad():
                 if name == "grouprl sample":
-                    ids = sample(model, enc.input_ids, enc.attention_mask, group_size=g,
-                                 max_new_tokens=args.max_new_tokens, eos=eos, pad_token_id=tok.pad_token_id)
+                    ids = sample(model, enc.input_ids, enc.attention_mask, SamplingParams(
+                        group_size=g, max_new_tokens=args.max_new_tokens, eos=tuple(eos),
+                        pad_token_id=tok.pad_token_id)).completion_ids
                 else:
                     out = model.generate(input_ids=enc.input_ids.repeat_interleave(g, 0),
                                          attention_mask=enc.attention_mask.repeat_interleave(g, 0),
