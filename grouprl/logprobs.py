@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor
 
+from grouprl.distributed import unwrap
+
 if TYPE_CHECKING:
     from grouprl.rollout import Rollout
 
@@ -199,7 +201,7 @@ LAYOUTS = ("shared", "packed", "padded")
 
 def attention(model: torch.nn.Module) -> str | None:
     """The attention implementation transformers runs the model with ('sdpa', 'flash_attention_2', ...)."""
-    return getattr(getattr(getattr(model, "module", model), "config", None), "_attn_implementation", None)
+    return getattr(getattr(unwrap(model), "config", None), "_attn_implementation", None)
 
 
 def pick_layout(layout: str, checkpointing: bool, attention: str | None) -> str:

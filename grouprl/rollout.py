@@ -14,6 +14,7 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from grouprl import engines
+from grouprl.engines import completion_mask_from_ids  # noqa: F401  (also imported from here)
 from grouprl.distributed import is_fsdp
 
 
@@ -48,13 +49,6 @@ def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return ids
-
-
-def completion_mask_from_ids(completion_ids: Tensor, eos: list[int]) -> tuple[Tensor, Tensor]:
-    """(N, C) ids -> (mask (N, C) float: 1 through the first EOS, truncated (N,) bool: no EOS at all)."""
-    is_eos = torch.isin(completion_ids, torch.tensor(eos, device=completion_ids.device))
-    after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
-    return (~after_eos).float(), ~is_eos.any(1)
 
 
 @contextmanager

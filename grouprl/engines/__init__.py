@@ -71,9 +71,15 @@ def sample(engine: str, model, prompt_ids: Tensor, prompt_mask: Tensor, params: 
     return out
 
 
+def completion_mask_from_ids(completion_ids: Tensor, eos: list[int]) -> tuple[Tensor, Tensor]:
+    """(N, C) ids -> (mask (N, C) float: 1 through the first EOS, truncated (N,) bool: no EOS at all)."""
+    is_eos = torch.isin(completion_ids, torch.tensor(eos, device=completion_ids.device))
+    after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
+    return (~after_eos).float(), ~is_eos.any(1)
+
+
 def pad_after_eos(ids: Tensor, logprobs: Tensor | None, params: SamplingParams) -> Sampled:
     """Pad ids (and zero log-probs) after each row's first EOS."""
-    is_eos = torch.isin(ids, torch.tensor(params.eos, device=ids.device))
-    after = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+    after = completion_mask_from_ids(ids, list(params.eos))[0] == 0
     ids = ids.masked_fill(after, params.pad_token_id)
     return Sampled(ids, None if logprobs is None else logprobs.masked_fill(after, 0.0))

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from transformers.generation import ContinuousBatchingConfig
 
+from grouprl.distributed import unwrap
 from grouprl.engines import SamplingParams, Sampled, pad_after_eos
 from grouprl.engines.hf import generation_config
 from grouprl.errors import UserError
@@ -32,7 +33,7 @@ MAX_BATCH_TOKENS = 4096
 
 def _base(model):
     """The transformers model that owns `init_continuous_batching` (under peft, the LoRA layers are in it)."""
-    model = getattr(model, "module", model)  # DDP
+    model = unwrap(model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
