@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from grouprl import engines
 from grouprl.advantages import zero_std_groups
 from grouprl.config import TrainConfig
 from grouprl.distributed import agree_errors, first_line, gather_objects, gathered, shard, world_size
@@ -60,6 +61,7 @@ class Scored:
     gen_seconds: float = 0.0
     score_seconds: float = 0.0
     generated_tokens: float = 0.0
+    sample_passes: float = 0.0  # token-passes of sampling: the prompts' prefill and one per generated token
 
 
 def columns_of(rows: list[dict]) -> dict:
@@ -103,8 +105,12 @@ def _sample_slice(policy, tokenizer, task: Task, rewards: RewardSet, rows: list[
     seq_prompts = [prompts[i] for i in rollout.prompt_index]
     per_fn, total = rewards.score(seq_prompts, rollout.completions, columns_of(seq_rows))
     gatherable = _to(rollout, "cpu") if world_size() > 1 else rollout  # pickled for the other ranks
+    prefills = 1 if engines.pick(ro.engine, device) == "grouprl" else ro.group_size  # the loop forks one prefill
+    prompt_tokens = rollout.attention_mask[::ro.group_size, :rollout.prompt_len].sum().item()
+    generated = rollout.lengths.sum().item()
     return Scored(gatherable, seq_rows, seq_prompts, per_fn, total, 0.0, gen_seconds=t1 - t0,
-                  score_seconds=time.perf_counter() - t1, generated_tokens=rollout.lengths.sum().item())
+                  score_seconds=time.perf_counter() - t1, generated_tokens=generated,
+                  sample_passes=prefills * prompt_tokens + generated)
 
 
 def _sample_round(policy, tokenizer, task: Task, rewards: RewardSet, rows: list[dict], cfg: TrainConfig,
@@ -131,7 +137,7 @@ def _sample_round(policy, tokenizer, task: Task, rewards: RewardSet, rows: list[
         rows=[r for p in done for r in p.rows], prompts=[q for p in done for q in p.prompts],
         per_fn=torch.cat([p.per_fn for p in done]), total=torch.cat([p.total for p in done]), zero_std_frac=0.0,
         gen_seconds=max(p.gen_seconds for p in done), score_seconds=max(p.score_seconds for p in done),
-        generated_tokens=sum(p.generated_tokens for p in done),
+        generated_tokens=sum(p.generated_tokens for p in done), sample_passes=sum(p.sample_passes for p in done),
     )
 
 
@@ -147,7 +153,7 @@ def sample_and_score(policy, tokenizer, task: Task, rewards: RewardSet, stream: 
     kept: list[Scored] = []
     groups_seen = groups_flat = 0
     n_kept = 0
-    t_gen = t_score = tokens = 0.0
+    t_gen = t_score = tokens = passes = 0.0
     for round_ in range(max_rounds if resample_flat else 1):
         rows = stream.take(ro.prompts_per_step - n_kept if resample_flat else ro.prompts_per_step)
         seeds = [sampling_seed(cfg.seed, step, round_, i) for i in range(len(rows))]
@@ -155,6 +161,7 @@ def sample_and_score(policy, tokenizer, task: Task, rewards: RewardSet, stream: 
         t_gen += got.gen_seconds
         t_score += got.score_seconds
         tokens += got.generated_tokens
+        passes += got.sample_passes  # dropped groups cost their sampling too
         flat = zero_std_groups(got.total, g)  # (B,)
         groups_seen += len(rows)
         groups_flat += int(flat.sum())
@@ -175,5 +182,5 @@ def sample_and_score(policy, tokenizer, task: Task, rewards: RewardSet, stream: 
         per_fn=torch.cat([k.per_fn for k in kept]),
         total=torch.cat([k.total for k in kept]),
         zero_std_frac=groups_flat / max(groups_seen, 1),
-        gen_seconds=t_gen, score_seconds=t_score, generated_tokens=tokens,
+        gen_seconds=t_gen, score_seconds=t_score, generated_tokens=tokens, sample_passes=passes,
     )

@@ -269,6 +269,9 @@ def compare(
     out: Path = typer.Option(Path("runs/compare"), "--out", "-o", help="Report folder (runs go in OUT/runs/)."),
     eval_num: int = typer.Option(100, help="Held-out problems per evaluation."),
     save_every: int = typer.Option(5, help="Checkpoint every N steps (resume points, equal-time evaluations)."),
+    seeds: Optional[str] = typer.Option(
+        None, "--seeds", help="Train every arm once per seed, e.g. 0,1,2: the report gives means, 95% intervals "
+        "and paired tests against the first arm (default: the config's seed)."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Run each arm as a torchrun job of N processes "
                               "(one per GPU; gloo on the CPU)."),
 ) -> None:
@@ -279,8 +282,12 @@ def compare(
 
         if eval_num < 1 or save_every < 1:
             raise UserError("--eval-num and --save-every must be at least 1")
+        try:
+            seed_list = [int(x) for x in seeds.split(",")] if seeds is not None else None
+        except ValueError:
+            raise UserError(f"--seeds {seeds!r}: expected integers separated by commas, e.g. 0,1,2") from None
         run_compare(config, list(set_ or []), list(run or ["grpo", "ppo"]), out, eval_num=eval_num,
-                    save_every=save_every, nproc=nproc)
+                    save_every=save_every, seeds=seed_list, nproc=nproc)
         print(out / "index.html")
     except UserError as e:
         _fail(e)

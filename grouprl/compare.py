@@ -33,7 +33,8 @@ from grouprl.checkpoint import complete_checkpoints
 from grouprl.config import TrainConfig, config_changes, load_config, parse_overrides, save_config
 from grouprl.errors import UserError
 from grouprl.metrics import read_metrics
-from grouprl.report import LAST, cumulative_time, html_page, markdown, mean, plot
+from grouprl.report import LAST, aggregate, mean, write_report
+from grouprl.verification import self_checks, verification_rate
 
 # Named variants: overrides on top of the base config. Unnamed settings keep the base config's values.
 PRESETS: dict[str, list[str]] = {
@@ -69,26 +70,37 @@ class RunSpec:
         return RunSpec(name, overrides)
 
 
-def run_configs(config: Path | None, sets: list[str], specs: list[RunSpec], out: Path,
-                save_every: int) -> dict[str, TrainConfig]:
-    """Each run's validated config: base file + --set + the run's overrides, in out/runs/<name>."""
+def base_seed(config: Path | None, sets: list[str]) -> int:
+    """The seed of the base config (with --set): the comparison's one seed when --seeds is not given."""
+    return load_config(config, sets).seed
+
+
+def run_configs(config: Path | None, sets: list[str], specs: list[RunSpec], seeds: list[int], out: Path,
+                save_every: int) -> dict[str, dict[int, TrainConfig]]:
+    """Each run's validated config, arm by arm and seed by seed: base file + --set + the arm's overrides +
+    seed, in out/runs/<name>/seed-<seed>. Every checkpoint is kept: each is evaluated for the curves."""
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise UserError(f"--run names must differ, got {names}")
-    cfgs = {}
+    if len(set(seeds)) != len(seeds) or not seeds:
+        raise UserError(f"--seeds must be distinct integers, got {seeds}")
+    cfgs: dict[str, dict[int, TrainConfig]] = {}
     for spec in specs:
-        try:
-            cfg = load_config(config, sets + spec.overrides + [f"output_dir={out / 'runs' / spec.name}",
-                                                               f"save_every={save_every}"])
-        except UserError as e:
-            raise UserError(f"run {spec.name!r}: {e}") from None
-        cfgs[spec.name] = cfg
-    steps = {c.steps for c in cfgs.values()}
-    budget = {(c.rollout.prompts_per_step, c.rollout.group_size, c.task.model_dump_json(), c.model.name_or_path,
-               c.seed) for c in cfgs.values()}
+        cfgs[spec.name] = {}
+        for seed in seeds:
+            try:
+                cfg = load_config(config, sets + spec.overrides + [
+                    f"seed={seed}", f"output_dir={out / 'runs' / spec.name / f'seed-{seed}'}",
+                    f"save_every={save_every}", "save_total_limit=null"])
+            except UserError as e:
+                raise UserError(f"run {spec.name!r}: {e}") from None
+            cfgs[spec.name][seed] = cfg
+    steps = {c.steps for arm in cfgs.values() for c in arm.values()}
+    budget = {(c.rollout.prompts_per_step, c.rollout.group_size, c.task.model_dump_json(), c.model.name_or_path)
+              for arm in cfgs.values() for c in arm.values()}
     if len(steps) > 1 or len(budget) > 1:
-        raise UserError("the runs must share steps, prompts_per_step, group_size, task, model and seed "
-                        "(the comparison holds the prompt budget fixed); leave those out of --run")
+        raise UserError("the runs must share steps, prompts_per_step, group_size, task and model (the comparison "
+                        "holds the prompt budget fixed; seeds come from --seeds); leave those out of --run")
     return cfgs
 
 
@@ -211,7 +223,8 @@ def train_run(name: str, cfg: TrainConfig, on_progress, nproc: int = 1) -> None:
 
 
 def evaluate_checkpoint(model: str, cfg: TrainConfig, num: int, cache: Path) -> dict:
-    """Held-out greedy format rate and accuracy of a checkpoint (or the base model), cached in `cache`.
+    """Held-out greedy format rate and accuracy of a checkpoint (or the base model), with each problem's
+    correctness (0/1, in the held-out order, for the intervals) and completion; cached in `cache`.
 
     The cache is reused only when its key matches, the key being what decides the greedy completions: the
     model (its path and, for a folder, name, size and mtime of its weight and config files, so a checkpoint
@@ -229,7 +242,7 @@ def evaluate_checkpoint(model: str, cfg: TrainConfig, num: int, cache: Path) -> 
     key = json.loads(json.dumps({  # as it reads back from the cache file
         "model": model, "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
         "task": cfg.task.model_dump_json(), "problems": len(rows), "max_new_tokens": max_new_tokens,
-        "batch_size": cfg.eval.batch_size, "dtype": cfg.model.dtype, "device": cfg.model.device,
+        "batch_size": cfg.eval.batch_size, "dtype": cfg.model.dtype, "device": cfg.model.device, "version": 2,
     }))
     if cache.is_file():
         cached = json.loads(cache.read_text())
@@ -242,9 +255,11 @@ def evaluate_checkpoint(model: str, cfg: TrainConfig, num: int, cache: Path) -> 
 
     net, tok = load_for_inference(model, cfg.model)
     torch.manual_seed(cfg.seed)
-    metrics, _ = evaluate(net, tok, task, rows, prefill=cfg.task.prefill, max_new_tokens=max_new_tokens,
-                          batch_size=cfg.eval.batch_size)
-    result = {"model": model, "problems": len(rows), **metrics, "key": key}
+    metrics, samples = evaluate(net, tok, task, rows, prefill=cfg.task.prefill, max_new_tokens=max_new_tokens,
+                                batch_size=cfg.eval.batch_size)
+    result = {"model": model, "problems": len(rows), **metrics,
+              "correct": [int(s["correct"] > 0) for s in samples], "completions": [s["completion"] for s in samples],
+              "key": key}
     cache.write_text(json.dumps(result, indent=1))
     return result
 
@@ -253,98 +268,134 @@ def _median(rows: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
 
-def checkpoint_at(run_dir: Path, step: int) -> tuple[int, Path]:
-    """The latest complete checkpoint at or before `step` (final counts as the last step), or (0, Path())."""
-    before = [(s, p) for s, p in complete_checkpoints(run_dir) if s <= step]
-    return before[-1] if before else (0, Path())
+def token_passes(row: dict) -> float:
+    """A step's token-passes: sampling (prefill + one per generated token), every training forward (no-grad
+    and with gradient) and every backward, of every model (the critic's included); see logprobs.TokenPasses."""
+    return row["passes_sample"] + row["passes_forward"] + row["passes_backward"]
 
 
-def summarise(cfgs: dict[str, TrainConfig], overrides: dict[str, list[str]], out: Path, eval_num: int,
+def cumulative(values: list[float]) -> list[float]:
+    out, total = [], 0.0
+    for v in values:
+        total += v
+        out.append(total)
+    return out
+
+
+def last_within(curve: list[dict], key: str, budget: float) -> dict:
+    """The last point of an evaluation curve (step 0 first) whose `key` is within `budget`."""
+    return [c for c in curve if c[key] <= budget * (1 + 1e-9)][-1]
+
+
+def run_figures(name: str, cfg: TrainConfig, out: Path, eval_num: int, on_eval) -> dict:
+    """Every figure of one run (one arm, one seed): from its metrics, run_info and the held-out evaluation of
+    the base model (step 0) and of each of its checkpoints (the curve against step, time and token-passes)."""
+    run_dir = Path(cfg.output_dir)
+    h = read_metrics(run_dir / "metrics.jsonl")
+    info = json.loads((run_dir / "run_info.json").read_text())
+    times, passes = cumulative([r["step_time"] for r in h]), cumulative([token_passes(r) for r in h])
+    curve = []
+    for step, folder in [(0, Path(cfg.model.name_or_path))] + complete_checkpoints(run_dir):
+        where = out / "eval-base.json" if step == 0 else run_dir / f"eval-step-{step}.json"
+        e = evaluate_checkpoint(str(folder), cfg, eval_num, where)
+        on_eval()
+        rate, rules = verification_rate(e["completions"])
+        curve.append({"step": step, "time_s": times[step - 1] if step else 0.0,
+                      "passes": passes[step - 1] if step else 0.0, "accuracy": e["accuracy"],
+                      "format_rate": e["format_rate"], "self_verification": rate, "rules": rules})
+    final = evaluate_checkpoint(str(run_dir / "final"), cfg, eval_num, run_dir / f"eval-step-{cfg.steps}.json")
+    update = [r["update_time"] - r.get("prep_time", 0.0) for r in h]
+    ev = [r["explained_var"] for r in h if "explained_var" in r]
+    return {
+        "name": name, "seed": cfg.seed, "algo": cfg.algo,
+        "models_trained": info["models_trained"], "models_in_memory": info["models_in_memory"],
+        "trainable_parameters": info["trainable_parameters"], "device": info["device"],
+        "world_size": info.get("world_size", 1),  # peak memory: of the largest rank
+        "peak_memory_gib": max(r.get("peak_mem_gib_max", r["peak_mem_gib"]) for r in h),
+        "median_step_s": _median(h, "step_time"), "median_generation_s": _median(h, "gen_time"),
+        "median_scoring_s": _median(h, "score_time"),
+        "median_nograd_forward_s": statistics.median(r.get("prep_time", 0.0) for r in h),
+        "median_update_s": statistics.median(update),
+        "generated_tokens_per_s": _median(h, "gen_tokens_per_s"),
+        "passes_sample_per_step": mean([r["passes_sample"] for r in h]),
+        "passes_forward_per_step": mean([r["passes_forward"] for r in h]),
+        "passes_backward_per_step": mean([r["passes_backward"] for r in h]),
+        "passes_total": passes[-1], "train_time_s": times[-1], "steps": len(h),
+        "reward_first": mean([r["reward"] for r in h[:LAST]]),
+        "reward_last": mean([r["reward"] for r in h[-LAST:]]),
+        "explained_var_last10": mean(ev[-10:]) if ev else None,
+        "accuracy": final["accuracy"], "format_rate": final["format_rate"], "correct": final["correct"],
+        "self_verification": curve[-1]["self_verification"],
+        "self_verification_examples": [c for c in final["completions"] if self_checks(c)][:3],
+        "samples": final["completions"][:2],
+        "curve": curve,
+    }
+
+
+def summarise(cfgs: dict[str, dict[int, TrainConfig]], overrides: dict[str, list[str]], out: Path, eval_num: int,
               on_eval) -> dict:
-    """Every figure of the report, from the runs' files (and evaluations, computed once and cached)."""
-    histories = {n: read_metrics(Path(c.output_dir) / "metrics.jsonl") for n, c in cfgs.items()}
-    equal_time = min(cumulative_time(h)[-1] for h in histories.values())
-    first = next(iter(cfgs.values()))
-    base = evaluate_checkpoint(first.model.name_or_path, first, eval_num, out / "eval-base.json")
-    on_eval()
-    runs = []
-    for name, cfg in cfgs.items():
-        run_dir, h = Path(cfg.output_dir), histories[name]
-        info = json.loads((run_dir / "run_info.json").read_text())
-        times = cumulative_time(h)
-        within = [r for r, t in zip(h, times) if t <= equal_time + 1e-9]
-        final = evaluate_checkpoint(str(run_dir / "final"), cfg, eval_num, run_dir / f"eval-step-{cfg.steps}.json")
-        on_eval()
-        eq_step, eq_dir = checkpoint_at(run_dir, within[-1]["step"] if within else 0)
-        if eq_step == 0:
-            eq_eval = base
-        else:
-            eq_eval = evaluate_checkpoint(str(eq_dir), cfg, eval_num, run_dir / f"eval-step-{eq_step}.json")
-        on_eval()
-        update = [r["update_time"] - r.get("prep_time", 0.0) for r in h]
-        runs.append({
-            "name": name, "algo": cfg.algo, "overrides": overrides[name],
-            "models_trained": info["models_trained"], "models_in_memory": info["models_in_memory"],
-            "trainable_parameters": info["trainable_parameters"], "device": info["device"],
-            "world_size": info.get("world_size", 1),  # peak memory: of the largest rank
-            "peak_memory_gib": max(r.get("peak_mem_gib_max", r["peak_mem_gib"]) for r in h),
-            "median_step_s": _median(h, "step_time"), "median_generation_s": _median(h, "gen_time"),
-            "median_scoring_s": _median(h, "score_time"),
-            "median_nograd_forward_s": statistics.median(r.get("prep_time", 0.0) for r in h),
-            "median_update_s": statistics.median(update),
-            "generated_tokens_per_s": _median(h, "gen_tokens_per_s"),
-            "train_time_s": times[-1], "steps": len(h),
-            "reward_first": mean([r["reward"] for r in h[:LAST]]),
-            "reward_last": mean([r["reward"] for r in h[-LAST:]]),
-            "reward_at_equal_time": mean([r["reward"] for r in within[-LAST:]]),
-            "steps_at_equal_time": len(within),
-            "eval_at_equal_steps": {"step": cfg.steps, "accuracy": final["accuracy"],
-                                    "format_rate": final["format_rate"]},
-            "eval_at_equal_time": {"step": eq_step, "accuracy": eq_eval["accuracy"],
-                                   "format_rate": eq_eval["format_rate"]},
-        })
-    return {"equal_time_s": equal_time, "eval_problems": base["problems"],
+    """Every run's figures, seed by seed, with the equal-time and equal-compute evaluations (each seed's budget
+    is that of its cheapest arm), then the arms' means, intervals and paired tests (report.aggregate)."""
+    arms = list(cfgs)
+    seeds = list(cfgs[arms[0]])
+    runs: dict[str, list[dict]] = {name: [] for name in arms}
+    for seed in seeds:
+        figures = {name: run_figures(name, cfgs[name][seed], out, eval_num, on_eval) for name in arms}
+        equal_time = min(f["train_time_s"] for f in figures.values())
+        equal_passes = min(f["passes_total"] for f in figures.values())
+        for name, f in figures.items():
+            f["equal_time_s"], f["equal_passes"] = equal_time, equal_passes
+            for key, budget, label in [("time_s", equal_time, "eval_at_equal_time"),
+                                       ("passes", equal_passes, "eval_at_equal_compute")]:
+                point = last_within(f["curve"], key, budget)
+                f[label] = {"step": point["step"], "accuracy": point["accuracy"], "format_rate": point["format_rate"]}
+            f["overrides"] = overrides[name]
+            runs[name].append(f)
+    first = cfgs[arms[0]][seeds[0]]
+    base = json.loads((out / "eval-base.json").read_text())
+    return {"model": first.model.name_or_path, "task": first.task.name, "task_settings": first.task.model_dump(),
+            "steps": first.steps, "prompts_per_step": first.rollout.prompts_per_step,
+            "group_size": first.rollout.group_size, "seeds": seeds, "eval_problems": base["problems"],
             "base_eval": {"accuracy": base["accuracy"], "format_rate": base["format_rate"]},
-            "model": first.model.name_or_path, "task": first.task.name, "steps": first.steps,
-            "prompts_per_step": first.rollout.prompts_per_step, "group_size": first.rollout.group_size,
-            "seed": first.seed, "runs": runs}
+            "arms": aggregate(runs)}
 
 
 def compare(config: Path | None, sets: list[str], run_texts: list[str], out: Path, *, eval_num: int,
-            save_every: int, console: Console | None = None, nproc: int = 1) -> dict:
-    """Run the comparison (continuing an interrupted one) and write the report; returns the report dict."""
+            save_every: int, seeds: list[int] | None = None, console: Console | None = None, nproc: int = 1) -> dict:
+    """Run the comparison (continuing an interrupted one) and write the report; returns the report dict.
+    Seeds run in turn, every arm of a seed before the next seed, so a partial comparison is a whole one."""
     console = console or Console()
     specs = [RunSpec.parse(t) for t in run_texts]
-    cfgs = run_configs(config, sets, specs, out, save_every)
-    for warning in check_arms_differ(cfgs):
+    seeds = seeds if seeds is not None else [base_seed(config, sets)]
+    cfgs = run_configs(config, sets, specs, seeds, out, save_every)
+    for warning in check_arms_differ({name: arm[seeds[0]] for name, arm in cfgs.items()}):
         console.print(f"[yellow]warning:[/] {warning}")
-    for name, cfg in cfgs.items():
-        check_unchanged(name, cfg)
+    for name, arm in cfgs.items():
+        for cfg in arm.values():
+            check_unchanged(name, cfg)
     out.mkdir(parents=True, exist_ok=True)
-    total_steps = sum(c.steps for c in cfgs.values())
-    evals = 1 + 2 * len(cfgs)
+    order = [(seed, name, cfgs[name][seed]) for seed in seeds for name in cfgs]
+    total_steps = sum(c.steps for _, _, c in order)
+    evals = sum(c.steps // save_every + 2 for _, _, c in order)  # every checkpoint, final and the base model
     with Progress(TextColumn("[bold]compare"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console) as bar:
         job = bar.add_task("compare", total=total_steps + evals, info="")
         done_before = 0
-        for name, cfg in cfgs.items():
+        for seed, name, cfg in order:
             run_dir = Path(cfg.output_dir)
             if _finished(run_dir, cfg.steps):
-                bar.console.print(f"{name}: finished earlier, kept")
+                bar.console.print(f"{name} seed {seed}: finished earlier, kept")
             else:
                 verb = "resuming" if (run_dir / "grouprl.yaml").is_file() else "training"
-                bar.console.print(f"{name}: {verb} ({cfg.algo}) -> {run_dir}")
+                bar.console.print(f"{name} seed {seed}: {verb} ({cfg.algo}) -> {run_dir}")
 
-                def progress(n: int, base=done_before, label=name) -> None:
+                def progress(n: int, base=done_before, label=f"{name} seed {seed}") -> None:
                     bar.update(job, completed=base + n, info=f"{label} step {n}")
 
-                train_run(name, cfg, progress, nproc)
+                train_run(f"{name} seed {seed}", cfg, progress, nproc)
             done_before += cfg.steps
             bar.update(job, completed=done_before)
         bar.update(job, info="held-out evaluation")
         report = summarise(cfgs, {s.name: s.overrides for s in specs}, out, eval_num, lambda: bar.advance(job))
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    plot(cfgs, out)
-    (out / "report.md").write_text(markdown(report))
-    (out / "index.html").write_text(html_page(report, cfgs))
+    write_report(report, cfgs, out)
     return report

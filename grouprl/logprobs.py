@@ -222,19 +222,42 @@ def group_rows(groups: Tensor, group_size: int) -> Tensor:
     return (groups.unsqueeze(1) * group_size + torch.arange(group_size)).flatten()
 
 
+class TokenPasses:
+    """Real (non-pad) tokens run through a model by `forward_groups` since `reset`: `forward` counts every
+    call, `backward` the calls made with gradient (each is followed by its backward pass). The equal-compute
+    axis of `grouprl compare`: counted where the forwards happen, so a learner's count is what it ran."""
+
+    def __init__(self):
+        self.forward = self.backward = 0
+
+    def reset(self) -> None:
+        self.forward = self.backward = 0
+
+    def add(self, tokens: int) -> None:
+        self.forward += tokens
+        if torch.is_grad_enabled():
+            self.backward += tokens
+
+
+PASSES = TokenPasses()
+
+
 def forward_groups(model, rollout: Rollout, rows: Tensor, with_entropy: bool = False, layout: str = "shared",
                    with_logp: bool = True, with_hidden: bool = False) -> TokenLogprobs:
     """Log-probs (n, C) at the rollout's temperature (and optionally hidden states (n, C, H)) of the
     completions in `rows` (whole groups, from group_rows). layout: 'shared' runs each prompt once per group;
-    'packed' packs the rows' real tokens into one sequence; 'padded' runs every row whole, padding included."""
+    'packed' packs the rows' real tokens into one sequence; 'padded' runs every row whole, padding included.
+    The real tokens it runs are added to PASSES."""
     g, p, temperature = rollout.group_size, rollout.prompt_len, rollout.temperature
     if layout == "shared":
         heads = rows[::g]
+        PASSES.add(int(rollout.attention_mask[heads, :p].sum()) + int(rollout.attention_mask[rows, p:].sum()))
         return grouped_completion_logprobs(
             model, rollout.input_ids[heads, :p], rollout.attention_mask[heads, :p], rollout.input_ids[rows, p:],
             rollout.attention_mask[rows, p:], g, temperature, with_entropy, with_logp, with_hidden)
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r}: expected one of {', '.join(LAYOUTS)}")
+    PASSES.add(int(rollout.attention_mask[rows].sum()))
     fn = packed_completion_logprobs if layout == "packed" else completion_logprobs
     return fn(model, rollout.input_ids[rows], rollout.attention_mask[rows], rollout.completion_len, temperature,
               with_entropy, with_logp, with_hidden)

@@ -26,12 +26,12 @@ from grouprl.checkpoint import (clean_leftovers, complete_checkpoints, latest_ch
 from grouprl.config import (RESUMABLE_CHANGES, TrainConfig, config_changes, load_config, save_config,
                             world_problems)
 from grouprl.distributed import (agree, any_rank, first_line, gather_objects, init, is_fsdp, is_main, load_trained, pick_strategy,
-                                 rank, unwrap, world_size)
+                                 rank, sum_floats, unwrap, world_size)
 from grouprl.errors import Stopped, UserError
 from grouprl.grpo import GRPO
 from grouprl.guard import LOCK_FILE, RunLock, StopSignals, reward_files
 from grouprl.learner import Learner
-from grouprl.logprobs import attention
+from grouprl.logprobs import PASSES, attention
 from grouprl.metrics import MetricsLog, Silent, read_metrics, truncate_jsonl
 from grouprl.models import context_length, load_policy, load_tokenizer, resolve_model_path
 from grouprl.ppo import PPO
@@ -300,6 +300,7 @@ def _train(cfg: TrainConfig, console: Console, out: Path, start: float, locks: l
                     raise Stopped(f"stopped by {stop.requested or 'another rank'} before step {step}: nothing new to save; start "
                                   f"again with: grouprl train --resume {out}")
                 t0 = time.perf_counter()
+                PASSES.reset()
                 batch = sample_and_score(policy, tokenizer, task, rewards, stream, cfg, step, device,
                                          learner.resamples_flat_groups, learner.max_sampling_rounds)
                 t1 = time.perf_counter()
@@ -307,6 +308,7 @@ def _train(cfg: TrainConfig, console: Console, out: Path, start: float, locks: l
                 t2 = time.perf_counter()
                 m = step_metrics(batch, rewards.names, upd) | {
                     "step_time": t2 - t0, "update_time": t2 - t1, "elapsed": time.perf_counter() - start}
+                m |= sum_floats({"passes_forward": PASSES.forward, "passes_backward": PASSES.backward}, device)
                 peaks = gather_objects(peak_memory_gib(device))
                 m |= {"peak_mem_gib": peaks[0]} | ({"peak_mem_gib_max": max(peaks)} if world > 1 else {})
                 history.append({"step": step, **m})
@@ -364,6 +366,7 @@ def step_metrics(batch: Scored, names: list[str], update: dict[str, float]) -> d
         "completion_len": lengths.mean().item(), "truncated_frac": batch.rollout.truncated.float().mean().item(),
         "gen_time": batch.gen_seconds, "score_time": batch.score_seconds,
         "gen_tokens_per_s": batch.generated_tokens / max(batch.gen_seconds, 1e-9),
+        "passes_sample": batch.sample_passes,  # token-passes (see logprobs.TokenPasses): sampling's, all ranks
     }
 
 

@@ -1,5 +1,12 @@
-"""The comparison report: the table (markdown and HTML), the reward plots and sample completions, from the
-dict that `compare.summarise` builds and the runs' metrics and completions logs."""
+"""The comparison report: each arm's figures as a mean and 95% interval over seeds, each arm against the first
+(paired by seed and problem), the plots and sample completions, from the per-run figures that
+`compare.summarise` gathers and the runs' metrics logs.
+
+    intervals      Student t across seeds (stats.mean_interval); held-out accuracy also by a bootstrap over
+                   problems (stats.bootstrap_accuracy)
+    paired tests   final held-out accuracy: hierarchical bootstrap over seeds and problems; every other
+                   figure: paired t across seeds. "yes" when the 95% interval of the difference excludes 0.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +16,38 @@ from pathlib import Path
 
 from grouprl.config import TrainConfig
 from grouprl.metrics import read_metrics
+from grouprl.stats import Interval, Paired, bootstrap_accuracy, mean_interval, paired_bootstrap_accuracy, paired_t
 
-LAST = 5  # steps averaged for "reward at the end" and "reward at equal time"
+LAST = 5  # steps averaged for "reward at the start / at the end"
+
+# (key in a run's figures, label, format) for the table; "{n}"-style labels are filled from the report
+FIGURES = [
+    ("peak_memory_gib", "peak memory (GiB)", "{:.2f}"),
+    ("median_step_s", "median step (s)", "{:.1f}"),
+    ("median_generation_s", "- generation (s)", "{:.1f}"),
+    ("median_scoring_s", "- scoring (s)", "{:.2f}"),
+    ("median_nograd_forward_s", "- no-grad forwards: pi_old, reference, critic (s)", "{:.1f}"),
+    ("median_update_s", "- update (s)", "{:.1f}"),
+    ("generated_tokens_per_s", "generated tokens/s", "{:.0f}"),
+    ("passes_sample_per_step", "token-passes per step (k): sampling", "k{:.1f}"),
+    ("passes_forward_per_step", "- training forwards (no-grad and with gradient)", "k{:.1f}"),
+    ("passes_backward_per_step", "- backwards", "k{:.1f}"),
+    ("passes_total", "token-passes in all (M)", "M{:.2f}"),
+    ("train_time_s", "training time (min)", "m{:.1f}"),
+    ("reward_first", f"reward, first {LAST} steps", "{:.3f}"),
+    ("reward_last", f"reward, last {LAST} steps", "{:.3f}"),
+    ("explained_var_last10", "critic explained variance, last 10 steps", "{:.2f}"),
+    ("accuracy", "held-out accuracy at step {steps}", "%"),
+    ("format_rate", "held-out format rate at step {steps}", "%"),
+    ("self_verification", "self-verification (held-out, step {steps})", "%"),
+    ("eval_at_equal_time.step", "checkpoint step at equal time", "{:.1f}"),
+    ("eval_at_equal_time.accuracy", "held-out accuracy at equal time", "%"),
+    ("eval_at_equal_compute.step", "checkpoint step at equal token-passes", "{:.1f}"),
+    ("eval_at_equal_compute.accuracy", "held-out accuracy at equal token-passes", "%"),
+]
+# figures tested arm against the first arm (accuracy by the bootstrap, the others by paired t)
+PAIRED = ["accuracy", "eval_at_equal_time.accuracy", "eval_at_equal_compute.accuracy", "reward_last",
+          "self_verification", "peak_memory_gib", "median_step_s", "train_time_s", "passes_total"]
 
 
 def mean(values: list[float]) -> float:
@@ -25,116 +62,253 @@ def cumulative_time(rows: list[dict]) -> list[float]:
     return out
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
+def value(run: dict, key: str):
+    """A figure of a run's dict by dotted key ('eval_at_equal_time.accuracy')."""
+    for part in key.split("."):
+        run = run[part]
+    return run
+
+
+def _interval(i: Interval | Paired) -> dict:
+    return {k: float(v) if k != "n" else int(v) for k, v in vars(i).items()} | (
+        {"significant": bool(i.significant)} if isinstance(i, Paired) else {})
+
+
+def aggregate(runs: dict[str, list[dict]]) -> list[dict]:
+    """Per arm (in the given order, each with the same seeds): every figure as mean and interval over seeds,
+    the final accuracy's bootstrap interval over problems, and each figure against the first arm's."""
+    arms = []
+    first = next(iter(runs.values()))
+    for name, per_seed in runs.items():
+        figures = {key: _interval(mean_interval([value(r, key) for r in per_seed]))
+                   for key, _, _ in FIGURES if value(per_seed[0], key) is not None}
+        arm = {"name": name, "algo": per_seed[0]["algo"], "overrides": per_seed[0]["overrides"],
+               "seeds": [r["seed"] for r in per_seed],
+               "models_trained": per_seed[0]["models_trained"], "models_in_memory": per_seed[0]["models_in_memory"],
+               "trainable_parameters": per_seed[0]["trainable_parameters"], "device": per_seed[0]["device"],
+               "world_size": per_seed[0]["world_size"], "figures": figures,
+               "accuracy_bootstrap": _interval(bootstrap_accuracy([r["correct"] for r in per_seed])),
+               "runs": per_seed, "paired": {}}
+        if per_seed is not first:
+            for key in PAIRED:
+                if key == "accuracy":
+                    test = paired_bootstrap_accuracy([r["correct"] for r in first], [r["correct"] for r in per_seed])
+                else:
+                    test = paired_t([value(r, key) for r in first], [value(r, key) for r in per_seed])
+                arm["paired"][key] = _interval(test)
+        arms.append(arm)
+    return arms
+
+
+def _fmt(x: float, spec: str) -> str:
+    if spec == "%":
+        return f"{100 * x:.1f}%"
+    if spec[0] in "kMm":  # thousands, millions, minutes
+        return spec[1:].format(x / {"k": 1e3, "M": 1e6, "m": 60}[spec[0]])
+    return spec.format(x)
+
+
+def _cell(fig: dict | None, spec: str) -> str:
+    """'mean [lo, hi]' (the 95% interval over seeds), or the mean alone from one seed."""
+    if fig is None:
+        return "-"
+    if fig["n"] < 2:
+        return _fmt(fig["mean"], spec)
+    return f"{_fmt(fig['mean'], spec)} [{_fmt(fig['lo'], spec)}, {_fmt(fig['hi'], spec)}]"
+
+
+def _diff(test: dict, spec: str) -> str:
+    """'+12.3% [1.0, 20.0] p=0.03 yes': the difference to the first arm, its interval, p, significant."""
+    if test["n"] < 2 and spec != "%":
+        return f"{_fmt(test['diff'], spec)} (one seed)"
+    sign = "+" if test["diff"] >= 0 else ""
+    return (f"{sign}{_fmt(test['diff'], spec)} [{_fmt(test['lo'], spec)}, {_fmt(test['hi'], spec)}] "
+            f"p={test['p']:.3f} {'yes' if test['significant'] else 'no'}")
 
 
 def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
-    """The comparison table: one column per run."""
-    runs = report["runs"]
-    header = ["", *[r["name"] for r in runs]]
+    """The comparison table: one column per arm, every figure as mean [95% interval over seeds]."""
+    arms = report["arms"]
+    header = ["", *[a["name"] for a in arms]]
     rows = [
-        ["models trained", *[str(r["models_trained"]) for r in runs]],
-        ["models held in memory", *[str(r["models_in_memory"]) for r in runs]],
-        ["trainable parameters", *[f"{r['trainable_parameters']:,}" for r in runs]],
-        ["peak memory (GiB)", *[f"{r['peak_memory_gib']:.2f}" for r in runs]],
-        ["median step (s)", *[f"{r['median_step_s']:.1f}" for r in runs]],
-        ["- generation (s)", *[f"{r['median_generation_s']:.1f}" for r in runs]],
-        ["- scoring (s)", *[f"{r['median_scoring_s']:.2f}" for r in runs]],
-        ["- no-grad forwards: pi_old, reference, critic (s)", *[f"{r['median_nograd_forward_s']:.1f}" for r in runs]],
-        ["- update (s)", *[f"{r['median_update_s']:.1f}" for r in runs]],
-        ["generated tokens/s", *[f"{r['generated_tokens_per_s']:.0f}" for r in runs]],
-        ["training time (min)", *[f"{r['train_time_s'] / 60:.1f}" for r in runs]],
-        [f"reward, first {LAST} steps", *[f"{r['reward_first']:.3f}" for r in runs]],
-        [f"reward, last {LAST} steps", *[f"{r['reward_last']:.3f}" for r in runs]],
-        [f"held-out accuracy at step {report['steps']}", *[_pct(r["eval_at_equal_steps"]["accuracy"]) for r in runs]],
-        [f"held-out format rate at step {report['steps']}",
-         *[_pct(r["eval_at_equal_steps"]["format_rate"]) for r in runs]],
-        [f"steps done in {report['equal_time_s'] / 60:.1f} min (equal time)",
-         *[str(r["steps_at_equal_time"]) for r in runs]],
-        [f"reward at equal time (last {LAST} steps)", *[f"{r['reward_at_equal_time']:.3f}" for r in runs]],
-        ["held-out accuracy at equal time (checkpoint step)",
-         *[f"{_pct(r['eval_at_equal_time']['accuracy'])} ({r['eval_at_equal_time']['step']})" for r in runs]],
-        ["held-out format rate at equal time", *[_pct(r["eval_at_equal_time"]["format_rate"]) for r in runs]],
+        ["models trained", *[str(a["models_trained"]) for a in arms]],
+        ["models held in memory", *[str(a["models_in_memory"]) for a in arms]],
+        ["trainable parameters", *[f"{a['trainable_parameters']:,}" for a in arms]],
     ]
+    for key, label, spec in FIGURES:
+        if any(key in a["figures"] for a in arms):
+            rows.append([label.format(**report), *[_cell(a["figures"].get(key), spec) for a in arms]])
+        if key == "accuracy":
+            rows.append(["- 95% interval by bootstrap over problems",
+                         *[_cell(a["accuracy_bootstrap"], spec) for a in arms]])
     return header, rows
 
 
+def paired_rows(report: dict) -> tuple[list[str], list[list[str]]]:
+    """Each arm minus the first: difference [95% interval] p significant, per tested figure."""
+    arms = report["arms"]
+    specs = {key: (label.format(**report), spec) for key, label, spec in FIGURES}
+    header = ["", *[f"{a['name']} - {arms[0]['name']}" for a in arms[1:]]]
+    rows = [[specs[key][0], *[_diff(a["paired"][key], specs[key][1]) for a in arms[1:]]] for key in PAIRED]
+    return header, rows
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return (["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+            + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def intro(report: dict) -> str:
+    b, seeds = report["base_eval"], report["seeds"]
+    return (f"Model {report['model']}, task {report['task']}, {report['steps']} steps of {report['prompts_per_step']} "
+            f"prompts x G = {report['group_size']}, seeds {', '.join(map(str, seeds))} (each arm once per seed). "
+            f"Held-out: {report['eval_problems']} problems, greedy; the base model scores {100 * b['accuracy']:.1f}% "
+            f"accuracy, {100 * b['format_rate']:.1f}% format rate. Cells: mean over seeds [95% interval]. "
+            "Equal time and equal token-passes: each seed's budget is its cheapest arm's whole run; an arm is "
+            "evaluated at its last checkpoint within it.")
+
+
 def markdown(report: dict) -> str:
-    header, rows = table_rows(report)
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    b = report["base_eval"]
-    return (f"# grouprl compare: {', '.join(r['name'] for r in report['runs'])}\n\n"
-            f"Model {report['model']}, task {report['task']}, {report['steps']} steps of "
-            f"{report['prompts_per_step']} prompts x G = {report['group_size']}, seed {report['seed']}. "
-            f"Held-out: {report['eval_problems']} problems, greedy; the base model scores "
-            f"{_pct(b['accuracy'])} accuracy, {_pct(b['format_rate'])} format rate.\n\n"
-            + "\n".join(lines) + "\n\n![reward vs step](reward_vs_step.png)\n![reward vs time](reward_vs_time.png)\n")
+    lines = [f"# grouprl compare: {', '.join(a['name'] for a in report['arms'])}", "", intro(report), ""]
+    lines += _md_table(*table_rows(report))
+    if len(report["arms"]) > 1:
+        lines += ["", f"## Against {report['arms'][0]['name']} (paired by seed and problem)", "",
+                  "Difference [95% interval], p, significant at 5%. Accuracy at the last step: bootstrap over seeds "
+                  "and problems; the rest: paired t over seeds.", ""]
+        lines += _md_table(*paired_rows(report))
+    lines += ["", "![reward vs step](reward_vs_step.png)", "![reward vs time](reward_vs_time.png)",
+              "![held-out accuracy vs step and token-passes](accuracy.png)"]
+    if any(a["algo"] == "ppo" for a in report["arms"]):
+        lines += ["![critic](critic.png)"]
+    return "\n".join(lines) + "\n"
 
 
-def plot(cfgs: dict[str, TrainConfig], out: Path, window: int = 5) -> list[Path]:
-    """Reward (a `window`-step moving average) against step and against training time, one line per run."""
+def _series_mean(series: list[list[tuple[float, float]]]) -> list[tuple[float, float]]:
+    """The point-by-point mean of several (x, y) series over their common length."""
+    n = min(len(s) for s in series)
+    return [(mean([s[k][0] for s in series]), mean([s[k][1] for s in series])) for k in range(n)]
+
+
+def _lines(ax, color: str, label: str, series: list[list[tuple[float, float]]]) -> None:
+    """Each seed thin, their mean bold."""
+    for s in series:
+        ax.plot([x for x, _ in s], [y for _, y in s], color=color, alpha=0.3, linewidth=0.8)
+    m = _series_mean(series)
+    ax.plot([x for x, _ in m], [y for _, y in m], color=color, linewidth=2.2, label=label)
+
+
+def _smooth(ys: list[float], window: int) -> list[float]:
+    return [mean(ys[max(0, k - window + 1):k + 1]) for k in range(len(ys))]
+
+
+def plot(report: dict, cfgs: dict[str, dict[int, TrainConfig]], out: Path, window: int = 5) -> list[Path]:
+    """reward_vs_step/time.png (a `window`-step moving average), accuracy.png (held-out accuracy against step
+    and token-passes) and, with a PPO arm, critic.png (value loss and explained variance): each seed thin,
+    the mean over seeds bold."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    hist = {name: [read_metrics(Path(c.output_dir) / "metrics.jsonl") for c in arm.values()]
+            for name, arm in cfgs.items()}
     paths = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        paths.append(out / name)
+
     for x_key, label, fname in [("step", "step", "reward_vs_step.png"),
                                 ("time", "training time (min)", "reward_vs_time.png")]:
         fig, ax = plt.subplots(figsize=(7, 4))
-        for i, (name, cfg) in enumerate(cfgs.items()):
-            h = read_metrics(Path(cfg.output_dir) / "metrics.jsonl")
-            xs = [r["step"] for r in h] if x_key == "step" else [t / 60 for t in cumulative_time(h)]
-            ys = [r["reward"] for r in h]
-            smooth = [mean(ys[max(0, k - window + 1):k + 1]) for k in range(len(ys))]
-            ax.plot(xs, ys, color=f"C{i}", alpha=0.25)
-            ax.plot(xs, smooth, color=f"C{i}", label=name)
-        ax.set_xlabel(label)
-        ax.set_ylabel(f"reward ({window}-step mean)")
+        for i, (name, runs) in enumerate(hist.items()):
+            series = []
+            for h in runs:
+                xs = [r["step"] for r in h] if x_key == "step" else [t / 60 for t in cumulative_time(h)]
+                series.append(list(zip(xs, _smooth([r["reward"] for r in h], window))))
+            _lines(ax, f"C{i}", name, series)
+        ax.set(xlabel=label, ylabel=f"reward ({window}-step mean)")
         ax.grid(alpha=0.3)
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / fname, dpi=100)
-        plt.close(fig)
-        paths.append(out / fname)
+        save(fig, fname)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for i, arm in enumerate(report["arms"]):
+        for ax, x_key, scale in [(axes[0], "step", 1), (axes[1], "passes", 1e6)]:
+            _lines(ax, f"C{i}", arm["name"], [[(c[x_key] / scale, 100 * c["accuracy"]) for c in r["curve"]]
+                                              for r in arm["runs"]])
+    axes[0].set(xlabel="step", ylabel="held-out accuracy (%)")
+    axes[1].set(xlabel="token-passes (millions): sampling + training forwards + backwards")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[1].legend()
+    save(fig, "accuracy.png")
+
+    critics = {name: runs for name, runs in hist.items() if any("value_loss" in r for r in runs[0])}
+    if critics:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for i, (name, runs) in enumerate(hist.items()):
+            if name not in critics:
+                continue
+            for ax, key in [(axes[0], "value_loss"), (axes[1], "explained_var")]:
+                _lines(ax, f"C{i}", name, [[(r["step"], r[key]) for r in h if key in r] for h in runs])
+        axes[0].set(xlabel="step", ylabel="value loss (0.5 (V - R)^2, token mean)")
+        axes[1].set(xlabel="step", ylabel="explained variance of V_old (1 - Var(R - V) / Var(R))")
+        for ax in axes:
+            ax.grid(alpha=0.3)
+            ax.legend()
+        save(fig, "critic.png")
     return paths
 
 
-def samples(cfg: TrainConfig, k: int = 3) -> list[dict]:
-    """The first k completions of the run's last step, with their rewards."""
-    path = Path(cfg.output_dir) / "completions.jsonl"
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    last = [r for r in rows if r["step"] == rows[-1]["step"]]
-    return last[:k]
-
-
-def html_page(report: dict, cfgs: dict[str, TrainConfig]) -> str:
-    header, rows = table_rows(report)
+def _html_table(header: list[str], rows: list[list[str]], id_: str) -> str:
     e = html.escape
-    table = ("<table id='comparison'><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr></thead><tbody>"
-             + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows) + "</tbody></table>")
+    return (f"<table id='{id_}'><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr></thead><tbody>"
+            + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows) + "</tbody></table>")
+
+
+def html_page(report: dict) -> str:
+    e = html.escape
     sections = []
-    for name, cfg in cfgs.items():
-        items = "".join(f"<div class='sample'><div class='meta'>reward {s['reward']:.2f} · answer {e(str(s.get('answer')))}"
-                        f"</div><pre>{e(s['completion'])}</pre></div>" for s in samples(cfg))
-        sections.append(f"<section class='run' data-run='{e(name)}'><h3>{e(name)}</h3>{items}</section>")
+    for arm in report["arms"]:
+        run = arm["runs"][0]
+        items = "".join(f"<div class='sample'><pre>{e(c)}</pre></div>" for c in run["samples"])
+        checks = "".join(f"<div class='sample check'><pre>{e(c)}</pre></div>"
+                         for r in arm["runs"] for c in r["self_verification_examples"][:2])
+        sections.append(f"<section class='run' data-run='{e(arm['name'])}'><h3>{e(arm['name'])}</h3>"
+                        f"<p class='meta'>held-out completions of seed {run['seed']} at the last step</p>{items}"
+                        f"<p class='meta'>completions the self-verification rules flag (grouprl/verification.py), "
+                        f"all seeds: {'none' if not checks else ''}</p>{checks}</section>")
+    paired = (f"<h2>Against {e(report['arms'][0]['name'])} (paired by seed and problem)</h2>"
+              + _html_table(*paired_rows(report), "paired")) if len(report["arms"]) > 1 else ""
+    critic = "<img id='critic' src='critic.png' alt='critic'>" if any(
+        a["algo"] == "ppo" for a in report["arms"]) else ""
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>grouprl compare</title>
 <style>
-body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 1100px; }}
-table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
-td:first-child {{ text-align: left; }} img {{ max-width: 49%; }}
+body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 1200px; }}
+table {{ border-collapse: collapse; margin-bottom: 1em; }} td, th {{ border: 1px solid #ccc; padding: 4px 10px;
+text-align: right; }} td:first-child {{ text-align: left; }} img {{ max-width: 49%; }}
 pre {{ background: #f6f6f6; padding: 8px; white-space: pre-wrap; }} .meta {{ color: #555; font-size: 90%; }}
 </style></head><body>
 <h1>grouprl compare</h1>
-<p>{e(report['model'])}, task {e(report['task'])}, {report['steps']} steps of {report['prompts_per_step']} prompts
-x G = {report['group_size']}, seed {report['seed']}; held-out: {report['eval_problems']} problems, greedy.</p>
-{table}
-<h2>Reward</h2>
-<img id="by-step" src="reward_vs_step.png" alt="reward vs step"><img id="by-time" src="reward_vs_time.png" alt="reward vs time">
-<h2>Sample completions (last step)</h2>
+<p>{e(intro(report))}</p>
+{_html_table(*table_rows(report), "comparison")}
+{paired}
+<h2>Curves</h2>
+<img id="by-step" src="reward_vs_step.png" alt="reward vs step"><img id="by-time" src="reward_vs_time.png"
+alt="reward vs time"><img id="accuracy" src="accuracy.png" alt="held-out accuracy">{critic}
+<h2>Sample completions</h2>
 {''.join(sections)}
 </body></html>
 """
+
+
+def write_report(report: dict, cfgs: dict[str, dict[int, TrainConfig]], out: Path) -> None:
+    """report.json, report.md, the plots and index.html in `out`."""
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    plot(report, cfgs, out)
+    (out / "report.md").write_text(markdown(report))
+    (out / "index.html").write_text(html_page(report))

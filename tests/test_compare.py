@@ -24,56 +24,85 @@ def base_sets(tiny_model, toy_data, toy_reward) -> list[str]:
         "ppo.epochs": 1, "eval.batch_size": 8}) if not s.startswith("output_dir=")]
 
 
+SEEDS = [0, 1]
+
+
 @pytest.fixture(scope="module")
 def report_dir(tmp_path_factory, tiny_model, toy_data, toy_reward):
     out = tmp_path_factory.mktemp("compare") / "report"
-    compare(None, base_sets(tiny_model, toy_data, toy_reward), RUNS, out, eval_num=4, save_every=1,
+    compare(None, base_sets(tiny_model, toy_data, toy_reward), RUNS, out, eval_num=4, save_every=1, seeds=SEEDS,
             console=Console(quiet=True))
     return out
 
 
-def test_report_has_every_figure_for_every_run(report_dir):
+def test_report_has_every_figure_for_every_arm_and_seed(report_dir):
+    from grouprl.report import FIGURES, PAIRED
+
     report = json.loads((report_dir / "report.json").read_text())
-    runs = {r["name"]: r for r in report["runs"]}
-    assert list(runs) == RUNS
-    assert (runs["grpo"]["models_trained"], runs["ppo"]["models_trained"]) == (1, 2)
+    arms = {a["name"]: a for a in report["arms"]}
+    assert list(arms) == RUNS and report["seeds"] == SEEDS
+    assert (arms["grpo"]["models_trained"], arms["ppo"]["models_trained"]) == (1, 2)
     # PPO: policy, critic and a frozen reference for its KL penalty (kl_coef 0.05, full fine-tuning);
     # GRPO here has beta 0: the policy alone
-    assert runs["ppo"]["models_in_memory"] == 3 and runs["grpo"]["models_in_memory"] == 1
-    assert runs["ppo"]["trainable_parameters"] > runs["grpo"]["trainable_parameters"]
-    for r in runs.values():
-        assert r["peak_memory_gib"] > 0.1 and r["steps"] == 3
-        for key in ("median_step_s", "median_generation_s", "median_update_s", "generated_tokens_per_s",
-                    "train_time_s"):
-            assert r[key] > 0, key
-        assert r["median_scoring_s"] >= 0 and r["median_nograd_forward_s"] >= 0
-        for when in ("eval_at_equal_steps", "eval_at_equal_time"):
-            assert 0 <= r[when]["accuracy"] <= 1 and 0 <= r[when]["format_rate"] <= 1
-        assert 0 <= r["steps_at_equal_time"] <= 3  # 0: not one step done in the fastest run's time
-        assert r["eval_at_equal_time"]["step"] <= r["steps_at_equal_time"]
-    assert runs["ppo"]["median_nograd_forward_s"] > 0  # pi_old, reference and critic forwards, counted apart
-    assert runs["rank"]["overrides"] == PRESETS["rank"]
-    assert min(r["train_time_s"] for r in runs.values()) == pytest.approx(report["equal_time_s"])
-    assert max(r["steps_at_equal_time"] for r in runs.values()) == 3  # the fastest run, all its steps
+    assert arms["ppo"]["models_in_memory"] == 3 and arms["grpo"]["models_in_memory"] == 1
+    assert arms["ppo"]["trainable_parameters"] > arms["grpo"]["trainable_parameters"]
+    assert arms["rank"]["overrides"] == PRESETS["rank"]
+    for name, arm in arms.items():
+        assert [r["seed"] for r in arm["runs"]] == SEEDS
+        for key, _, _ in FIGURES:  # mean and interval over the 2 seeds; the critic's only where there is one
+            if key == "explained_var_last10" and arm["algo"] != "ppo":
+                assert key not in arm["figures"]
+                continue
+            fig = arm["figures"][key]
+            assert fig["n"] == 2 and fig["lo"] <= fig["mean"] <= fig["hi"], (name, key, fig)
+        b = arm["accuracy_bootstrap"]
+        assert b["lo"] <= b["mean"] <= b["hi"] and b["mean"] == pytest.approx(arm["figures"]["accuracy"]["mean"])
+        assert set(arm["paired"]) == (set() if name == "grpo" else set(PAIRED))
+        for r in arm["runs"]:
+            assert r["peak_memory_gib"] > 0.1 and r["steps"] == 3 and len(r["correct"]) == report["eval_problems"]
+            for key in ("median_step_s", "median_generation_s", "median_update_s", "generated_tokens_per_s",
+                        "train_time_s", "passes_sample_per_step", "passes_forward_per_step",
+                        "passes_backward_per_step"):
+                assert r[key] > 0, key
+            assert r["passes_total"] == pytest.approx(3 * (r["passes_sample_per_step"] + r["passes_forward_per_step"]
+                                                          + r["passes_backward_per_step"]))
+            assert [c["step"] for c in r["curve"]] == [0, 1, 2, 3]  # the base model, then every checkpoint
+            assert r["curve"][-1]["accuracy"] == r["accuracy"] and 0 <= r["self_verification"] <= 1
+            for when, budget, axis in [("eval_at_equal_time", "equal_time_s", "time_s"),
+                                       ("eval_at_equal_compute", "equal_passes", "passes")]:
+                point = next(c for c in r["curve"] if c["step"] == r[when]["step"])
+                assert point[axis] <= r[budget] * (1 + 1e-9) and point["accuracy"] == r[when]["accuracy"]
+    for k, seed in enumerate(SEEDS):  # each seed's budget is its cheapest arm's whole run
+        runs = [a["runs"][k] for a in arms.values()]
+        assert min(r["train_time_s"] for r in runs) == pytest.approx(runs[0]["equal_time_s"])
+        assert min(r["passes_total"] for r in runs) == pytest.approx(runs[0]["equal_passes"])
+        assert max(r["eval_at_equal_compute"]["step"] for r in runs) == 3
+    # PPO runs pi_old and critic forwards without gradient, and its critic's backward: more passes per step
+    ppo, grpo = arms["ppo"]["runs"][0], arms["grpo"]["runs"][0]
+    assert ppo["passes_forward_per_step"] > ppo["passes_backward_per_step"] > grpo["passes_backward_per_step"]
+    assert grpo["passes_forward_per_step"] == grpo["passes_backward_per_step"]  # mu = 1: no pi_old forward
+    assert ppo["median_nograd_forward_s"] > 0  # pi_old, reference and critic forwards, counted apart
     md = (report_dir / "report.md").read_text()
     assert "|  | grpo | ppo | rank |" in md and "models held in memory" in md and "peak memory" in md
-    for png in ("reward_vs_step.png", "reward_vs_time.png"):
+    assert "| ppo - grpo | rank - grpo |" in md and "bootstrap over problems" in md
+    for png in ("reward_vs_step.png", "reward_vs_time.png", "accuracy.png", "critic.png"):
         assert (report_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (report_dir / "eval-base.json").is_file()
 
 
 def test_an_interrupted_comparison_continues_where_it_stopped(report_dir, tiny_model, toy_data, toy_reward):
-    grpo_log = (report_dir / "runs" / "grpo" / "metrics.jsonl").read_text()
-    ppo = report_dir / "runs" / "ppo"
+    grpo_log = (report_dir / "runs" / "grpo" / "seed-1" / "metrics.jsonl").read_text()
+    ppo = report_dir / "runs" / "ppo" / "seed-1"
     shutil.rmtree(ppo / "final")  # as if stopped during step 3: its latest checkpoint is step 2
     for cache in ppo.glob("eval-step-*.json"):
         cache.unlink()
     console = Console(record=True, width=200)
     compare(None, base_sets(tiny_model, toy_data, toy_reward), RUNS, report_dir, eval_num=4, save_every=1,
-            console=console)
+            seeds=SEEDS, console=console)
     text = console.export_text()
-    assert "grpo: finished earlier, kept" in text and "ppo: resuming" in text
-    assert (report_dir / "runs" / "grpo" / "metrics.jsonl").read_text() == grpo_log
+    assert "grpo seed 1: finished earlier, kept" in text and "ppo seed 1: resuming" in text
+    assert "ppo seed 0: finished earlier, kept" in text
+    assert (report_dir / "runs" / "grpo" / "seed-1" / "metrics.jsonl").read_text() == grpo_log
     steps = [json.loads(x)["step"] for x in (ppo / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
     assert "resumed after step 2" in " ".join((ppo / "train.log").read_text().split())
@@ -92,7 +121,7 @@ def test_bad_runs_fail_in_one_line(tiny_model, toy_data, toy_reward, tmp_path):
 def test_a_report_folder_made_with_other_settings_is_refused(report_dir, tiny_model, toy_data, toy_reward):
     sets = base_sets(tiny_model, toy_data, toy_reward) + ["optim.lr=0.5"]
     with pytest.raises(UserError, match=r"run 'grpo' .* other settings \(optim.lr\)"):
-        compare(None, sets, RUNS, report_dir, eval_num=4, save_every=1)
+        compare(None, sets, RUNS, report_dir, eval_num=4, save_every=1, seeds=SEEDS)
 
 
 def test_report_page_in_a_headless_browser(report_dir):
@@ -109,8 +138,9 @@ def test_report_page_in_a_headless_browser(report_dir):
         page.goto((report_dir / "index.html").as_uri())
         assert page.locator("#comparison thead th").all_inner_texts() == ["", *RUNS]
         labels = page.locator("#comparison tbody tr td:first-child").all_inner_texts()
-        assert "models trained" in labels and "peak memory (GiB)" in labels and len(labels) >= 15
-        for img in ("#by-step", "#by-time"):  # the plots load and have a size
+        assert "models trained" in labels and "peak memory (GiB)" in labels and len(labels) >= 25
+        assert page.locator("#paired thead th").all_inner_texts() == ["", "ppo - grpo", "rank - grpo"]
+        for img in ("#by-step", "#by-time", "#accuracy", "#critic"):  # the plots load and have a size
             assert page.eval_on_selector(img, "i => i.complete && i.naturalWidth > 300 && i.naturalHeight > 200")
         assert page.locator("section.run").count() == len(RUNS)
         for name in RUNS:
@@ -133,7 +163,8 @@ def test_evaluation_cache_is_keyed_on_what_changes_the_result(tiny_model, toy_da
 
     def fake_evaluate(net, tok, task, rows, *, prefill, max_new_tokens, batch_size, **kw):
         calls.append((prefill, max_new_tokens, batch_size))
-        return {"problems": len(rows), "format_rate": 0.5, "accuracy": 0.25}, []
+        return ({"problems": len(rows), "format_rate": 0.5, "accuracy": 0.25},
+                [{"correct": 1.0, "completion": "c"}] + [{"correct": 0.0, "completion": "c"}] * (len(rows) - 1))
 
     monkeypatch.setattr(grouprl.evaluate, "evaluate", fake_evaluate)
     monkeypatch.setattr(grouprl.models, "load_for_inference", lambda path, cfg: (None, None))
@@ -145,7 +176,9 @@ def test_evaluation_cache_is_keyed_on_what_changes_the_result(tiny_model, toy_da
     def run(*extra, num=4):
         return evaluate_checkpoint(str(model), load_config(None, sets + list(extra)), num, cache)
 
-    assert run()["accuracy"] == 0.25 and calls == [("", 12, 64)]  # rollout.max_new_tokens 12, batch 64
+    first = run()
+    assert first["accuracy"] == 0.25 and calls == [("", 12, 64)]  # rollout.max_new_tokens 12, batch 64
+    assert first["correct"] == [1, 0, 0, 0] and first["completions"] == ["c"] * 4  # per problem, for the intervals
     run()
     run("eval.k=4", "eval.temperature=1.0")  # not used by a greedy evaluation: still cached
     assert len(calls) == 1
@@ -174,10 +207,10 @@ def test_compare_runs_each_arm_distributed(tiny_model, toy_data, toy_reward, tmp
     compare(None, base_sets(tiny_model, toy_data, toy_reward) + ["steps=2"], ["grpo", "ppo"], out, eval_num=4,
             save_every=1, console=Console(quiet=True), nproc=2)
     for arm in ("grpo", "ppo"):
-        info = json.loads((out / "runs" / arm / "run_info.json").read_text())
+        info = json.loads((out / "runs" / arm / "seed-0" / "run_info.json").read_text())
         assert info["world_size"] == 2 and info["strategy"] == "ddp", info
     report = json.loads((out / "report.json").read_text())
-    assert {(r["name"], r["world_size"]) for r in report["runs"]} == {("grpo", 2), ("ppo", 2)}
+    assert {(a["name"], a["world_size"]) for a in report["arms"]} == {("grpo", 2), ("ppo", 2)}
 
 
 def test_arms_that_would_train_identically_are_refused_and_settings_without_effect_warned(tmp_path):
@@ -186,7 +219,8 @@ def test_arms_that_would_train_identically_are_refused_and_settings_without_effe
     from grouprl.compare import RunSpec, check_arms_differ, run_configs
 
     def cfgs(runs, sets=()):
-        return run_configs(None, ["grpo.beta=0", *sets], [RunSpec.parse(r) for r in runs], tmp_path, 0)
+        arms = run_configs(None, ["grpo.beta=0", *sets], [RunSpec.parse(r) for r in runs], [0], tmp_path, 1)
+        return {name: arm[0] for name, arm in arms.items()}
 
     with pytest.raises(UserError, match=r"'grpo' and 'gspo' would train identically .*grpo\.ratio: with grpo\.mu=1"):
         check_arms_differ(cfgs(["grpo", "gspo"]))
