@@ -176,9 +176,10 @@ def _finished(run_dir: Path, steps: int) -> bool:
 
 
 def check_unchanged(name: str, cfg: TrainConfig) -> None:
-    """A run already in the report folder must have been made with the same settings (steps may grow)."""
+    """A run already in the report folder must have been made with the same settings (steps may grow; a
+    setting that cannot change its training, such as the other algorithm's section, may change too)."""
     saved = Path(cfg.output_dir) / "grouprl.yaml"
-    changed = config_changes(load_config(saved), cfg) if saved.is_file() else []
+    changed = [k for k in config_changes(load_config(saved), cfg) if not _ignored(cfg, k)] if saved.is_file() else []
     if changed:
         raise UserError(f"run {name!r} in {str(Path(cfg.output_dir).parent.parent)!r} was made with other settings "
                         f"({', '.join(changed)}): use another --out, or delete {str(Path(cfg.output_dir))!r}")

@@ -171,11 +171,13 @@ class GRPOConfig(Section):
 
 
 class CriticConfig(Section):
-    kind: Literal["separate", "head"] = Field(
+    kind: Literal["separate", "adapter", "head"] = Field(
         "separate",
         description="separate: a value model of its own (a copy of the policy's backbone, or name_or_path, with "
-        "a scalar head) and its own optimizer; head: a scalar head on the policy's last hidden state (one model "
-        "in memory; the value loss also trains the shared trunk).",
+        "a scalar head) and its own optimizer; adapter (model.lora on): a second LoRA adapter on the policy's "
+        "frozen base, with its own head and optimizer (one copy of the base in memory, two trained adapters); "
+        "head: a scalar head on the policy's last hidden state (one model; the value loss also trains the "
+        "policy's weights).",
     )
     name_or_path: str | None = Field(
         None, description="separate: initialise the critic from this checkpoint (a causal LM folder or HF id, or "
@@ -183,6 +185,10 @@ class CriticConfig(Section):
     )
     lr: float | None = Field(None, gt=0, description="Critic learning rate (value head included); default: optim.lr.")
     lora: LoraConfig | None = Field(None, description="separate: LoRA for the critic; default: as model.lora.")
+    epochs: int | None = Field(
+        None, ge=1, description="Epochs of value updates per batch (default: ppo.epochs); those beyond ppo.epochs "
+        "train the critic alone, after the joint ones, on the same minibatches of the batch."
+    )
 
 
 class PPOConfig(Section):
@@ -292,6 +298,12 @@ class TrainConfig(Section):
         if self.ppo.kl_target is not None and self.ppo.kl_coef == 0:
             raise ValueError("ppo.kl_target needs ppo.kl_coef > 0 (its starting value; 0 loads no reference)")
         critic = self.ppo.critic
+        if self.algo == "ppo" and critic.kind == "adapter" and not self.model.lora.enabled:
+            raise ValueError("ppo.critic.kind: adapter needs model.lora.enabled (the critic is a second LoRA adapter "
+                             "on the policy's frozen base)")
+        if critic.kind == "adapter" and critic.name_or_path is not None:
+            raise ValueError("ppo.critic.name_or_path needs ppo.critic.kind: separate (an adapter critic starts on the "
+                             "policy's base)")
         if critic.kind == "head" and (critic.name_or_path is not None or critic.lora is not None):
             raise ValueError("ppo.critic.name_or_path and ppo.critic.lora need ppo.critic.kind: separate (a 'head' "
                              "critic is a scalar head on the policy's own trunk)")
@@ -325,6 +337,9 @@ def world_problems(cfg: TrainConfig, world: int, strategy: str) -> list[str]:
         if cfg.save_merged:
             out.append("save_merged is not supported with distributed.strategy=fsdp2: merge the saved adapter "
                        "afterwards (grouprl eval loads adapters), or use ddp")
+    if world > 1 and cfg.algo == "ppo" and cfg.ppo.critic.kind == "adapter":
+        out.append("ppo.critic.kind=adapter runs in one process only (data parallel would wait for the adapter "
+                   "that each forward leaves out): use kind separate or head under torchrun")
     if world > 1 and cfg.distributed.cpu_offload and strategy != "fsdp2":
         out.append(f"distributed.cpu_offload needs distributed.strategy=fsdp2 (got {strategy})")
     return out

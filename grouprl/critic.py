@@ -5,17 +5,21 @@ positions whose logits give logp(o_t), so values line up with the policy's (N, C
 
     kind 'separate'  a value model of its own: the policy's backbone (or another checkpoint) plus the head,
                      its own optimizer and learning rate, LoRA optional. Two models trained.
+    kind 'adapter'   a second LoRA adapter ('critic') on the policy's own frozen base, plus the head, its own
+                     optimizer: one copy of the base in memory, two trained adapters. V is a forward of the
+                     policy's model with the critic adapter active (peft multi-adapter).
     kind 'head'      the head sits on the policy's trunk: one forward gives logp and V, one model in memory;
                      the value loss also trains the shared trunk (weighted by vf_coef).
 
-Checkpoints: <dir>/critic/ (HF folder or peft adapter, plus value_head.safetensors) for 'separate';
-<dir>/value_head.safetensors for 'head'. A 'separate' critic can start from a saved critic/ folder.
+Checkpoints: <dir>/critic/ (HF folder or peft adapter, plus value_head.safetensors) for 'separate' and
+'adapter' (peft writes a second adapter to <dir>/<its name>/); <dir>/value_head.safetensors for 'head'.
+A 'separate' critic can start from a saved critic/ folder.
 """
 
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -26,10 +30,30 @@ from grouprl.checkpoint import export_pretrained, export_state, load_weights, on
 from grouprl.config import DistributedConfig, TrainConfig
 from grouprl.distributed import unwrap, wrap
 from grouprl.logprobs import TokenLogprobs, forward_groups
-from grouprl.models import add_lora, checkpoint_activations, load_causal_lm, resolve_model_path
+from grouprl.models import add_lora, checkpoint_activations, load_causal_lm, peft_lora_config, resolve_model_path
 from grouprl.rollout import Rollout
 
 VALUE_HEAD_FILE = "value_head.safetensors"
+CRITIC_ADAPTER = "critic"  # the adapter's name, and so (peft) its folder in a checkpoint
+
+
+@contextmanager
+def active_adapter(model: nn.Module, name: str):
+    """Run a peft model with adapter `name` active, every LoRA weight left trainable. (peft's set_adapter, and
+    leaving disable_adapter(), freeze every adapter but the active one; a weight frozen before the backward
+    of a graph that used it gets no gradient, so both adapters are made trainable again on the way in and out.)"""
+    peft_model = unwrap(model)
+    lora = [q for n, q in peft_model.named_parameters() if "lora_" in n]
+    before = peft_model.active_adapter
+    peft_model.set_adapter(name)
+    for q in lora:
+        q.requires_grad_(True)
+    try:
+        yield
+    finally:
+        peft_model.set_adapter(before)
+        for q in lora:
+            q.requires_grad_(True)
 
 
 class ValueHead(nn.Module):
@@ -51,21 +75,31 @@ def _hidden_size(model: nn.Module) -> int:
 
 
 class Critic:
-    """V(s_t) over a rollout's completion positions; `model` is the policy itself when `shared`."""
+    """V(s_t) over a rollout's completion positions; `model` is the policy itself for kinds 'adapter' and
+    'head' (`shared`: the head reads the policy's own hidden states)."""
 
-    def __init__(self, model: nn.Module, head: ValueHead, shared: bool):
-        self.model, self.head, self.shared = model, head, shared
+    def __init__(self, model: nn.Module, head: ValueHead, kind: str):
+        self.model, self.head, self.kind = model, head, kind
+        self.shared = kind == "head"
 
     def parameters(self) -> list[nn.Parameter]:
-        """What the critic's optimizer trains: the head, plus the value model's trainable weights when separate
-        (a shared trunk is trained by the policy's optimizer)."""
-        own = [] if self.shared else [p for p in self.model.parameters() if p.requires_grad]
+        """What the critic's optimizer trains: the head, plus the value model's trainable weights when separate,
+        or the critic adapter (a shared trunk is trained by the policy's optimizer)."""
+        if self.kind == "separate":
+            own = [p for p in self.model.parameters() if p.requires_grad]
+        elif self.kind == "adapter":
+            own = [p for n, p in unwrap(self.model).named_parameters() if f".{CRITIC_ADAPTER}." in n]
+        else:
+            own = []
         return own + list(self.head.parameters())
 
     def wrap(self, policy: nn.Module, cfg: DistributedConfig) -> None:
-        """Under torchrun: the head, and a separate value model, made data parallel as the policy is."""
-        if not self.shared:
+        """Under torchrun: the head, and a separate value model, made data parallel as the policy is (an
+        adapter critic runs in the policy's model, wrapped by its learner)."""
+        if self.kind == "separate":
             self.model = wrap(self.model, cfg)
+        elif self.kind == "adapter":
+            self.model = policy
         self.head = wrap(self.head, cfg, mixed=False)  # V in float32 (the head reads hidden.float())
 
     def modules(self) -> list[nn.Module]:
@@ -87,7 +121,8 @@ class Critic:
         policy forward that also gave logp); without one, the trunk is run without gradient (head only)."""
         if self.shared and policy_out is not None:
             return self.head(policy_out.hidden)
-        with torch.no_grad() if self.shared else nullcontext():
+        adapter = active_adapter(self.model, CRITIC_ADAPTER) if self.kind == "adapter" else nullcontext()
+        with torch.no_grad() if self.shared else nullcontext(), adapter:
             hidden = forward_groups(self.model, rollout, rows, layout=layout, with_logp=False,
                                     with_hidden=True).hidden
         return self.head(hidden)
@@ -95,16 +130,18 @@ class Critic:
     def save(self, checkpoint: Path) -> None:
         """The Hugging Face layout (see the module docstring); every rank calls it, rank 0 writes."""
         head = export_state(self.head)
-        folder = checkpoint if self.shared else checkpoint / "critic"
-        if not self.shared:
+        folder = checkpoint if self.shared else checkpoint / CRITIC_ADAPTER
+        if self.kind == "separate":  # (an adapter critic's weights were written with the policy's)
             export_pretrained(self.model, folder)
         on_main(lambda: save_file(head, folder / VALUE_HEAD_FILE))
 
     def load(self, checkpoint: Path) -> None:
         """Resume from a checkpoint written before sharded state: the weights that `save` wrote."""
-        folder = checkpoint if self.shared else checkpoint / "critic"
+        folder = checkpoint if self.shared else checkpoint / CRITIC_ADAPTER
         head = unwrap(self.head)
-        if not self.shared:
+        if self.kind == "adapter":
+            unwrap(self.model).load_adapter(str(folder), CRITIC_ADAPTER, is_trainable=True)
+        elif not self.shared:
             load_weights(unwrap(self.model), folder)
         head.load_state_dict(load_file(folder / VALUE_HEAD_FILE, device=str(head.linear.weight.device)))
 
@@ -114,7 +151,13 @@ def load_critic(cfg: TrainConfig, policy: nn.Module) -> Critic:
     spec = cfg.ppo.critic
     device = next(policy.parameters()).device
     if spec.kind == "head":
-        return Critic(policy, ValueHead(_hidden_size(policy), device), shared=True)
+        return Critic(policy, ValueHead(_hidden_size(policy), device), "head")
+    if spec.kind == "adapter":  # a second adapter on the policy's base (peft multi-adapter)
+        policy.add_adapter(CRITIC_ADAPTER, peft_lora_config(spec.lora or cfg.model.lora))
+        for name, q in policy.named_parameters():
+            if f".{CRITIC_ADAPTER}." in name:
+                q.requires_grad_(True)
+        return Critic(policy, ValueHead(_hidden_size(policy), device), "adapter")
     path = resolve_model_path(spec.name_or_path or cfg.model.name_or_path)
     adapter = Path(path) / "adapter_config.json"
     base = json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.is_file() else path
@@ -136,4 +179,4 @@ def load_critic(cfg: TrainConfig, policy: nn.Module) -> Critic:
     saved = Path(path) / VALUE_HEAD_FILE
     if saved.is_file():
         head.load_state_dict(load_file(saved, device=str(device)))
-    return Critic(model, head, shared=False)
+    return Critic(model, head, "separate")

@@ -192,17 +192,17 @@ def checkpoint_activations(model: PreTrainedModel) -> None:
     model.config.use_cache = False
 
 
-def add_lora(model: PreTrainedModel, lora: LoraConfig) -> PreTrainedModel:
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+def peft_lora_config(lora: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig
 
-    peft_cfg = PeftLoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, peft_cfg)
+    return PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                          target_modules=lora.target_modules, task_type="CAUSAL_LM")
+
+
+def add_lora(model: PreTrainedModel, lora: LoraConfig) -> PreTrainedModel:
+    from peft import get_peft_model
+
+    return get_peft_model(model, peft_lora_config(lora))
 
 
 def load_policy(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -26,7 +26,7 @@ from grouprl.distributed import wrap
 from grouprl.learner import no_grad_rows, run_minibatches, sequence_logprobs, shuffle_seed
 from grouprl.logprobs import attention, forward_groups, pick_layout
 from grouprl.losses import Normaliser, explained_variance, ppo_policy_loss, value_loss
-from grouprl.models import Reference, trainable_parameters
+from grouprl.models import Reference
 from grouprl.optim import Optim, make_optimizer
 from grouprl.rollout import Rollout
 
@@ -51,6 +51,7 @@ class PPOStepStats:
     entropy: float = 0.0
     grad_norm: float = 0.0  # policy (a shared trunk included; its head counts under critic_grad_norm)
     critic_grad_norm: float = 0.0
+    value_loss_last: float = 0.0  # critic.epochs > epochs: the value loss of the critic-only epochs
     kl: float = 0.0  # k1 KL to the reference per token, at rollout time
     kl_seq: float = 0.0  # the same summed over each completion, mean over completions
     explained_var: float = 0.0  # of V_old against the returns
@@ -119,11 +120,11 @@ def ppo_update(
     policy.train(train_policy)
     critic.train(True)
 
-    def micro_step(rows: Tensor, norm: Normaliser) -> tuple[Tensor, dict[str, float]]:
+    def micro_step(rows: Tensor, norm: Normaliser, with_policy: bool = train_policy) -> tuple[Tensor, dict]:
         m = mask[rows]
         out, sums = None, {}
         pg_loss = torch.zeros((), device=mask.device)
-        if train_policy:
+        if with_policy:
             out = forward_groups(policy, rollout, rows, with_entropy=True, layout=layout,
                                  with_hidden=critic.shared)
             pg_loss, ps = ppo_policy_loss(out.logp, old_logp[rows], adv[rows], m, norm, cfg.eps)
@@ -149,11 +150,19 @@ def ppo_update(
     if p.steps:
         stats.critic_grad_norm = p.grad_norms[-1] / p.steps
         stats.grad_norm = p.grad_norms[0] / p.steps if train_policy else 0.0
+    if cfg.critic.epochs is not None and cfg.critic.epochs > cfg.epochs:  # then the critic alone, same batch
+        v = run_minibatches(rollout, mask, epochs=cfg.critic.epochs - cfg.epochs, minibatches=cfg.minibatches,
+                            micro_batch_size=cfg.micro_batch_size, max_len=max_new_tokens, optims=[critic_optim],
+                            models=critic.modules(), shuffle_seed=seed + cfg.epochs,
+                            micro_step=lambda rows, norm: micro_step(rows, norm, with_policy=False))
+        stats.nonfinite_steps += v.nonfinite
+        stats.update_steps += v.steps
+        stats.value_loss_last = v.sums.get("value_loss", 0.0) / max(v.steps, 1)  # after the joint epochs
     return stats, adv
 
 
 UPDATE_KEYS = {"loss", "value_loss", "clip_frac", "value_clip_frac", "approx_kl", "ratio", "entropy", "grad_norm",
-               "critic_grad_norm"}  # the metrics that only an optimizer step produces
+               "critic_grad_norm", "value_loss_last"}  # the metrics that only an optimizer step produces
 
 
 class PPO:
@@ -176,13 +185,15 @@ class PPO:
         self.policy = wrap(policy, cfg.distributed)
         self.critic.wrap(self.policy, cfg.distributed)
         self.kl_coef = cfg.ppo.kl_coef
-        params = [p for p in self.policy.parameters() if p.requires_grad]
+        critic_params = self.critic.parameters()
+        own = {id(p) for p in critic_params}  # an adapter critic's weights sit in the policy's model
+        params = [p for p in self.policy.parameters() if p.requires_grad and id(p) not in own]
         self.policy_optim = make_optimizer(params, cfg.optim.lr, cfg.optim)
-        self.critic_optim = make_optimizer(self.critic.parameters(), cfg.ppo.critic.lr or cfg.optim.lr, cfg.optim)
+        self.critic_optim = make_optimizer(critic_params, cfg.ppo.critic.lr or cfg.optim.lr, cfg.optim)
         self.models_trained = 1 if self.critic.shared else 2
-        self.models_in_memory = self.models_trained + (self.reference is not None and not self.reference.lora)
-        self.trainable_parameters = trainable_parameters(policy) + sum(
-            p.numel() for p in self.critic.parameters())
+        self.models_in_memory = (2 if self.critic.kind == "separate" else 1) + (
+            self.reference is not None and not self.reference.lora)
+        self.trainable_parameters = sum(p.numel() for p in params) + sum(p.numel() for p in critic_params)
 
     def update(self, rollout: Rollout, score: Tensor, step: int) -> tuple[dict[str, float], Tensor]:
         """One step; returns its metrics and a per-sequence advantage (token mean) for the completions log."""
@@ -199,6 +210,8 @@ class PPO:
         metrics = {k: float(v) for k, v in vars(s).items()} | {
             "kl_coef": kl_coef, "lr": self.policy_optim.lr(), "critic_lr": self.critic_optim.lr(),
         }
+        if c.ppo.critic.epochs is None or c.ppo.critic.epochs <= c.ppo.epochs:
+            del metrics["value_loss_last"]
         if s.update_steps == 0:  # no update ran: no made-up zeros in the log
             metrics = {k: v for k, v in metrics.items() if k not in UPDATE_KEYS}
         return metrics, seq_adv.cpu()

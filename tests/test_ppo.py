@@ -180,3 +180,79 @@ def test_lora_critic_resumes_from_its_adapter(tiny_model, toy_data, toy_reward, 
         name = next(n for n in params if n.startswith(k.removesuffix(".weight")))
         assert params[name].requires_grad
         torch.testing.assert_close(params[name].detach(), adapter[k])
+
+
+def test_adapter_critic_shares_the_frozen_base_and_leaves_the_policy_alone(tiny_model):
+    """kind adapter: a second LoRA adapter on the policy's own base. The policy's log-probs do not change when
+    it is added, V is the hidden state of base + critic adapter (as a separate model with those weights
+    gives), every adapter stays trainable, and the two optimizers split the trainable weights between them."""
+    from grouprl.config import TrainConfig
+    from grouprl.critic import active_adapter, load_critic
+    from grouprl.logprobs import forward_groups
+    from grouprl.models import add_lora, load_causal_lm, load_policy
+    from grouprl.ppo import PPO
+    from grouprl.rollout import generate
+
+    lora = {"enabled": True, "r": 4, "alpha": 8, "target_modules": "all-linear"}
+    cfg = TrainConfig.model_validate({"algo": "ppo", "model": {"name_or_path": str(tiny_model), "device": "cpu",
+                                                               "lora": lora},
+                                      "ppo": {"kl_coef": 0.0, "critic": {"kind": "adapter"}}})
+    policy, tok = load_policy(cfg.model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, q in policy.named_parameters():
+            if "lora_B" in n:
+                q.normal_(std=0.2)  # an adapter that changes the policy
+    ro = generate(policy, tok, ["<|user|>a<|end|><|assistant|>", "<|user|>bb<|end|><|assistant|>"], group_size=4,
+                  max_new_tokens=4)
+    rows = torch.arange(8)
+    with torch.no_grad():
+        before = forward_groups(policy, ro, rows).logp
+    critic = load_critic(cfg, policy)
+    with torch.no_grad():
+        for n, q in policy.named_parameters():
+            if "lora_B.critic" in n:
+                q.normal_(std=0.2)
+        critic.head.linear.weight.normal_()
+        torch.testing.assert_close(forward_groups(policy, ro, rows).logp, before, rtol=0, atol=0)
+        values = critic.values(ro, rows, "shared")
+    assert all(q.requires_grad for n, q in policy.named_parameters() if "lora_" in n)
+    assert policy.active_adapter == "default"
+    # the same V from a model of its own: the base with the critic adapter's weights as its only adapter
+    alone = add_lora(load_causal_lm(str(tiny_model), cfg.model), cfg.model.lora)
+    critic_weights = {n.replace(".critic.", ".default."): q for n, q in policy.named_parameters()
+                      if ".critic." in n}
+    alone.load_state_dict(critic_weights, strict=False)
+    with torch.no_grad():
+        hidden = forward_groups(alone, ro, rows, with_logp=False, with_hidden=True).hidden
+        torch.testing.assert_close(values, critic.head(hidden), rtol=1e-5, atol=1e-5)
+        with active_adapter(policy, "critic"):
+            assert policy.active_adapter == "critic"
+    ppo = PPO(cfg, load_policy(cfg.model)[0])
+    policy_params = {id(q) for g in ppo.policy_optim.optimizer.param_groups for q in g["params"]}
+    critic_params = {id(q) for g in ppo.critic_optim.optimizer.param_groups for q in g["params"]}
+    trainable = {id(q) for q in ppo.policy.parameters() if q.requires_grad} | {id(q) for q in ppo.critic.head.parameters()}
+    assert not policy_params & critic_params and policy_params | critic_params == trainable
+    assert (ppo.models_in_memory, ppo.models_trained) == (1, 2)
+
+
+def test_adapter_critic_trains_saves_and_fits_longer(tiny_model, toy_data, toy_reward, length_reward, tmp_path):
+    """A run with the adapter critic and critic.epochs 3 (two value-only epochs after the joint one): both
+    adapters move, the checkpoint holds the policy's adapter and the critic's (critic/), run_info says one
+    model in memory, and the critic-only epochs lower the value loss on the batch they fit."""
+    sets = quick(tiny_model, toy_data, toy_reward, tmp_path / "a", **{
+        "model.lora": "{enabled: true, r: 4, alpha: 8, target_modules: all-linear}", "ppo.kl_coef": 0.0,
+        "ppo.critic.kind": "adapter", "ppo.critic.epochs": 3, "ppo.epochs": 1, "ppo.critic.lr": 1e-2,
+        "rewards": length_reward, "steps": 3})
+    result = train(load_config(None, sets), console=Console(quiet=True))
+    info = json.loads((tmp_path / "a" / "run_info.json").read_text())
+    assert (info["models_in_memory"], info["models_trained"]) == (1, 2)
+    final = result.final_checkpoint
+    policy = load_file(final / "adapter_model.safetensors")
+    critic = load_file(final / "critic" / "adapter_model.safetensors")
+    assert (final / "critic" / "value_head.safetensors").is_file()
+    assert any(v.abs().sum() > 0 for k, v in policy.items() if "lora_B" in k)
+    assert any(v.abs().sum() > 0 for k, v in critic.items() if "lora_B" in k)
+    assert not any(torch.equal(policy[k], critic[k]) for k in policy if "lora_B" in k and k in critic)
+    assert all(h["update_steps"] == 3 for h in result.history)  # one joint + two value-only optimizer steps
+    assert any(h["value_loss_last"] < h["value_loss"] for h in result.history)
