@@ -68,7 +68,9 @@ def fit(config: Path, overrides: list[str], run: Path, steps: int) -> list[dict]
     critic = load_critic(cfg, policy)
     params = [p for p in policy.parameters() if p.requires_grad and all(p is not q for q in critic.parameters())]
     policy_optim = make_optimizer(params, cfg.optim.lr, cfg.optim)
-    critic_optim = make_optimizer(critic.parameters(), cfg.ppo.critic.lr or cfg.optim.lr, cfg.optim)
+    critic_lr = cfg.ppo.critic.lr or cfg.optim.lr
+    critic_optim = make_optimizer(critic.trunk_parameters(), critic_lr, cfg.optim,
+                                  extra=(list(critic.head.parameters()), cfg.ppo.critic.head_lr or critic_lr))
     logged = [json.loads(x) for x in (run / "completions.jsonl").read_text().splitlines() if x.strip()]
     out = []
     for step in range(1, steps + 1):

@@ -264,7 +264,8 @@ def compare(
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
     run: Optional[list[str]] = typer.Option(
-        None, "--run", "-r", help="A run: a preset (grpo, ppo, ppo-head, dr-grpo, dapo, gspo, rank, rloo) or "
+        None, "--run", "-r", help="A run: a preset (grpo, ppo, ppo-head, ppo-adapter, dr-grpo, dapo, gspo, rank, "
+        "rloo) or "
         "'name:key=value key=value' (repeatable; default: grpo and ppo)."),
     out: Path = typer.Option(Path("runs/compare"), "--out", "-o", help="Report folder (runs go in OUT/runs/)."),
     eval_num: int = typer.Option(100, help="Held-out problems per evaluation."),

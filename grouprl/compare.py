@@ -41,6 +41,7 @@ PRESETS: dict[str, list[str]] = {
     "grpo": ["algo=grpo"],
     "ppo": ["algo=ppo"],
     "ppo-head": ["algo=ppo", "ppo.critic.kind=head"],
+    "ppo-adapter": ["algo=ppo", "ppo.critic.kind=adapter"],
     "dr-grpo": ["algo=grpo", "grpo.advantage=mean", "grpo.loss_agg=constant"],
     "dapo": ["algo=grpo", "grpo.eps_high=0.28", "grpo.loss_agg=token_mean", "grpo.dynamic_sampling=true"],
     "gspo": ["algo=grpo", "grpo.ratio=sequence"],

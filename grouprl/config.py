@@ -183,7 +183,13 @@ class CriticConfig(Section):
         None, description="separate: initialise the critic from this checkpoint (a causal LM folder or HF id, or "
         "a grouprl checkpoint's critic/ folder); default: the policy's initial weights."
     )
-    lr: float | None = Field(None, gt=0, description="Critic learning rate (value head included); default: optim.lr.")
+    lr: float | None = Field(None, gt=0, description="Critic learning rate (the value model's trainable weights); "
+                             "default: optim.lr.")
+    head_lr: float | None = Field(
+        None, gt=0, description="Learning rate of the value head; default: ppo.critic.lr. An Adam step moves V by up "
+        "to head_lr x the L1 norm of the hidden state (~700 for SmolLM2-135M), so a LoRA-sized lr on the head "
+        "moves V by tenths of a reward unit per step."
+    )
     lora: LoraConfig | None = Field(None, description="separate: LoRA for the critic; default: as model.lora.")
     epochs: int | None = Field(
         None, ge=1, description="Epochs of value updates per batch (default: ppo.epochs); those beyond ppo.epochs "

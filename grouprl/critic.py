@@ -93,6 +93,11 @@ class Critic:
             own = []
         return own + list(self.head.parameters())
 
+    def trunk_parameters(self) -> list[nn.Parameter]:
+        """parameters() without the head's."""
+        head = {id(p) for p in self.head.parameters()}
+        return [p for p in self.parameters() if id(p) not in head]
+
     def wrap(self, policy: nn.Module, cfg: DistributedConfig) -> None:
         """Under torchrun: the head, and a separate value model, made data parallel as the policy is (an
         adapter critic runs in the policy's model, wrapped by its learner)."""

@@ -30,10 +30,14 @@ class Optim:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
-def make_optimizer(params: list[torch.nn.Parameter], lr: float, cfg: OptimConfig) -> Optim:
+def make_optimizer(params: list[torch.nn.Parameter], lr: float, cfg: OptimConfig,
+                   extra: tuple[list[torch.nn.Parameter], float] | None = None) -> Optim:
     """AdamW and a LambdaLR with lr rising linearly over cfg.warmup_steps optimizer steps; gradients
-    clipped to cfg.max_grad_norm."""
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    clipped to cfg.max_grad_norm (over all of them). extra: (parameters, their own learning rate), a second
+    parameter group (the critic's value head)."""
+    groups = [{"params": params, "lr": lr}] + ([{"params": extra[0], "lr": extra[1]}] if extra else [])
+    params = params + (extra[0] if extra else [])
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     warmup = cfg.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / (warmup + 1)))
     return Optim(optimizer, scheduler, params, cfg.max_grad_norm)

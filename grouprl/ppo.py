@@ -189,7 +189,9 @@ class PPO:
         own = {id(p) for p in critic_params}  # an adapter critic's weights sit in the policy's model
         params = [p for p in self.policy.parameters() if p.requires_grad and id(p) not in own]
         self.policy_optim = make_optimizer(params, cfg.optim.lr, cfg.optim)
-        self.critic_optim = make_optimizer(critic_params, cfg.ppo.critic.lr or cfg.optim.lr, cfg.optim)
+        critic_lr = cfg.ppo.critic.lr or cfg.optim.lr
+        self.critic_optim = make_optimizer(self.critic.trunk_parameters(), critic_lr, cfg.optim, extra=(
+            list(self.critic.head.parameters()), cfg.ppo.critic.head_lr or critic_lr))
         self.models_trained = 1 if self.critic.shared else 2
         self.models_in_memory = (2 if self.critic.kind == "separate" else 1) + (
             self.reference is not None and not self.reference.lora)

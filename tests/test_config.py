@@ -358,3 +358,14 @@ def test_engine_and_layout_options_that_cannot_run_are_refused():
     assert "packed or auto" in config_error(None, ["model.gradient_checkpointing=true", "model.update_layout=shared"])
     assert "vllm" in config_error(None, ["rollout.engine=vllm"])
     assert load_config(None, ["rollout.engine=cb", "model.update_layout=packed"]).rollout.engine == "cb"
+
+
+def test_adapter_critic_needs_lora_and_one_process():
+    from grouprl.config import world_problems
+
+    with pytest.raises(UserError, match="ppo.critic.kind: adapter needs model.lora.enabled"):
+        load_config(None, ["algo=ppo", "ppo.critic.kind=adapter"])
+    load_config(None, ["algo=grpo", "ppo.critic.kind=adapter"])  # the PPO section does not apply to GRPO
+    cfg = load_config(None, ["algo=ppo", "ppo.critic.kind=adapter", "model.lora.enabled=true"])
+    assert world_problems(cfg, 1, "ddp") == []
+    assert any("runs in one process only" in p for p in world_problems(cfg, 2, "ddp"))

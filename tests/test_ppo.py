@@ -196,7 +196,8 @@ def test_adapter_critic_shares_the_frozen_base_and_leaves_the_policy_alone(tiny_
     lora = {"enabled": True, "r": 4, "alpha": 8, "target_modules": "all-linear"}
     cfg = TrainConfig.model_validate({"algo": "ppo", "model": {"name_or_path": str(tiny_model), "device": "cpu",
                                                                "lora": lora},
-                                      "ppo": {"kl_coef": 0.0, "critic": {"kind": "adapter"}}})
+                                      "ppo": {"kl_coef": 0.0, "critic": {"kind": "adapter", "lr": 1e-3,
+                                                                         "head_lr": 2e-5}}})
     policy, tok = load_policy(cfg.model)
     torch.manual_seed(0)
     with torch.no_grad():
@@ -231,9 +232,13 @@ def test_adapter_critic_shares_the_frozen_base_and_leaves_the_policy_alone(tiny_
     ppo = PPO(cfg, load_policy(cfg.model)[0])
     policy_params = {id(q) for g in ppo.policy_optim.optimizer.param_groups for q in g["params"]}
     critic_params = {id(q) for g in ppo.critic_optim.optimizer.param_groups for q in g["params"]}
-    trainable = {id(q) for q in ppo.policy.parameters() if q.requires_grad} | {id(q) for q in ppo.critic.head.parameters()}
+    trainable = {id(q) for q in ppo.policy.parameters() if q.requires_grad}
+    trainable |= {id(q) for q in ppo.critic.head.parameters()}
     assert not policy_params & critic_params and policy_params | critic_params == trainable
     assert (ppo.models_in_memory, ppo.models_trained) == (1, 2)
+    head = {id(q) for q in ppo.critic.head.parameters()}  # the head in a group of its own, at its own lr
+    assert [({id(q) for q in g["params"]} == head, g["lr"]) for g in ppo.critic_optim.optimizer.param_groups] == [
+        (False, 1e-3), (True, 2e-5)]
 
 
 def test_adapter_critic_trains_saves_and_fits_longer(tiny_model, toy_data, toy_reward, length_reward, tmp_path):
