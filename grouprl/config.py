@@ -201,7 +201,8 @@ class PPOConfig(Section):
     gamma: float = Field(1.0, ge=0, le=1, description="GAE discount.")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda (1: Monte Carlo returns, 0: one-step TD).")
     eps: float = Field(0.2, ge=0, description="Policy ratio clip: rho in [1 - eps, 1 + eps].")
-    eps_value: float = Field(0.2, ge=0, description="Value clip: V within V_old +- eps_value (reward units).")
+    eps_value: float | None = Field(
+        0.2, ge=0, description="Value clip: V within V_old +- eps_value (reward units); null: no clip.")
     vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
     epochs: int = Field(4, ge=1, description="PPO epochs over each rollout batch.")
     minibatches: int = Field(1, ge=1, description="Optimizer steps per epoch: the groups are split in this many.")

@@ -177,7 +177,7 @@ class ValueStats(NamedTuple):
 
 
 def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, norm: Normaliser,
-               eps_value: float) -> tuple[Tensor, ValueStats]:
+               eps_value: float | None) -> tuple[Tensor, ValueStats]:
     """Clipped value loss (PPO2 / Ziegler et al.), token mean over the batch:
     0.5 * max((V - R)^2, (clip(V, V_old - eps_v, V_old + eps_v) - R)^2). Not yet weighted by vf_coef.
 
@@ -187,7 +187,10 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
     Clamped, an in-range V is returned bit for bit and `clipped` counts only tokens where clipping moved V
     and the max took that branch (TRL's and verl's vf_clipfrac). Outside the range both forms give the same
     bound, so the loss is unchanged (inside, it differs by at most that ulp)."""
-    clipped_values = values.clamp(old_values - eps_value, old_values + eps_value)
+    if eps_value is None:  # no clip: 0.5 (V - R)^2 (Andrychowicz et al. 2021 found value clipping hurts)
+        clipped_values = values
+    else:
+        clipped_values = values.clamp(old_values - eps_value, old_values + eps_value)
     unclipped_err = (values - returns) ** 2
     clipped_err = (clipped_values - returns) ** 2
     loss = 0.5 * token_mean(torch.maximum(unclipped_err, clipped_err), mask, norm)

@@ -78,6 +78,16 @@ def test_value_loss_takes_the_larger_error_in_each_regime():
     assert_close(v.grad, T([[0.0, -0.4 / 3, -1.0 / 3]]))
 
 
+def test_value_loss_without_a_clip_is_the_plain_squared_error():
+    v = T([[1.0, 0.6, 0.0]], requires_grad=True)
+    old, ret, mask = T([[0.5, 0.5, 0.5]]), T([[1.0, 1.0, 1.0]]), T([[1.0, 1.0, 0.0]])
+    loss, stats = value_loss(v, old, ret, mask, Normaliser(1, 2.0, 3), eps_value=None)
+    # errors 0, 0.16 (t2 masked) -> 0.5 * 0.16 / 2 = 0.04; nothing clipped
+    assert loss.item() == pytest.approx(0.04) and stats.clipped == 0
+    loss.backward()
+    assert_close(v.grad, T([[0.0, -0.4 / 2, 0.0]]))  # (V - R) / 2 on the unmasked tokens
+
+
 def test_value_loss_counts_no_clip_inside_the_range():
     # float32, eps_value 0.2, R = 0 on t0, 1 elsewhere
     # t0: V_old 0.1, V 0.03: |V - V_old| = 0.07, well inside. Written V_old + clip(V - V_old), the clipped
