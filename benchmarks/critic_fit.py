@@ -1,8 +1,9 @@
 """Choose the PPO critic's settings by measurement, without sampling again: replay a run's logged completions
 (completions.jsonl: prompt, completion, reward) step by step through PPO's own update with the policy held
 still (`ppo_update(train_policy=False)`), so each step first measures the explained variance of V_old on
-a batch the critic has not seen, then fits it, exactly as in training. The policy that wrote the log moves
-on as a PPO policy would, so the targets drift as they do online.
+a batch the critic has not seen, then fits it, exactly as in training. The policy that wrote the log (a
+GRPO run, say) moved on step by step, so the targets drift as they do online; its learning differs from a
+PPO policy's, so the figures rank critic settings rather than predict a PPO run's.
 
     python benchmarks/critic_fit.py --run runs/compare/main/runs/grpo/seed-0 --config configs/compare.yaml \
         --variant "now:" --variant "lr3e-3:ppo.critic.lr=3e-3 ppo.eps_value=1000"
@@ -58,7 +59,7 @@ def fit(config: Path, overrides: list[str], run: Path, steps: int) -> list[dict]
     from grouprl.learner import shuffle_seed
     from grouprl.models import load_policy
     from grouprl.optim import make_optimizer
-    from grouprl.ppo import ppo_update
+    from grouprl.ppo import critic_optimizer, ppo_update
     from grouprl.tasks import build_task
 
     cfg = load_config(config, ["algo=ppo", "ppo.kl_coef=0", *overrides])
@@ -66,11 +67,10 @@ def fit(config: Path, overrides: list[str], run: Path, steps: int) -> list[dict]
     task = build_task(cfg.task)
     policy, tok = load_policy(cfg.model)
     critic = load_critic(cfg, policy)
-    params = [p for p in policy.parameters() if p.requires_grad and all(p is not q for q in critic.parameters())]
-    policy_optim = make_optimizer(params, cfg.optim.lr, cfg.optim)
-    critic_lr = cfg.ppo.critic.lr or cfg.optim.lr
-    critic_optim = make_optimizer(critic.trunk_parameters(), critic_lr, cfg.optim,
-                                  extra=(list(critic.head.parameters()), cfg.ppo.critic.head_lr or critic_lr))
+    own = {id(p) for p in critic.parameters()}
+    policy_optim = make_optimizer([p for p in policy.parameters() if p.requires_grad and id(p) not in own],
+                                  cfg.optim.lr, cfg.optim)  # never stepped: the policy is held still
+    critic_optim = critic_optimizer(cfg, critic)
     logged = [json.loads(x) for x in (run / "completions.jsonl").read_text().splitlines() if x.strip()]
     out = []
     for step in range(1, steps + 1):

@@ -1,18 +1,21 @@
-"""`grouprl compare`: GRPO, PPO and named variants on the same task, model, prompt budget and seed, each
-trained in a process of its own (so that its peak memory is its own), then evaluated and reported.
+"""`grouprl compare`: GRPO, PPO and named variants (arms) on the same task, model and prompt budget, each arm
+trained once per seed (--seeds), each run in a process of its own (so that its peak memory is its own),
+then every checkpoint evaluated on the held-out problems and the whole reported (report.py).
 
-    <out>/runs/<name>/     each run's output_dir (config.yaml, metrics, checkpoints every save_every steps)
-    <out>/report.json      every figure below, per run
-    <out>/report.md        the table
-    <out>/reward_vs_step.png, reward_vs_time.png
-    <out>/index.html       the table, the plots and sample completions of each run (report.py renders them)
+    <out>/runs/<arm>/seed-<s>/  each run's output_dir (config.yaml, metrics, checkpoints every save_every
+                                steps, eval-step-N.json: the held-out result of each checkpoint)
+    <out>/report.json           every figure, per run and per arm (mean, 95% interval, paired test)
+    <out>/report.md             the tables
+    <out>/reward_vs_step.png, reward_vs_time.png, accuracy.png, critic.png (with a PPO arm)
+    <out>/index.html            the tables, the plots and sample completions of each arm
 
 A comparison that is interrupted continues where it stopped when run again with the same arguments:
 finished runs are kept, an unfinished one resumes from its latest checkpoint (`train --resume`), and
-evaluations already written are reused.
+evaluations already written are reused. Seeds run in turn, every arm of a seed before the next seed.
 
-"At equal wall-clock time" compares each run at the training time of the fastest run (the sum of its step
-times): a run is evaluated at its latest checkpoint within that time.
+Equal steps: every run at its last step. Equal time and equal token-passes: each seed's budget is the
+training time (the sum of step times) or the token-passes (logprobs.TokenPasses) of that seed's cheapest
+run; a run is evaluated at its last checkpoint within the budget, whose time and passes are reported.
 """
 
 from __future__ import annotations
@@ -30,10 +33,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from grouprl.checkpoint import complete_checkpoints
-from grouprl.config import TrainConfig, config_changes, load_config, parse_overrides, save_config
+from grouprl.config import (TrainConfig, config_changes, load_config, parse_overrides, save_config,
+                            world_problems)
 from grouprl.errors import UserError
 from grouprl.metrics import read_metrics
-from grouprl.report import LAST, aggregate, mean, write_report
+from grouprl.report import LAST, aggregate, cumulative, mean, write_report
 from grouprl.verification import self_checks, verification_rate
 
 # Named variants: overrides on top of the base config. Unnamed settings keep the base config's values.
@@ -83,6 +87,9 @@ def run_configs(config: Path | None, sets: list[str], specs: list[RunSpec], seed
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise UserError(f"--run names must differ, got {names}")
+    for spec in specs:
+        if any(o.split("=")[0].strip() == "seed" for o in spec.overrides):
+            raise UserError(f"--run {spec.name!r} sets seed: seeds come from --seeds (every arm runs every seed)")
     if len(set(seeds)) != len(seeds) or not seeds:
         raise UserError(f"--seeds must be distinct integers, got {seeds}")
     cfgs: dict[str, dict[int, TrainConfig]] = {}
@@ -276,14 +283,6 @@ def token_passes(row: dict) -> float:
     return row["passes_sample"] + row["passes_forward"] + row["passes_backward"]
 
 
-def cumulative(values: list[float]) -> list[float]:
-    out, total = [], 0.0
-    for v in values:
-        total += v
-        out.append(total)
-    return out
-
-
 def last_within(curve: list[dict], key: str, budget: float) -> dict:
     """The last point of an evaluation curve (step 0 first) whose `key` is within `budget`."""
     return [c for c in curve if c[key] <= budget * (1 + 1e-9)][-1]
@@ -305,7 +304,7 @@ def run_figures(name: str, cfg: TrainConfig, out: Path, eval_num: int, on_eval) 
         curve.append({"step": step, "time_s": times[step - 1] if step else 0.0,
                       "passes": passes[step - 1] if step else 0.0, "accuracy": e["accuracy"],
                       "format_rate": e["format_rate"], "self_verification": rate, "rules": rules})
-    final = evaluate_checkpoint(str(run_dir / "final"), cfg, eval_num, run_dir / f"eval-step-{cfg.steps}.json")
+    final = e  # complete_checkpoints ends with final
     update = [r["update_time"] - r.get("prep_time", 0.0) for r in h]
     ev = [r["explained_var"] for r in h if "explained_var" in r]
     return {
@@ -350,7 +349,7 @@ def summarise(cfgs: dict[str, dict[int, TrainConfig]], overrides: dict[str, list
             for key, budget, label in [("time_s", equal_time, "eval_at_equal_time"),
                                        ("passes", equal_passes, "eval_at_equal_compute")]:
                 point = last_within(f["curve"], key, budget)
-                f[label] = {"step": point["step"], "accuracy": point["accuracy"], "format_rate": point["format_rate"]}
+                f[label] = {key: point[key] for key in ("step", "time_s", "passes", "accuracy", "format_rate")}
             f["overrides"] = overrides[name]
             runs[name].append(f)
     first = cfgs[arms[0]][seeds[0]]
@@ -375,10 +374,13 @@ def compare(config: Path | None, sets: list[str], run_texts: list[str], out: Pat
     for name, arm in cfgs.items():
         for cfg in arm.values():
             check_unchanged(name, cfg)
+            if nproc > 1 and (problems := world_problems(cfg, nproc, cfg.distributed.strategy)):
+                raise UserError(f"run {name!r} cannot run on {nproc} processes: {problems[0]}")
     out.mkdir(parents=True, exist_ok=True)
     order = [(seed, name, cfgs[name][seed]) for seed in seeds for name in cfgs]
     total_steps = sum(c.steps for _, _, c in order)
-    evals = sum(c.steps // save_every + 2 for _, _, c in order)  # every checkpoint, final and the base model
+    # every checkpoint (the last step saves only final), final, and the base model
+    evals = sum((c.steps - 1) // save_every + 2 for _, _, c in order)
     with Progress(TextColumn("[bold]compare"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console) as bar:
         job = bar.add_task("compare", total=total_steps + evals, info="")

@@ -190,7 +190,8 @@ class CriticConfig(Section):
         "to head_lr x the L1 norm of the hidden state (~700 for SmolLM2-135M), so a LoRA-sized lr on the head "
         "moves V by tenths of a reward unit per step."
     )
-    lora: LoraConfig | None = Field(None, description="separate: LoRA for the critic; default: as model.lora.")
+    lora: LoraConfig | None = Field(None, description="separate and adapter: LoRA for the critic; default: as "
+                                    "model.lora.")
     epochs: int | None = Field(
         None, ge=1, description="Epochs of value updates per batch (default: ppo.epochs); those beyond ppo.epochs "
         "train the critic alone, after the joint ones, on the same minibatches of the batch."
@@ -308,7 +309,13 @@ class TrainConfig(Section):
         if self.algo == "ppo" and critic.kind == "adapter" and not self.model.lora.enabled:
             raise ValueError("ppo.critic.kind: adapter needs model.lora.enabled (the critic is a second LoRA adapter "
                              "on the policy's frozen base)")
-        if critic.kind == "adapter" and critic.name_or_path is not None:
+        if self.algo == "ppo" and critic.kind == "adapter" and self.model.gradient_checkpointing:
+            raise ValueError("ppo.critic.kind: adapter cannot run with model.gradient_checkpointing (the recomputed "
+                             "forward would run the policy's adapter): use kind separate, or no checkpointing")
+        if critic.epochs is not None and critic.epochs < self.ppo.epochs:
+            raise ValueError(f"ppo.critic.epochs={critic.epochs} must be at least ppo.epochs={self.ppo.epochs} (the "
+                             "critic trains in every joint epoch; the epochs beyond them train it alone)")
+        if self.algo == "ppo" and critic.kind == "adapter" and critic.name_or_path is not None:
             raise ValueError("ppo.critic.name_or_path needs ppo.critic.kind: separate (an adapter critic starts on the "
                              "policy's base)")
         if critic.kind == "head" and (critic.name_or_path is not None or critic.lora is not None):

@@ -228,15 +228,25 @@ class TokenPasses:
     axis of `grouprl compare`: counted where the forwards happen, so a learner's count is what it ran."""
 
     def __init__(self):
-        self.forward = self.backward = 0
+        self.reset()
 
     def reset(self) -> None:
-        self.forward = self.backward = 0
+        self._forward: list[Tensor] = []
+        self._backward: list[Tensor] = []
 
-    def add(self, tokens: int) -> None:
-        self.forward += tokens
+    def add(self, tokens: Tensor) -> None:
+        """tokens: a 0-d count on the model's device (read only at the end: no device sync per forward)."""
+        self._forward.append(tokens)
         if torch.is_grad_enabled():
-            self.backward += tokens
+            self._backward.append(tokens)
+
+    @property
+    def forward(self) -> float:
+        return float(sum(t.item() for t in self._forward))
+
+    @property
+    def backward(self) -> float:
+        return float(sum(t.item() for t in self._backward))
 
 
 PASSES = TokenPasses()
@@ -251,13 +261,13 @@ def forward_groups(model, rollout: Rollout, rows: Tensor, with_entropy: bool = F
     g, p, temperature = rollout.group_size, rollout.prompt_len, rollout.temperature
     if layout == "shared":
         heads = rows[::g]
-        PASSES.add(int(rollout.attention_mask[heads, :p].sum()) + int(rollout.attention_mask[rows, p:].sum()))
+        PASSES.add(rollout.attention_mask[heads, :p].sum() + rollout.attention_mask[rows, p:].sum())
         return grouped_completion_logprobs(
             model, rollout.input_ids[heads, :p], rollout.attention_mask[heads, :p], rollout.input_ids[rows, p:],
             rollout.attention_mask[rows, p:], g, temperature, with_entropy, with_logp, with_hidden)
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r}: expected one of {', '.join(LAYOUTS)}")
-    PASSES.add(int(rollout.attention_mask[rows].sum()))
+    PASSES.add(rollout.attention_mask[rows].sum())
     fn = packed_completion_logprobs if layout == "packed" else completion_logprobs
     return fn(model, rollout.input_ids[rows], rollout.attention_mask[rows], rollout.completion_len, temperature,
               with_entropy, with_logp, with_hidden)

@@ -36,6 +36,7 @@ def make_optimizer(params: list[torch.nn.Parameter], lr: float, cfg: OptimConfig
     clipped to cfg.max_grad_norm (over all of them). extra: (parameters, their own learning rate), a second
     parameter group (the critic's value head)."""
     groups = [{"params": params, "lr": lr}] + ([{"params": extra[0], "lr": extra[1]}] if extra else [])
+    groups = [g for g in groups if g["params"]]  # (a head-only critic has no trunk group)
     params = params + (extra[0] if extra else [])
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     warmup = cfg.warmup_steps

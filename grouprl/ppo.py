@@ -51,7 +51,7 @@ class PPOStepStats:
     entropy: float = 0.0
     grad_norm: float = 0.0  # policy (a shared trunk included; its head counts under critic_grad_norm)
     critic_grad_norm: float = 0.0
-    value_loss_last: float = 0.0  # critic.epochs > epochs: the value loss of the critic-only epochs
+    value_loss_last: float = 0.0  # critic.epochs > epochs: the mean value loss of the critic-only epochs
     kl: float = 0.0  # k1 KL to the reference per token, at rollout time
     kl_seq: float = 0.0  # the same summed over each completion, mean over completions
     explained_var: float = 0.0  # of V_old against the returns
@@ -165,6 +165,13 @@ UPDATE_KEYS = {"loss", "value_loss", "clip_frac", "value_clip_frac", "approx_kl"
                "critic_grad_norm", "value_loss_last"}  # the metrics that only an optimizer step produces
 
 
+def critic_optimizer(cfg: TrainConfig, critic: Critic) -> Optim:
+    """The critic's AdamW: its trainable weights at ppo.critic.lr, the value head at ppo.critic.head_lr."""
+    lr = cfg.ppo.critic.lr or cfg.optim.lr
+    return make_optimizer(critic.trunk_parameters(), lr, cfg.optim,
+                          extra=(list(critic.head.parameters()), cfg.ppo.critic.head_lr or lr))
+
+
 class PPO:
     """PPO for the training loop: the critic, the reference, two optimizers and the KL controller."""
 
@@ -189,9 +196,7 @@ class PPO:
         own = {id(p) for p in critic_params}  # an adapter critic's weights sit in the policy's model
         params = [p for p in self.policy.parameters() if p.requires_grad and id(p) not in own]
         self.policy_optim = make_optimizer(params, cfg.optim.lr, cfg.optim)
-        critic_lr = cfg.ppo.critic.lr or cfg.optim.lr
-        self.critic_optim = make_optimizer(self.critic.trunk_parameters(), critic_lr, cfg.optim, extra=(
-            list(self.critic.head.parameters()), cfg.ppo.critic.head_lr or critic_lr))
+        self.critic_optim = critic_optimizer(cfg, self.critic)
         self.models_trained = 1 if self.critic.shared else 2
         self.models_in_memory = (2 if self.critic.kind == "separate" else 1) + (
             self.reference is not None and not self.reference.lora)

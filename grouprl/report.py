@@ -4,8 +4,10 @@
 
     intervals      Student t across seeds (stats.mean_interval); held-out accuracy also by a bootstrap over
                    problems (stats.bootstrap_accuracy)
-    paired tests   final held-out accuracy: hierarchical bootstrap over seeds and problems; every other
-                   figure: paired t across seeds. "yes" when the 95% interval of the difference excludes 0.
+    paired tests   final held-out accuracy: hierarchical bootstrap over seeds and problems, and paired t over
+                   the seeds' accuracies (with 3 seeds the bootstrap has only 10 distinct seed resamples: read
+                   the two together); every other figure: paired t over seeds. "yes" when the 95% interval of
+                   the difference excludes 0. With one seed there is no interval over seeds (null in JSON).
 """
 
 from __future__ import annotations
@@ -50,16 +52,25 @@ PAIRED = ["accuracy", "eval_at_equal_time.accuracy", "eval_at_equal_compute.accu
           "self_verification", "peak_memory_gib", "median_step_s", "train_time_s", "passes_total"]
 
 
+PAIRED_NOTE = ("Difference [95% interval], p, significant at 5% (the interval excludes 0). Held-out accuracy at "
+               "the last step: bootstrap over seeds and problems, and paired t over the seeds' accuracies; the rest: "
+               "paired t over seeds.")
+
+
 def mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def cumulative_time(rows: list[dict]) -> list[float]:
-    out, t = [], 0.0
-    for r in rows:
-        t += r["step_time"]
-        out.append(t)
+def cumulative(values: list[float]) -> list[float]:
+    out, total = [], 0.0
+    for v in values:
+        total += v
+        out.append(total)
     return out
+
+
+def cumulative_time(rows: list[dict]) -> list[float]:
+    return cumulative([r["step_time"] for r in rows])
 
 
 def value(run: dict, key: str):
@@ -70,8 +81,9 @@ def value(run: dict, key: str):
 
 
 def _interval(i: Interval | Paired) -> dict:
-    return {k: float(v) if k != "n" else int(v) for k, v in vars(i).items()} | (
-        {"significant": bool(i.significant)} if isinstance(i, Paired) else {})
+    """As JSON: nan (one seed) becomes null."""
+    out = {k: (None if v != v else float(v)) if k != "n" else int(v) for k, v in vars(i).items()}
+    return out | ({"significant": bool(i.significant)} if isinstance(i, Paired) else {})
 
 
 def aggregate(runs: dict[str, list[dict]]) -> list[dict]:
@@ -96,6 +108,8 @@ def aggregate(runs: dict[str, list[dict]]) -> list[dict]:
                 else:
                     test = paired_t([value(r, key) for r in first], [value(r, key) for r in per_seed])
                 arm["paired"][key] = _interval(test)
+            arm["paired"]["accuracy_t"] = _interval(paired_t([r["accuracy"] for r in first],
+                                                             [r["accuracy"] for r in per_seed]))
         arms.append(arm)
     return arms
 
@@ -112,18 +126,18 @@ def _cell(fig: dict | None, spec: str) -> str:
     """'mean [lo, hi]' (the 95% interval over seeds), or the mean alone from one seed."""
     if fig is None:
         return "-"
-    if fig["n"] < 2:
+    if fig["lo"] is None:
         return _fmt(fig["mean"], spec)
     return f"{_fmt(fig['mean'], spec)} [{_fmt(fig['lo'], spec)}, {_fmt(fig['hi'], spec)}]"
 
 
 def _diff(test: dict, spec: str) -> str:
     """'+12.3% [1.0, 20.0] p=0.03 yes': the difference to the first arm, its interval, p, significant."""
-    if test["n"] < 2 and spec != "%":
-        return f"{_fmt(test['diff'], spec)} (one seed)"
     sign = "+" if test["diff"] >= 0 else ""
+    if test["lo"] is None:
+        return f"{sign}{_fmt(test['diff'], spec)} (one seed: no interval)"
     return (f"{sign}{_fmt(test['diff'], spec)} [{_fmt(test['lo'], spec)}, {_fmt(test['hi'], spec)}] "
-            f"p={test['p']:.3f} {'yes' if test['significant'] else 'no'}")
+            f"p={'-' if test['p'] is None else format(test['p'], '.3f')} {'yes' if test['significant'] else 'no'}")
 
 
 def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
@@ -149,7 +163,10 @@ def paired_rows(report: dict) -> tuple[list[str], list[list[str]]]:
     arms = report["arms"]
     specs = {key: (label.format(**report), spec) for key, label, spec in FIGURES}
     header = ["", *[f"{a['name']} - {arms[0]['name']}" for a in arms[1:]]]
-    rows = [[specs[key][0], *[_diff(a["paired"][key], specs[key][1]) for a in arms[1:]]] for key in PAIRED]
+    rows = [[specs[key][0] + (": bootstrap over seeds and problems" if key == "accuracy" else ""),
+             *[_diff(a["paired"][key], specs[key][1]) for a in arms[1:]]] for key in PAIRED]
+    rows.insert(1, [specs["accuracy"][0] + ": paired t over seeds", *[_diff(a["paired"]["accuracy_t"], "%")
+                                                                        for a in arms[1:]]])
     return header, rows
 
 
@@ -173,8 +190,7 @@ def markdown(report: dict) -> str:
     lines += _md_table(*table_rows(report))
     if len(report["arms"]) > 1:
         lines += ["", f"## Against {report['arms'][0]['name']} (paired by seed and problem)", "",
-                  "Difference [95% interval], p, significant at 5%. Accuracy at the last step: bootstrap over seeds "
-                  "and problems; the rest: paired t over seeds.", ""]
+                  PAIRED_NOTE, ""]
         lines += _md_table(*paired_rows(report))
     lines += ["", "![reward vs step](reward_vs_step.png)", "![reward vs time](reward_vs_time.png)",
               "![held-out accuracy vs step and token-passes](accuracy.png)"]
@@ -183,16 +199,17 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _series_mean(series: list[list[tuple[float, float]]]) -> list[tuple[float, float]]:
-    """The point-by-point mean of several (x, y) series over their common length."""
-    n = min(len(s) for s in series)
-    return [(mean([s[k][0] for s in series]), mean([s[k][1] for s in series])) for k in range(n)]
+def _series_mean(series: list[list[tuple[int, float, float]]]) -> list[tuple[float, float]]:
+    """The mean (x, y) over several (step, x, y) series at each step that every series has."""
+    common = sorted(set.intersection(*[{k for k, _, _ in s} for s in series]))
+    at = [{k: (x, y) for k, x, y in s} for s in series]
+    return [(mean([a[k][0] for a in at]), mean([a[k][1] for a in at])) for k in common]
 
 
-def _lines(ax, color: str, label: str, series: list[list[tuple[float, float]]]) -> None:
-    """Each seed thin, their mean bold."""
+def _lines(ax, color: str, label: str, series: list[list[tuple[int, float, float]]]) -> None:
+    """Each seed thin, their mean (step by step) bold. series: one list of (step, x, y) per seed."""
     for s in series:
-        ax.plot([x for x, _ in s], [y for _, y in s], color=color, alpha=0.3, linewidth=0.8)
+        ax.plot([x for _, x, _ in s], [y for _, _, y in s], color=color, alpha=0.3, linewidth=0.8)
     m = _series_mean(series)
     ax.plot([x for x, _ in m], [y for _, y in m], color=color, linewidth=2.2, label=label)
 
@@ -227,7 +244,7 @@ def plot(report: dict, cfgs: dict[str, dict[int, TrainConfig]], out: Path, windo
             series = []
             for h in runs:
                 xs = [r["step"] for r in h] if x_key == "step" else [t / 60 for t in cumulative_time(h)]
-                series.append(list(zip(xs, _smooth([r["reward"] for r in h], window))))
+                series.append(list(zip([r["step"] for r in h], xs, _smooth([r["reward"] for r in h], window))))
             _lines(ax, f"C{i}", name, series)
         ax.set(xlabel=label, ylabel=f"reward ({window}-step mean)")
         ax.grid(alpha=0.3)
@@ -237,7 +254,7 @@ def plot(report: dict, cfgs: dict[str, dict[int, TrainConfig]], out: Path, windo
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for i, arm in enumerate(report["arms"]):
         for ax, x_key, scale in [(axes[0], "step", 1), (axes[1], "passes", 1e6)]:
-            _lines(ax, f"C{i}", arm["name"], [[(c[x_key] / scale, 100 * c["accuracy"]) for c in r["curve"]]
+            _lines(ax, f"C{i}", arm["name"], [[(c["step"], c[x_key] / scale, 100 * c["accuracy"]) for c in r["curve"]]
                                               for r in arm["runs"]])
     axes[0].set(xlabel="step", ylabel="held-out accuracy (%)")
     axes[1].set(xlabel="token-passes (millions): sampling + training forwards + backwards")
@@ -253,7 +270,7 @@ def plot(report: dict, cfgs: dict[str, dict[int, TrainConfig]], out: Path, windo
             if name not in critics:
                 continue
             for ax, key in [(axes[0], "value_loss"), (axes[1], "explained_var")]:
-                _lines(ax, f"C{i}", name, [[(r["step"], r[key]) for r in h if key in r] for h in runs])
+                _lines(ax, f"C{i}", name, [[(r["step"], r["step"], r[key]) for r in h if key in r] for h in runs])
         axes[0].set(xlabel="step", ylabel="value loss (0.5 (V - R)^2, token mean)")
         axes[1].set(xlabel="step", ylabel="explained variance of V_old (1 - Var(R - V) / Var(R))")
         for ax in axes:
@@ -281,7 +298,7 @@ def html_page(report: dict) -> str:
                         f"<p class='meta'>held-out completions of seed {run['seed']} at the last step</p>{items}"
                         f"<p class='meta'>completions the self-verification rules flag (grouprl/verification.py), "
                         f"all seeds: {'none' if not checks else ''}</p>{checks}</section>")
-    paired = (f"<h2>Against {e(report['arms'][0]['name'])} (paired by seed and problem)</h2>"
+    paired = (f"<h2>Against {e(report['arms'][0]['name'])} (paired by seed and problem)</h2><p>{e(PAIRED_NOTE)}</p>"
               + _html_table(*paired_rows(report), "paired")) if len(report["arms"]) > 1 else ""
     critic = "<img id='critic' src='critic.png' alt='critic'>" if any(
         a["algo"] == "ppo" for a in report["arms"]) else ""
@@ -308,7 +325,7 @@ alt="reward vs time"><img id="accuracy" src="accuracy.png" alt="held-out accurac
 
 def write_report(report: dict, cfgs: dict[str, dict[int, TrainConfig]], out: Path) -> None:
     """report.json, report.md, the plots and index.html in `out`."""
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "report.json").write_text(json.dumps(report, indent=1, allow_nan=False))
     plot(report, cfgs, out)
     (out / "report.md").write_text(markdown(report))
     (out / "index.html").write_text(html_page(report))

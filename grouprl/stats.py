@@ -10,8 +10,9 @@ order: a 0/1 matrix correct (n seeds, P). Accuracy = the mean over seeds of each
     paired_bootstrap_accuracy
                         percentile interval of acc(b) - acc(a) when each replicate resamples seeds (rows) and
                         problems (columns), the same for a and b: a two-stage hierarchical bootstrap (Davison &
-                        Hinkley 1997, sec. 3.8), conservative as the seed stage already carries problem noise;
-                        p = min(1, 2 (k + 1) / (R + 1)), k = min(#{d* <= 0}, #{d* >= 0}) over R replicates.
+                        Hinkley 1997, sec. 3.8); p = min(1, 2 (k + 1) / (R + 1)), k = min(#{d* <= 0}, #{d* >= 0})
+                        over R replicates. With few seeds the seed stage has few distinct resamples (10 for 3) and
+                        can be too narrow: report.py sets a paired t over the seeds' accuracies beside it.
 
 One seed gives no t interval: lo = hi = nan, p = nan, never significant.
 """

@@ -57,7 +57,7 @@ def test_report_has_every_figure_for_every_arm_and_seed(report_dir):
             assert fig["n"] == 2 and fig["lo"] <= fig["mean"] <= fig["hi"], (name, key, fig)
         b = arm["accuracy_bootstrap"]
         assert b["lo"] <= b["mean"] <= b["hi"] and b["mean"] == pytest.approx(arm["figures"]["accuracy"]["mean"])
-        assert set(arm["paired"]) == (set() if name == "grpo" else set(PAIRED))
+        assert set(arm["paired"]) == (set() if name == "grpo" else set(PAIRED) | {"accuracy_t"})
         for r in arm["runs"]:
             assert r["peak_memory_gib"] > 0.1 and r["steps"] == 3 and len(r["correct"]) == report["eval_problems"]
             for key in ("median_step_s", "median_generation_s", "median_update_s", "generated_tokens_per_s",
@@ -230,3 +230,45 @@ def test_arms_that_would_train_identically_are_refused_and_settings_without_effe
     with pytest.raises(UserError, match="'a' and 'b' would train identically .*rollout.engine: speed and output"):
         check_arms_differ(cfgs(["a:grpo.advantage=rank", "b:grpo.advantage=rank rollout.engine=hf"]))
     assert check_arms_differ(cfgs(["grpo", "dr-grpo", "rloo"])) == []
+
+
+def fake_run(seed: int, accuracy: float, correct: list[int]) -> dict:
+    """A run's figures as compare.run_figures returns them, every one set (the value of no interest: 1.0)."""
+    from grouprl.report import FIGURES
+
+    run = {"seed": seed, "algo": "grpo", "overrides": [], "models_trained": 1, "models_in_memory": 1,
+           "trainable_parameters": 10, "device": "cpu", "world_size": 1, "correct": correct,
+           "eval_at_equal_time": {}, "eval_at_equal_compute": {}}
+    for key, _, _ in FIGURES:
+        parent, _, child = key.rpartition(".")
+        (run[parent] if parent else run)[child] = 1.0
+    run["accuracy"] = accuracy
+    return run
+
+
+def test_report_of_one_seed_has_means_and_no_made_up_intervals():
+    """One seed: every cell is the mean alone, the JSON holds null (not NaN) where an interval over seeds
+    would be, the paired rows say there is none, and the accuracy's bootstrap over problems still has one."""
+    from grouprl.report import aggregate, markdown
+
+    runs = {"grpo": [fake_run(0, 0.5, [1, 0, 1, 0])], "dr-grpo": [fake_run(0, 0.75, [1, 1, 1, 0])]}
+    report = {"model": "m", "task": "t", "steps": 3, "prompts_per_step": 2, "group_size": 4, "seeds": [0],
+              "eval_problems": 4, "base_eval": {"accuracy": 0.0, "format_rate": 0.0}, "arms": aggregate(runs)}
+    text = json.dumps(report, allow_nan=False)  # no NaN anywhere
+    arm = report["arms"][1]
+    assert arm["figures"]["accuracy"] == {"mean": 0.75, "lo": None, "hi": None, "n": 1}
+    assert arm["accuracy_bootstrap"]["lo"] < 0.75 <= arm["accuracy_bootstrap"]["hi"]
+    assert arm["paired"]["accuracy_t"]["p"] is None and "null" in text
+    md = markdown(report)
+    assert "| held-out accuracy at step 3 | 50.0% | 75.0% |" in md
+    assert "+25.0% (one seed: no interval)" in md  # the paired t over seeds
+    assert "| held-out accuracy at step 3: bootstrap over seeds and problems | +25.0% [" in md
+
+
+def test_seeds_come_from_seeds_only(tmp_path):
+    from grouprl.compare import RunSpec, run_configs
+
+    with pytest.raises(UserError, match="'x' sets seed: seeds come from --seeds"):
+        run_configs(None, [], [RunSpec.parse("x:algo=grpo seed=3")], [0, 1], tmp_path, 1)
+    with pytest.raises(UserError, match="--seeds must be distinct"):
+        run_configs(None, [], [RunSpec.parse("grpo")], [0, 0], tmp_path, 1)

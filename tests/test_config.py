@@ -369,3 +369,8 @@ def test_adapter_critic_needs_lora_and_one_process():
     cfg = load_config(None, ["algo=ppo", "ppo.critic.kind=adapter", "model.lora.enabled=true"])
     assert world_problems(cfg, 1, "ddp") == []
     assert any("runs in one process only" in p for p in world_problems(cfg, 2, "ddp"))
+    with pytest.raises(UserError, match="cannot run with model.gradient_checkpointing"):
+        load_config(None, ["algo=ppo", "ppo.critic.kind=adapter", "model.lora.enabled=true",
+                           "model.gradient_checkpointing=true"])
+    with pytest.raises(UserError, match=r"ppo.critic.epochs=1 must be at least ppo.epochs=2"):
+        load_config(None, ["algo=ppo", "ppo.epochs=2", "ppo.critic.epochs=1"])
