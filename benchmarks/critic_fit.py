@@ -27,7 +27,7 @@ import torch
 
 def rollout_from_log(rows: list[dict], tokenizer, task, cfg):
     """A Rollout of logged completions (whole groups, in log order), re-tokenised."""
-    from grouprl.rollout import Rollout, eos_ids
+    from grouprl.rollout import Rollout
 
     g, prefill = cfg.rollout.group_size, cfg.task.prefill
     prompts = [task.chat_prompt(tokenizer, {"prompt": r["prompt"], "answer": r.get("answer")}, prefill)

@@ -123,8 +123,8 @@ def without_effect(cfg: TrainConfig) -> dict[str, str]:
     out = {}
     g = cfg.grpo
     if cfg.algo == "grpo" and g.mu == 1 and g.minibatches == 1:
-        why = (f"with grpo.mu=1 and grpo.minibatches=1 each batch takes one optimizer step on-policy, so the ratio "
-               f"is exactly 1: never clipped, and a sequence-level ratio has the token-level gradient")
+        why = ("with grpo.mu=1 and grpo.minibatches=1 each batch takes one optimizer step on-policy, so the ratio "
+               "is exactly 1: never clipped, and a sequence-level ratio has the token-level gradient")
         out |= {"grpo.ratio": why, "grpo.eps_low": why, "grpo.eps_high": why}
     if cfg.algo == "grpo" and g.beta == 0:
         out["grpo.ref_refresh_steps"] = "with grpo.beta=0 there is no reference"
