@@ -374,3 +374,20 @@ def test_adapter_critic_needs_lora_and_one_process():
                            "model.gradient_checkpointing=true"])
     with pytest.raises(UserError, match=r"ppo.critic.epochs=1 must be at least ppo.epochs=2"):
         load_config(None, ["algo=ppo", "ppo.epochs=2", "ppo.critic.epochs=1"])
+
+
+def test_config_changes_skip_the_section_of_the_unused_algorithm():
+    """Resuming a GRPO run after ppo.* changed (a compare config's critic retuned, say) cannot change its
+    training; the same change to a PPO run, or a change of algorithm, is reported."""
+    from grouprl.config import config_changes
+
+    def cfg(**kv):
+        return TrainConfig.model_validate(kv)
+
+    grpo = cfg(algo="grpo", ppo={"critic": {"lr": 1e-3}, "eps_value": 0.2})
+    assert config_changes(grpo, cfg(algo="grpo", ppo={"critic": {"lr": 2e-3}, "eps_value": None})) == []
+    assert config_changes(grpo, cfg(algo="grpo", grpo={"beta": 0.1})) == ["grpo.beta"]
+    ppo = cfg(algo="ppo", grpo={"beta": 0.0})
+    assert config_changes(ppo, cfg(algo="ppo", grpo={"beta": 0.1})) == []
+    assert config_changes(ppo, cfg(algo="ppo", ppo={"vf_coef": 0.5})) == ["ppo.vf_coef"]
+    assert config_changes(grpo, cfg(algo="ppo", ppo={"critic": {"lr": 2e-3}})) == ["algo", "ppo.critic.lr"]
