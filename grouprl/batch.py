@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from grouprl import engines
 from grouprl.advantages import zero_std_groups
 from grouprl.config import TrainConfig
 from grouprl.distributed import agree_errors, first_line, gather_objects, gathered, shard, world_size
@@ -105,7 +104,7 @@ def _sample_slice(policy, tokenizer, task: Task, rewards: RewardSet, rows: list[
     seq_prompts = [prompts[i] for i in rollout.prompt_index]
     per_fn, total = rewards.score(seq_prompts, rollout.completions, columns_of(seq_rows))
     gatherable = _to(rollout, "cpu") if world_size() > 1 else rollout  # pickled for the other ranks
-    prefills = 1 if engines.pick(ro.engine, device) == "grouprl" else ro.group_size  # the loop forks one prefill
+    prefills = rollout.prefills  # 1 when the engine forks the G completions from one prefill
     prompt_tokens = rollout.attention_mask[::ro.group_size, :rollout.prompt_len].sum().item()
     generated = rollout.lengths.sum().item()
     return Scored(gatherable, seq_rows, seq_prompts, per_fn, total, 0.0, gen_seconds=t1 - t0,

@@ -28,6 +28,7 @@ class Rollout(NamedTuple):
     group_size: int  # G: rows i*G .. i*G + G - 1 answer the same prompt
     temperature: float  # the sampling temperature, which the trainer's logprobs apply too
     logprobs: Tensor | None = None  # (N, C) the engine's own log-prob of each sampled token, when asked for
+    prefills: int = 1  # forwards of each prompt that sampling ran (G when every completion prefilled its own)
 
     @property
     def prompt_len(self) -> int:
@@ -136,6 +137,7 @@ def generate(
         group_size=group_size,
         temperature=temperature,
         logprobs=out.logprobs,
+        prefills=out.prefills,
     )
 
 
@@ -167,6 +169,7 @@ def concat(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
         temperature=rollouts[0].temperature,
         logprobs=None if any(r.logprobs is None for r in rollouts) else torch.cat(
             [torch.nn.functional.pad(r.logprobs, (0, c - r.completion_len)) for r in rollouts]),
+        prefills=rollouts[0].prefills,
     )
 
 
@@ -184,4 +187,5 @@ def select(r: Rollout, rows: Tensor) -> Rollout:
         group_size=r.group_size,
         temperature=r.temperature,
         logprobs=None if r.logprobs is None else r.logprobs[idx],
+        prefills=r.prefills,
     )

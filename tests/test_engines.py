@@ -62,6 +62,20 @@ def test_trainer_logprobs_equal_the_engines_own(model_and_tok, engine, temperatu
             logp = forward_groups(model, ro, torch.arange(len(ro.completions)), layout=layout).logp
             torch.testing.assert_close(logp * ro.completion_mask, ro.logprobs, rtol=0, atol=2e-5)
     assert (ro.logprobs[ro.completion_mask == 0] == 0).all()
+    assert ro.prefills == (4 if engine == "hf" else 1)  # grouprl's loop and cb fork G completions from one prefill
+
+
+def test_prefills_count_what_the_engine_ran(model_and_tok, monkeypatch):
+    """Sampling's token-passes count a prompt once per prefill: greedy cb sends G requests, and the loop's
+    fallback to hf (a cache it cannot re-index) prefills every row."""
+    model, tok = model_and_tok
+    greedy = {e: generate(model, tok, PROMPTS, group_size=3, max_new_tokens=4, greedy=True, engine=e).prefills
+              for e in engines.ENGINES}
+    assert greedy == {"grouprl": 1, "hf": 3, "cb": 3}
+    from grouprl.engines import loop
+
+    monkeypatch.setattr(loop, "sample", lambda *a, **k: None)
+    assert generate(model, tok, PROMPTS, group_size=3, max_new_tokens=4, engine="grouprl").prefills == 3
 
 
 @pytest.mark.parametrize("engine", engines.ENGINES)

@@ -48,6 +48,7 @@ class SamplingParams:
 class Sampled(NamedTuple):
     completion_ids: Tensor  # (N, C) long, pad after each row's EOS, C <= max_new_tokens
     logprobs: Tensor | None  # (N, C) float32: log-prob of each sampled token as the engine drew it; 0 on padding
+    prefills: int = 1  # forwards of each prompt the engine ran (1: its G completions share one prefill)
 
 
 def pick(engine: str, device: torch.device) -> str:
@@ -65,7 +66,7 @@ def sample(engine: str, model, prompt_ids: Tensor, prompt_mask: Tensor, params: 
     """Run `engine` (a name from ENGINES); an engine that cannot run this model hands over to hf."""
     module = importlib.import_module(f"grouprl.engines.{'loop' if engine == 'grouprl' else engine}")
     out = module.sample(model, prompt_ids, prompt_mask, params)
-    if out is None:
+    if out is None:  # (then every completion prefills its own copy of the prompt)
         from grouprl.engines import hf
         out = hf.sample(model, prompt_ids, prompt_mask, params)
     return out
