@@ -104,12 +104,11 @@ def _sample_slice(policy, tokenizer, task: Task, rewards: RewardSet, rows: list[
     seq_prompts = [prompts[i] for i in rollout.prompt_index]
     per_fn, total = rewards.score(seq_prompts, rollout.completions, columns_of(seq_rows))
     gatherable = _to(rollout, "cpu") if world_size() > 1 else rollout  # pickled for the other ranks
-    prefills = rollout.prefills  # 1 when the engine forks the G completions from one prefill
     prompt_tokens = rollout.attention_mask[::ro.group_size, :rollout.prompt_len].sum().item()
     generated = rollout.lengths.sum().item()
     return Scored(gatherable, seq_rows, seq_prompts, per_fn, total, 0.0, gen_seconds=t1 - t0,
                   score_seconds=time.perf_counter() - t1, generated_tokens=generated,
-                  sample_passes=prefills * prompt_tokens + generated)
+                  sample_passes=rollout.prefills * prompt_tokens + generated)
 
 
 def _sample_round(policy, tokenizer, task: Task, rewards: RewardSet, rows: list[dict], cfg: TrainConfig,

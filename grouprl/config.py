@@ -362,11 +362,11 @@ def world_problems(cfg: TrainConfig, world: int, strategy: str) -> list[str]:
 def config_changes(old: TrainConfig, new: TrainConfig) -> list[str]:
     """Dotted names of the fields that differ, outside those a resumed run may change (RESUMABLE_CHANGES) and
     the section of the algorithm that neither run uses (a GRPO run's ppo.*: it cannot change its training)."""
-    unused = {"grpo": "ppo", "ppo": "grpo"}[old.algo] if old.algo == new.algo else None
+    skip = RESUMABLE_CHANGES | ({"grpo", "ppo"} - {old.algo} if old.algo == new.algo else set())
 
     def walk(a, b, prefix: str) -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):
-            return [n for k in a.keys() | b.keys() if f"{prefix}{k}" not in RESUMABLE_CHANGES | {unused}
+            return [n for k in a.keys() | b.keys() if f"{prefix}{k}" not in skip
                     for n in walk(a.get(k), b.get(k), f"{prefix}{k}.")]
         return [] if a == b else [prefix.rstrip(".")]
     return sorted(walk(old.model_dump(mode="json"), new.model_dump(mode="json"), ""))

@@ -78,7 +78,8 @@ def _resume_point(out: Path, cfg: TrainConfig, code: dict[str, str], console: Co
     changed = config_changes(load_config(ckpt / "grouprl.yaml"), cfg)
     if changed:
         raise UserError(f"cannot resume {str(out)!r} with other settings ({', '.join(changed)}): only "
-                        f"{', '.join(sorted(RESUMABLE_CHANGES - {'output_dir'}))} may change")
+                        f"{', '.join(sorted(RESUMABLE_CHANGES - {'output_dir'}))} may change, and the section of "
+                        "the algorithm the run does not use")
     try:
         state = json.loads((ckpt / "trainer_state.json").read_text())
         if not isinstance(state, dict) or not isinstance(state.get("step"), int):

@@ -143,7 +143,7 @@ def generate(
 
 def concat(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
     """Join rollouts of different P and C into one (used by dynamic sampling's refill)."""
-    assert len({(r.group_size, r.temperature) for r in rollouts}) == 1
+    assert len({(r.group_size, r.temperature, r.prefills) for r in rollouts}) == 1
     if len(rollouts) == 1:
         return rollouts[0]
     p = max(r.input_ids.shape[1] - r.completion_len for r in rollouts)

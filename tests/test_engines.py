@@ -67,7 +67,7 @@ def test_trainer_logprobs_equal_the_engines_own(model_and_tok, engine, temperatu
 
 def test_prefills_count_what_the_engine_ran(model_and_tok, monkeypatch):
     """Sampling's token-passes count a prompt once per prefill: greedy cb sends G requests, and the loop's
-    fallback to hf (a cache it cannot re-index) prefills every row."""
+    fallback to hf (a cache it cannot re-index, found after its own prefill) prefills every row again."""
     model, tok = model_and_tok
     greedy = {e: generate(model, tok, PROMPTS, group_size=3, max_new_tokens=4, greedy=True, engine=e).prefills
               for e in engines.ENGINES}
@@ -75,7 +75,7 @@ def test_prefills_count_what_the_engine_ran(model_and_tok, monkeypatch):
     from grouprl.engines import loop
 
     monkeypatch.setattr(loop, "sample", lambda *a, **k: None)
-    assert generate(model, tok, PROMPTS, group_size=3, max_new_tokens=4, engine="grouprl").prefills == 3
+    assert generate(model, tok, PROMPTS, group_size=3, max_new_tokens=4, engine="grouprl").prefills == 4
 
 
 @pytest.mark.parametrize("engine", engines.ENGINES)

@@ -48,7 +48,7 @@ class SamplingParams:
 class Sampled(NamedTuple):
     completion_ids: Tensor  # (N, C) long, pad after each row's EOS, C <= max_new_tokens
     logprobs: Tensor | None  # (N, C) float32: log-prob of each sampled token as the engine drew it; 0 on padding
-    prefills: int = 1  # forwards of each prompt the engine ran (1: its G completions share one prefill)
+    prefills: int  # forwards of each prompt the engine ran (1: its G completions fork from one prefill)
 
 
 def pick(engine: str, device: torch.device) -> str:
@@ -66,9 +66,10 @@ def sample(engine: str, model, prompt_ids: Tensor, prompt_mask: Tensor, params: 
     """Run `engine` (a name from ENGINES); an engine that cannot run this model hands over to hf."""
     module = importlib.import_module(f"grouprl.engines.{'loop' if engine == 'grouprl' else engine}")
     out = module.sample(model, prompt_ids, prompt_mask, params)
-    if out is None:  # (then every completion prefills its own copy of the prompt)
+    if out is None:  # (after its prefill: that one counts too)
         from grouprl.engines import hf
         out = hf.sample(model, prompt_ids, prompt_mask, params)
+        out = out._replace(prefills=out.prefills + 1)
     return out
 
 
@@ -79,8 +80,8 @@ def completion_mask_from_ids(completion_ids: Tensor, eos: list[int]) -> tuple[Te
     return (~after_eos).float(), ~is_eos.any(1)
 
 
-def pad_after_eos(ids: Tensor, logprobs: Tensor | None, params: SamplingParams) -> Sampled:
+def pad_after_eos(ids: Tensor, logprobs: Tensor | None, params: SamplingParams, prefills: int) -> Sampled:
     """Pad ids (and zero log-probs) after each row's first EOS."""
     after = completion_mask_from_ids(ids, list(params.eos))[0] == 0
     ids = ids.masked_fill(after, params.pad_token_id)
-    return Sampled(ids, None if logprobs is None else logprobs.masked_fill(after, 0.0))
+    return Sampled(ids, None if logprobs is None else logprobs.masked_fill(after, 0.0), prefills)

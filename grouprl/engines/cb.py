@@ -99,5 +99,5 @@ def sample(model, prompt_ids: Tensor, prompt_mask: Tensor, params: SamplingParam
         ids[i, :len(r.generated_tokens)] = torch.tensor(r.generated_tokens)
         if logprobs is not None:
             logprobs[i, :len(r.logprobs)] = torch.tensor(r.logprobs)
-    return pad_after_eos(ids.to(device), None if logprobs is None else logprobs.to(device), params)._replace(
-        prefills=g // forks)  # greedy: G requests, each with its own prefill
+    return pad_after_eos(ids.to(device), None if logprobs is None else logprobs.to(device), params,
+                         prefills=g // forks)  # greedy: G requests, each with its own prefill

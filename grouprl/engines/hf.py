@@ -57,4 +57,4 @@ def sample(model, prompt_ids: Tensor, prompt_mask: Tensor, params: SamplingParam
     if params.with_logprobs:  # scores: C tensors (N, V), the processed logits each token was drawn from
         logprobs = torch.stack([torch.log_softmax(s.float(), -1).gather(1, ids[:, t:t + 1]).squeeze(1)
                                 for t, s in enumerate(out.scores)], 1)
-    return pad_after_eos(ids, logprobs, params)._replace(prefills=g)  # every row prefills its prompt
+    return pad_after_eos(ids, logprobs, params, prefills=g)  # every row prefills its own copy of the prompt

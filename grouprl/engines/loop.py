@@ -89,4 +89,4 @@ def sample(model, prompt_ids: Tensor, prompt_mask: Tensor, params: SamplingParam
         cache = out.cache if key == "cache" else out.past_key_values
         position = position + 1
         logits = out.logits[:, -1].float()
-    return Sampled(tokens[:, :steps], None if logprobs is None else logprobs[:, :steps])
+    return Sampled(tokens[:, :steps], None if logprobs is None else logprobs[:, :steps], prefills=1)
