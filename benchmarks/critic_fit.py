@@ -53,6 +53,15 @@ def rollout_from_log(rows: list[dict], tokenizer, task, cfg):
         group_size=g, temperature=cfg.rollout.temperature)
 
 
+def logged_batch(logged: list[dict], step: int, tokenizer, task, cfg):
+    """(Rollout, scores (N,)) of one logged step of a completions.jsonl (its rows parsed: `logged`)."""
+    rows = [r for r in logged if r["step"] == step]
+    if not rows:
+        raise SystemExit(f"error: the completions log has no step {step}")
+    return rollout_from_log(rows, tokenizer, task, cfg), torch.tensor([r["reward"] for r in rows],
+                                                                        dtype=torch.float32)
+
+
 def fit(config: Path, overrides: list[str], run: Path, steps: int) -> list[dict]:
     from grouprl.config import load_config
     from grouprl.critic import load_critic
@@ -74,9 +83,7 @@ def fit(config: Path, overrides: list[str], run: Path, steps: int) -> list[dict]
     logged = [json.loads(x) for x in (run / "completions.jsonl").read_text().splitlines() if x.strip()]
     out = []
     for step in range(1, steps + 1):
-        rows = [r for r in logged if r["step"] == step]
-        ro = rollout_from_log(rows, tok, task, cfg)
-        score = torch.tensor([r["reward"] for r in rows], dtype=torch.float32)
+        ro, score = logged_batch(logged, step, tok, task, cfg)
         t0 = time.perf_counter()
         s, _ = ppo_update(policy, critic, None, policy_optim, critic_optim, ro, score, cfg.ppo, kl_coef=0.0,
                           max_new_tokens=cfg.rollout.max_new_tokens, train_policy=False,

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from critic_fit import rollout_from_log
+from critic_fit import logged_batch
 
 
 def steps_of(text: str) -> list[int]:
@@ -65,14 +65,8 @@ def main() -> None:
     critic = load_critic(cfg, policy)
     optim = critic_optimizer(cfg, critic)
     logged = [json.loads(x) for x in (args.run / "completions.jsonl").read_text().splitlines() if x.strip()]
-
-    def batch(step: int):
-        rows = [r for r in logged if r["step"] == step]
-        if not rows:
-            raise SystemExit(f"error: {args.run}/completions.jsonl has no step {step}")
-        return rollout_from_log(rows, tok, task, cfg), torch.tensor([r["reward"] for r in rows])
-
-    train, test = [batch(s) for s in steps_of(args.train)], [batch(s) for s in steps_of(args.test)]
+    train = [logged_batch(logged, s, tok, task, cfg) for s in steps_of(args.train)]
+    test = [logged_batch(logged, s, tok, task, cfg) for s in steps_of(args.test)]
 
     def measure() -> dict[str, float]:
         critic.train(False)
