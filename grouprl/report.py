@@ -51,6 +51,18 @@ FIGURES = [
 PAIRED = ["accuracy", "eval_at_equal_time.accuracy", "eval_at_equal_compute.accuracy", "reward_last",
           "self_verification", "peak_memory_gib", "median_step_s", "train_time_s", "passes_total"]
 
+SPEC = {key: spec for key, _, spec in FIGURES}
+SIGNED = {"reward_first", "reward_last", "explained_var_last10"}  # the figures that can be below 0
+DIFF = {"%": (-1.0, 1.0)}  # the range a difference of rates can take
+
+
+def possible_range(key: str, spec: str, steps: int) -> tuple[float, float] | None:
+    """The range a figure can take, to cut its interval to: a rate [0, 1], a checkpoint's step [0, steps];
+    other counts, sizes and times [0, inf)."""
+    if key in SIGNED:
+        return None
+    return (0.0, 1.0) if spec == "%" else (0.0, steps) if key.endswith(".step") else (0.0, float("inf"))
+
 
 PAIRED_NOTE = ("Difference [95% interval], p, significant at 5% (the interval excludes 0). Held-out accuracy at "
                "the last step: bootstrap over seeds and problems, and paired t over the seeds' accuracies; the rest: "
@@ -92,8 +104,10 @@ def aggregate(runs: dict[str, list[dict]]) -> list[dict]:
     arms = []
     first = next(iter(runs.values()))
     for name, per_seed in runs.items():
-        figures = {key: _interval(mean_interval([value(r, key) for r in per_seed]))
-                   for key, _, _ in FIGURES if value(per_seed[0], key) is not None}
+        steps = max(r["steps"] for r in per_seed)
+        figures = {key: _interval(mean_interval([value(r, key) for r in per_seed],
+                                                within=possible_range(key, spec, steps)))
+                   for key, _, spec in FIGURES if value(per_seed[0], key) is not None}
         arm = {"name": name, "algo": per_seed[0]["algo"], "overrides": per_seed[0]["overrides"],
                "seeds": [r["seed"] for r in per_seed],
                "models_trained": per_seed[0]["models_trained"], "models_in_memory": per_seed[0]["models_in_memory"],
@@ -106,10 +120,11 @@ def aggregate(runs: dict[str, list[dict]]) -> list[dict]:
                 if key == "accuracy":
                     test = paired_bootstrap_accuracy([r["correct"] for r in first], [r["correct"] for r in per_seed])
                 else:
-                    test = paired_t([value(r, key) for r in first], [value(r, key) for r in per_seed])
+                    test = paired_t([value(r, key) for r in first], [value(r, key) for r in per_seed],
+                                    within=DIFF.get(SPEC[key]))
                 arm["paired"][key] = _interval(test)
             arm["paired"]["accuracy_t"] = _interval(paired_t([r["accuracy"] for r in first],
-                                                             [r["accuracy"] for r in per_seed]))
+                                                             [r["accuracy"] for r in per_seed], within=DIFF["%"]))
         arms.append(arm)
     return arms
 
@@ -180,7 +195,8 @@ def intro(report: dict) -> str:
     return (f"Model {report['model']}, task {report['task']}, {report['steps']} steps of {report['prompts_per_step']} "
             f"prompts x G = {report['group_size']}, seeds {', '.join(map(str, seeds))} (each arm once per seed). "
             f"Held-out: {report['eval_problems']} problems, greedy; the base model scores {100 * b['accuracy']:.1f}% "
-            f"accuracy, {100 * b['format_rate']:.1f}% format rate. Cells: mean over seeds [95% interval]. "
+            f"accuracy, {100 * b['format_rate']:.1f}% format rate. Cells: mean over seeds [95% interval, cut to the "
+            "possible range: 0-100% for a rate, >= 0 for a count or time]. "
             "Equal time and equal token-passes: each seed's budget is its cheapest arm's whole run; an arm is "
             "evaluated at its last checkpoint within it.")
 

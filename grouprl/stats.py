@@ -14,7 +14,9 @@ order: a 0/1 matrix correct (n seeds, P). Accuracy = the mean over seeds of each
                         over R replicates. With few seeds the seed stage has few distinct resamples (10 for 3) and
                         can be too narrow: report.py sets a paired t over the seeds' accuracies beside it.
 
-One seed gives no t interval: lo = hi = nan, p = nan, never significant.
+One seed gives no t interval: lo = hi = nan, p = nan, never significant. A t interval knows nothing of the range
+a figure can take: `within=(low, high)` cuts it there (a rate to [0, 1], a difference of rates to [-1, 1]), so
+a rate near 0 over three seeds reads [0, hi] rather than a negative bound; the mean and p are unchanged.
 """
 
 from __future__ import annotations
@@ -70,8 +72,15 @@ def _mean_se(x: np.ndarray) -> tuple[float, float]:
     return float(x.mean()), sd / np.sqrt(x.size)
 
 
-def mean_interval(values, level: float = 0.95) -> Interval:
-    """Mean of values (n,) across seeds and its Student t interval; lo = hi = nan when n = 1."""
+def _cut(lo: float, hi: float, within: tuple[float, float] | None) -> tuple[float, float]:
+    """[lo, hi] cut to the range `within` (nan stays nan)."""
+    if within is None or lo != lo:
+        return lo, hi
+    return max(lo, within[0]), min(hi, within[1])
+
+
+def mean_interval(values, level: float = 0.95, within: tuple[float, float] | None = None) -> Interval:
+    """Mean of values (n,) across seeds and its Student t interval, cut to `within`; lo = hi = nan when n = 1."""
     _check(level)
     x = np.asarray(values, dtype=float)
     if x.ndim != 1 or x.size == 0:
@@ -80,16 +89,17 @@ def mean_interval(values, level: float = 0.95) -> Interval:
         return Interval(float(x[0]), np.nan, np.nan, 1)
     mean, se = _mean_se(x)
     half = stats.t.ppf((1 + level) / 2, x.size - 1) * se
-    return Interval(mean, mean - half, mean + half, x.size)
+    return Interval(mean, *_cut(mean - half, mean + half, within), x.size)
 
 
-def paired_t(a, b, level: float = 0.95) -> Paired:
-    """Paired t-test of b against a, both (n,) per-seed scores on the same seeds: d = b - a."""
+def paired_t(a, b, level: float = 0.95, within: tuple[float, float] | None = None) -> Paired:
+    """Paired t-test of b against a, both (n,) per-seed scores on the same seeds: d = b - a; the interval cut to
+    `within` (the range d can take), p from the t statistic as it is."""
     if np.shape(a) != np.shape(b):
         raise ValueError(f"paired_t needs a and b of the same shape (one score per seed), "
                          f"got {np.shape(a)} and {np.shape(b)}")
     d = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
-    ci = mean_interval(d, level)
+    ci = mean_interval(d, level, within)
     if ci.n == 1:
         return Paired(ci.mean, ci.lo, ci.hi, np.nan, 1)
     mean, se = _mean_se(d)

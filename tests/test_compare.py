@@ -36,7 +36,7 @@ def report_dir(tmp_path_factory, tiny_model, toy_data, toy_reward):
 
 
 def test_report_has_every_figure_for_every_arm_and_seed(report_dir):
-    from grouprl.report import FIGURES, PAIRED
+    from grouprl.report import FIGURES, PAIRED, SIGNED
 
     report = json.loads((report_dir / "report.json").read_text())
     arms = {a["name"]: a for a in report["arms"]}
@@ -49,12 +49,15 @@ def test_report_has_every_figure_for_every_arm_and_seed(report_dir):
     assert arms["rank"]["overrides"] == PRESETS["rank"]
     for name, arm in arms.items():
         assert [r["seed"] for r in arm["runs"]] == SEEDS
-        for key, _, _ in FIGURES:  # mean and interval over the 2 seeds; the critic's only where there is one
+        for key, _, spec in FIGURES:  # mean and interval over the 2 seeds; the critic's only where there is one
             if key == "explained_var_last10" and arm["algo"] != "ppo":
                 assert key not in arm["figures"]
                 continue
             fig = arm["figures"][key]
             assert fig["n"] == 2 and fig["lo"] <= fig["mean"] <= fig["hi"], (name, key, fig)
+            assert spec != "%" or 0 <= fig["lo"] <= fig["hi"] <= 1, (name, key, fig)  # a rate's, cut to 0-100%
+            assert key in SIGNED or fig["lo"] >= 0, (name, key, fig)  # a count, size or time: cut at 0
+            assert not key.endswith(".step") or fig["hi"] <= 3, (name, key, fig)  # a checkpoint's: at most 3
         b = arm["accuracy_bootstrap"]
         assert b["lo"] <= b["mean"] <= b["hi"] and b["mean"] == pytest.approx(arm["figures"]["accuracy"]["mean"])
         assert set(arm["paired"]) == (set() if name == "grpo" else set(PAIRED) | {"accuracy_t"})
@@ -237,7 +240,7 @@ def fake_run(seed: int, accuracy: float, correct: list[int]) -> dict:
     from grouprl.report import FIGURES
 
     run = {"seed": seed, "algo": "grpo", "overrides": [], "models_trained": 1, "models_in_memory": 1,
-           "trainable_parameters": 10, "device": "cpu", "world_size": 1, "correct": correct,
+           "trainable_parameters": 10, "device": "cpu", "world_size": 1, "correct": correct, "steps": 3,
            "eval_at_equal_time": {}, "eval_at_equal_compute": {}}
     for key, _, _ in FIGURES:
         parent, _, child = key.rpartition(".")

@@ -58,6 +58,25 @@ def test_mean_interval_equal_values_zero_width():
     assert ci.lo == ci.mean == ci.hi and ci.half == 0 and close(ci.mean, 0.1, 1e-15)
 
 
+def test_mean_interval_cut_to_the_range_a_rate_can_take():
+    # rates [0, 0, 0.06]: mean 0.02, sd 0.06 / sqrt(3) = 0.034641, se 0.02, half = 4.302653 * 0.02 = 0.086053;
+    # the t interval [-0.066053, 0.106053] cut to [0, 1] is [0, 0.106053]
+    ci = mean_interval([0, 0, 0.06], within=(0, 1))
+    assert close(ci.mean, 0.02) and ci.lo == 0 and close(ci.hi, 0.02 + T975_DF2 * 0.02)
+    assert close(mean_interval([0, 0, 0.06]).lo, 0.02 - T975_DF2 * 0.02)  # uncut without `within`
+    top = mean_interval([1, 1, 0.94], within=(0, 1))  # mirrored: [0.893947, 1.066053] -> [0.893947, 1]
+    assert top.hi == 1 and close(top.lo, 0.98 - T975_DF2 * 0.02)
+    assert math.isnan(mean_interval([0.5], within=(0, 1)).lo)  # one seed: still no interval
+
+
+def test_paired_t_cut_keeps_p_and_significance():
+    # d = b - a = [0.5, 0.7, 0.9]: mean 0.7, sd 0.2, se 0.2 / sqrt(3) = 0.115470; half 0.496825 -> hi 1.196825
+    a, b = [0.5, 0.3, 0.1], [1.0, 1.0, 1.0]
+    cut, raw = paired_t(a, b, within=(-1, 1)), paired_t(a, b)
+    assert cut.hi == 1 and close(raw.hi, 0.7 + T975_DF2 * 0.2 / math.sqrt(3))
+    assert cut.lo == raw.lo and cut.p == raw.p and cut.significant and raw.significant
+
+
 # ---------------------------------------------------------------- paired_t
 
 
