@@ -325,6 +325,9 @@ def run_figures(name: str, cfg: TrainConfig, out: Path, eval_num: int, on_eval) 
         "reward_first": mean([r["reward"] for r in h[:LAST]]),
         "reward_last": mean([r["reward"] for r in h[-LAST:]]),
         "explained_var_last10": mean(ev[-10:]) if ev else None,
+        # robust to the steps whose returns hardly vary (every completion scored alike), where 1 - Var(R - V) /
+        # Var(R) divides by almost 0 and one step's -30 would swamp the mean
+        "explained_var_median10": statistics.median(ev[-10:]) if ev else None,
         "accuracy": final["accuracy"], "format_rate": final["format_rate"], "correct": final["correct"],
         "self_verification": curve[-1]["self_verification"],
         "self_verification_examples": [c for c in final["completions"] if self_checks(c)][:3],

@@ -38,7 +38,8 @@ FIGURES = [
     ("train_time_s", "training time (min)", "m{:.1f}"),
     ("reward_first", f"reward, first {LAST} steps", "{:.3f}"),
     ("reward_last", f"reward, last {LAST} steps", "{:.3f}"),
-    ("explained_var_last10", "critic explained variance, last 10 steps", "{:.2f}"),
+    ("explained_var_last10", "critic explained variance, mean of the last 10 steps", "{:.2f}"),
+    ("explained_var_median10", "- median of the last 10 steps", "{:.2f}"),
     ("accuracy", "held-out accuracy at step {steps}", "%"),
     ("format_rate", "held-out format rate at step {steps}", "%"),
     ("self_verification", "self-verification (held-out, step {steps})", "%"),
@@ -52,7 +53,8 @@ PAIRED = ["accuracy", "eval_at_equal_time.accuracy", "eval_at_equal_compute.accu
           "self_verification", "peak_memory_gib", "median_step_s", "train_time_s", "passes_total"]
 
 SPEC = {key: spec for key, _, spec in FIGURES}
-SIGNED = {"reward_first", "reward_last", "explained_var_last10"}  # the figures that can be below 0
+# the figures that can be below 0
+SIGNED = {"reward_first", "reward_last", "explained_var_last10", "explained_var_median10"}
 DIFF = {"%": (-1.0, 1.0)}  # the range a difference of rates can take
 
 
@@ -289,6 +291,10 @@ def plot(report: dict, cfgs: dict[str, dict[int, TrainConfig]], out: Path, windo
                 _lines(ax, f"C{i}", name, [[(r["step"], r["step"], r[key]) for r in h if key in r] for h in runs])
         axes[0].set(xlabel="step", ylabel="value loss (0.5 (V - R)^2, token mean)")
         axes[1].set(xlabel="step", ylabel="explained variance of V_old (1 - Var(R - V) / Var(R))")
+        lo, hi = axes[1].get_ylim()  # a step whose returns hardly vary can read -30: the axis stops at -1
+        axes[1].set_ylim(max(lo, -1.05), min(hi, 1.05))
+        if lo < -1.05:
+            axes[1].set_title("axis cut at -1 (steps whose returns hardly vary)", fontsize=9)
         for ax in axes:
             ax.grid(alpha=0.3)
             ax.legend()
