@@ -52,3 +52,24 @@ def test_engines_and_layouts_benchmarks_smoke(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert all(f"{name} " in res.stdout for name in ("shared", "packed", "padded"))
+
+
+def test_accuracy_by_steps(tmp_path):
+    """benchmarks/accuracy_by_steps.py splits cached held-out results by the problems' number of steps."""
+    from grouprl.config import load_config, save_config
+    from grouprl.tasks import build_task
+
+    cfg = load_config(overrides=["task.max_steps=2", "task.curriculum=false"])
+    rows = build_task(cfg.task).eval[:6]
+    run = tmp_path / "runs" / "grpo" / "seed-0"
+    run.mkdir(parents=True)
+    save_config(cfg, run / "config.yaml")
+    right = [1, 0, 1, 1, 0, 1]
+    (tmp_path / "eval-base.json").write_text(json.dumps({"correct": [0] * 6}))
+    (run / "eval-step-40.json").write_text(json.dumps({"correct": right}))
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accuracy_by_steps.py"), str(tmp_path),
+                          "--arms", "grpo", "--seeds", "0"], capture_output=True, text=True, check=True).stdout
+    assert [r["steps"] for r in rows] == [1, 1, 1, 2, 1, 2]
+    # one-step problems 0, 1, 2, 4: right 1 + 0 + 1 + 0 of 4 = 50%; two-step 3, 5: 1 + 1 of 2 = 100%
+    assert "held-out problems: 6; 1-step 4, 2-step 2" in out and "base model: 1-step 0.0%, 2-step 0.0%" in out
+    assert "grpo at step 40: 1-step 50.0% (seeds 50.0); 2-step 100.0% (seeds 100.0)" in out, out
