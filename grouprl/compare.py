@@ -262,6 +262,8 @@ def evaluate_checkpoint(model: str, cfg: TrainConfig, num: int, cache: Path) -> 
     from grouprl.evaluate import evaluate
     from grouprl.models import load_for_inference
 
+    if cfg.threads:  # as its training did: two-thread evaluations beside one-thread runs oversubscribe the cores
+        torch.set_num_threads(cfg.threads)
     net, tok = load_for_inference(model, cfg.model)
     torch.manual_seed(cfg.seed)
     metrics, samples = evaluate(net, tok, task, rows, prefill=cfg.task.prefill, max_new_tokens=max_new_tokens,

@@ -202,6 +202,15 @@ def test_evaluation_cache_is_keyed_on_what_changes_the_result(tiny_model, toy_da
     cache.write_text(json.dumps({"model": str(model), "problems": 3, "format_rate": 1.0, "accuracy": 1.0}))
     assert run("eval.max_new_tokens=5", "task.prefill=<think>", num=3)["accuracy"] == 0.25
     assert len(calls) == 6
+    import torch  # the evaluation runs with the run's thread count (two-thread ones oversubscribe one-thread runs)
+
+    threads = torch.get_num_threads()
+    try:
+        cache.unlink()
+        run("threads=1")
+        assert len(calls) == 7 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_compare_runs_each_arm_distributed(tiny_model, toy_data, toy_reward, tmp_path):
