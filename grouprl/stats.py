@@ -38,7 +38,8 @@ class Interval:
 
     @property
     def half(self) -> float:
-        """(hi - lo) / 2: the +- of a t interval; a bootstrap percentile interval need not be symmetric."""
+        """(hi - lo) / 2: the +- of a t interval not cut by `within`; a bootstrap percentile interval need not be
+        symmetric."""
         return (self.hi - self.lo) / 2
 
 
