@@ -11,6 +11,9 @@
     <dir>/critic/ or value_head.safetensors                 PPO's critic (see critic.py)
     <dir>/COMPLETE                                          the commit marker, written last
 
+A run folder holds checkpoints/step-NNNNNN/, final/ and, with eval_every, best/ (the step with the best
+held-out accuracy; written like the others, never resumed from: a resume re-runs the evaluations).
+
 How a write commits: everything goes into '<dir>.tmp'; every file and folder in it is flushed to disk
 (fsync), then the marker is written and flushed, then '<dir>.tmp' is renamed to '<dir>' (an existing
 '<dir>' is first renamed to '<dir>.old' and removed afterwards). A checkpoint is a folder named
@@ -45,7 +48,7 @@ from grouprl.errors import UserError
 
 MARKER = "COMPLETE"
 STEP_DIR = re.compile(r"step-(\d{6,})")
-LEFTOVER = re.compile(r"(step-\d{6,}|final)(\.tmp|\.old)?")
+LEFTOVER = re.compile(r"(step-\d{6,}|final|best)(\.tmp|\.old)?")
 
 
 def fault_point(name: str) -> None:
@@ -253,7 +256,7 @@ def clean_leftovers(out_dir: Path) -> list[Path]:
     """Tidy what a kill mid-write left behind; returns what was removed. A '<dir>.tmp' or '<dir>.old' that
     is complete while '<dir>' is missing (a kill between the two renames) is put back in place."""
     removed = []
-    candidates = [*(out_dir / "checkpoints").glob("*"), *out_dir.glob("final*")]
+    candidates = [*(out_dir / "checkpoints").glob("*"), *out_dir.glob("final*"), *out_dir.glob("best*")]
     # '.tmp' before '.old': a kill between the two renames leaves both complete, and '.tmp' is the newer
     for p in sorted(candidates, key=lambda p: (p.name.endswith(".old"), p.name)):
         if not p.is_dir() or not LEFTOVER.fullmatch(p.name) or "." not in p.name:

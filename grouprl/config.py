@@ -223,6 +223,26 @@ class PPOConfig(Section):
     critic: CriticConfig = Field(default_factory=CriticConfig, description="The value function.")
 
 
+class EntropyConfig(Section):
+    """Entropy control, the same for GRPO and PPO: a bonus on the policy's entropy and/or one of the two
+    token-level remedies of Cui et al. 2025 ("The Entropy Mechanism of RL for Reasoning LMs"), which act on
+    the few tokens whose centred log-prob x advantage covariance is largest (the tokens that drive entropy
+    down). The tokens are picked once per step over the whole batch from the behaviour policy's log-probs."""
+
+    coef: float = Field(0.0, ge=0, description="Entropy bonus (entropy_coef): the loss subtracts coef x the policy's "
+                        "token entropy, aggregated as the policy loss is. 0: none.")
+    remedy: Literal["none", "clip_cov", "kl_cov"] = Field(
+        "none", description="clip_cov: a random cov_ratio of the tokens whose covariance lies in clip_cov_bounds "
+        "are left out of the gradient; kl_cov: the policy loss is unclipped and the top cov_ratio of the tokens by "
+        "covariance get a penalty kl_cov_coef x |log rho| (as verl's clip_cov / kl_cov policy losses), which acts "
+        "only off-policy: GRPO needs grpo.mu > 1 or grpo.minibatches > 1.")
+    cov_ratio: float = Field(2e-4, gt=0, le=1, description="Fraction of the batch's tokens the remedy acts on (at "
+                             "least one token). The paper's settings: 2e-4 (clip_cov), 2e-3 (kl_cov) at 7B scale.")
+    clip_cov_bounds: Annotated[tuple[float, float], BeforeValidator(_list_as_tuple)] = Field(
+        (1.0, 5.0), description="clip_cov: only tokens with covariance strictly between these are candidates.")
+    kl_cov_coef: float = Field(1.0, ge=0, description="kl_cov: weight of |log rho| on the selected tokens.")
+
+
 class OptimConfig(Section):
     lr: float = Field(1e-5, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
@@ -288,7 +308,11 @@ class TrainConfig(Section):
     grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="GRPO objective (algo: grpo).")
     ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO objective and critic (algo: ppo).")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer.")
+    entropy: EntropyConfig = Field(default_factory=EntropyConfig, description="Entropy control (GRPO and PPO).")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
+    eval_every: int = Field(0, ge=0, description="Evaluate the held-out problems (eval.num_problems, eval.k) every N "
+                            "steps and after the last, on the training engine; the best accuracy's checkpoint is "
+                            "kept in best/ (ties: the later). 0: no evaluation while training.")
     distributed: DistributedConfig = Field(default_factory=DistributedConfig,
                                            description="Data parallelism under torchrun (ignored in one process).")
 
@@ -324,12 +348,16 @@ class TrainConfig(Section):
         if self.model.gradient_checkpointing and self.model.update_layout == "shared":
             raise ValueError("model.update_layout=shared cannot run with model.gradient_checkpointing (a recomputed "
                              "block would append the shared prompt's cache twice): use padded, packed or auto")
+        if (self.algo == "grpo" and self.entropy.remedy == "kl_cov" and self.grpo.mu == 1
+                and self.grpo.minibatches == 1):
+            raise ValueError("entropy.remedy=kl_cov needs off-policy passes (grpo.mu > 1 or grpo.minibatches > 1): on "
+                             "the one on-policy pass rho = 1 and its |log rho| penalty has no gradient; use clip_cov")
         if self.grpo.ref_refresh_steps and self.model.lora.enabled:
             raise ValueError("grpo.ref_refresh_steps needs full fine-tuning: under LoRA the reference is the frozen base")
         return self
 
 
-RESUMABLE_CHANGES = {"steps", "save_every", "save_merged", "save_total_limit", "max_nonfinite_steps",
+RESUMABLE_CHANGES = {"steps", "save_every", "eval_every", "save_merged", "save_total_limit", "max_nonfinite_steps",
                      "rewards_timeout_s", "threads", "output_dir", "eval", "distributed"}
 
 

@@ -7,12 +7,17 @@ gains in arithmetic from gains in format.
 
 from __future__ import annotations
 
+import random
 import time
+import traceback
 from collections import Counter
 from typing import Callable
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from grouprl.distributed import agree_errors, first_line, gather_objects, gathered, shard, world_size
+from grouprl.errors import UserError
 from grouprl.rewards import BUILTIN, answer_anywhere, call_reward, extract_answer, strict_format
 from grouprl.rollout import generate
 from grouprl.tasks import Task
@@ -29,9 +34,10 @@ def evaluate(
     temperature: float = 0.8,
     batch_size: int = 64,
     on_batch: Callable[[int], None] | None = None,
+    engine: str = "auto",
 ) -> tuple[dict, list[dict]]:
     """Returns (metrics, samples). Metrics: format_rate, accuracy, answer_anywhere, mean_length_chars and,
-    when k > 1, pass@k and maj@k over k samples at `temperature`."""
+    when k > 1, pass@k and maj@k over k samples at `temperature`. engine: what samples (engines.pick)."""
     correct_fn = BUILTIN[task.correctness]
     prompts = [task.chat_prompt(tokenizer, r, prefill) for r in rows]
     columns = {key: [r.get(key) for r in rows] for key in rows[0] if key != "prompt"}
@@ -39,7 +45,7 @@ def evaluate(
     greedy: list[str] = []
     for s in range(0, len(rows), batch_size):
         out = generate(model, tokenizer, prompts[s:s + batch_size], group_size=1,
-                       max_new_tokens=max_new_tokens, greedy=True, prefill=prefill)
+                       max_new_tokens=max_new_tokens, greedy=True, prefill=prefill, engine=engine)
         greedy += out.completions
         if on_batch:
             on_batch(len(out.completions))
@@ -62,7 +68,7 @@ def evaluate(
         for s in range(0, n, per_batch):
             batch = rows[s:s + per_batch]
             out = generate(model, tokenizer, prompts[s:s + per_batch], group_size=k, max_new_tokens=max_new_tokens,
-                           temperature=temperature, prefill=prefill)
+                           temperature=temperature, prefill=prefill, engine=engine)
             cols = {key: [v for v in vals[s:s + per_batch] for _ in range(k)] for key, vals in columns.items()}
             rep_prompts = [p for p in prompts[s:s + per_batch] for _ in range(k)]
             ok = call_reward(task.correctness, correct_fn, rep_prompts, out.completions, cols)
@@ -80,3 +86,46 @@ def evaluate(
         metrics[f"maj@{k}"] = majority / n
     metrics["seconds"] = time.perf_counter() - start
     return metrics, samples
+
+
+def evaluate_while_training(policy, tokenizer, task: Task, cfg, step: int, device: torch.device) -> dict:
+    """The held-out evaluation of `eval_every`: the first eval.num_problems held-out rows, greedy (and pass@k /
+    maj@k when eval.k > 1), on the training engine. Under torchrun each rank evaluates a contiguous share and
+    the metrics (means over problems) are combined weighted by problems: every rank returns the same dict.
+
+    Sampling for pass@k draws from a generator seeded by (seed, step) inside a forked RNG, so a run with
+    evaluations trains exactly as one without (and a resumed run as an uninterrupted one)."""
+    rows = task.eval[: cfg.eval.num_problems]
+    lo, hi = shard(len(rows))
+    metrics, error = None, None
+    cuda = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=cuda), gathered(policy) as model:
+            torch.manual_seed(random.Random(f"{cfg.seed}/eval/{step}").getrandbits(63))
+            if hi > lo:
+                metrics, _ = evaluate(model, tokenizer, task, rows[lo:hi], prefill=cfg.task.prefill,
+                                      max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+                                      k=cfg.eval.k, temperature=cfg.eval.temperature,
+                                      batch_size=cfg.eval.batch_size, engine=cfg.rollout.engine)
+    except Exception as e:  # noqa: BLE001  (one rank's fault must not leave the others in the gather below)
+        if world_size() == 1:
+            raise
+        if not isinstance(e, UserError):
+            traceback.print_exc()
+        error = first_line(e) if isinstance(e, UserError) else f"{type(e).__name__}: {first_line(e)} (traceback above)"
+    pieces = gather_objects((metrics, error))
+    agree_errors([e for _, e in pieces])
+    return combine([m for m, _ in pieces if m is not None])
+
+
+def combine(parts: list[dict]) -> dict:
+    """Metrics of disjoint shares of the problems as the metrics of all of them: each mean weighted by its
+    share's problems; seconds: the slowest share's."""
+    n = sum(p["problems"] for p in parts)
+    out = {"problems": n}
+    for key in parts[0]:
+        if key == "seconds":
+            out[key] = max(p[key] for p in parts)
+        elif key != "problems":
+            out[key] = sum(p[key] * p["problems"] for p in parts) / n
+    return out

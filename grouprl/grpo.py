@@ -15,11 +15,12 @@ import torch
 from torch import Tensor
 
 from grouprl.advantages import ADVANTAGES
-from grouprl.config import GRPOConfig, TrainConfig
+from grouprl.config import EntropyConfig, GRPOConfig, TrainConfig
 from grouprl.distributed import wrap
+from grouprl.entropy import select_tokens
 from grouprl.learner import run_minibatches, sequence_logprobs, shuffle_seed
 from grouprl.logprobs import attention, forward_groups, pick_layout
-from grouprl.losses import Normaliser, grpo_loss
+from grouprl.losses import EntropyControl, Normaliser, grpo_loss
 from grouprl.models import Reference, trainable_parameters
 from grouprl.optim import Optim, make_optimizer
 from grouprl.rollout import Rollout
@@ -35,6 +36,7 @@ class UpdateStats:
     clip_frac: float | None = None
     ratio: float | None = None
     entropy: float | None = None
+    remedied: float | None = None  # fraction of the tokens the entropy remedy acted on
     grad_norm: float | None = None
     tokens: float = 0.0
     prep_time: float = 0.0  # seconds in the no-grad forwards (pi_old, pi_ref)
@@ -52,24 +54,28 @@ def grpo_update(
     max_new_tokens: int,
     layout: str = "shared",
     seed: int = 0,
+    entropy: EntropyConfig = EntropyConfig(),
 ) -> UpdateStats:
     """Run mu x minibatches optimizer steps on the batch. adv: (N,). Returns token-weighted means.
 
     Rows come in groups of G that share a prompt; minibatches and micro-batches are made of whole groups.
-    seed: the minibatch shuffle's (see run_minibatches).
+    seed: the minibatch shuffle's (see run_minibatches) and clip_cov's draw. entropy: the bonus and the
+    covariance remedy, whose tokens are picked from pi_old over the whole batch (so pi_old is computed).
     """
     mask = rollout.completion_mask.clone()  # (N, C)
     adv = adv.to(mask.device)  # rewards are scored on the CPU
-    if not adv.any() and (reference is None or cfg.beta == 0):
-        return UpdateStats()  # every group flat and no KL: a step would only be AdamW momentum
+    if not adv.any() and (reference is None or cfg.beta == 0) and not entropy.coef:
+        return UpdateStats()  # every group flat, no KL, no bonus: a step would only be AdamW momentum
     if cfg.mask_truncated:
         mask[rollout.truncated] = 0.0
     per_micro = max(1, cfg.micro_batch_size // rollout.group_size)
     t0 = time.perf_counter()
     policy.eval()  # pi_old and pi_ref without dropout
     old_logp = None
-    if cfg.mu > 1 or cfg.minibatches > 1:  # pi_old is the policy before this step's first update
+    if cfg.mu > 1 or cfg.minibatches > 1 or entropy.remedy != "none":  # pi_old: before this step's first update
         old_logp = sequence_logprobs(policy, rollout, per_micro, layout)
+    selected = None if old_logp is None else select_tokens(
+        entropy.remedy, old_logp, adv, mask, ratio=entropy.cov_ratio, bounds=entropy.clip_cov_bounds, seed=seed)
     ref_logp = None
     if reference is not None and cfg.beta > 0:
         with reference.active() as ref_model:
@@ -79,13 +85,15 @@ def grpo_update(
 
     def micro_step(rows: Tensor, norm: Normaliser) -> tuple[Tensor, dict[str, float]]:
         m = mask[rows]
-        out = forward_groups(policy, rollout, rows, with_entropy=True, layout=layout)
+        out = forward_groups(policy, rollout, rows, with_entropy="grad" if entropy.coef else True, layout=layout)
         old = old_logp[rows] if old_logp is not None else out.logp.detach()
         ref = ref_logp[rows] if ref_logp is not None else None
+        control = EntropyControl(entropy.remedy, None if selected is None else selected[rows], entropy.kl_cov_coef,
+                                 entropy.coef, out.entropy)
         loss, s = grpo_loss(out.logp, old, ref, adv[rows], m, norm, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
-                            beta=cfg.beta, ratio_type=cfg.ratio, aggregation=cfg.loss_agg)
-        return loss, {"loss": loss.item(), "kl": s.kl, "clipped": s.clipped, "ratio": s.ratio,
-                      "entropy": (out.entropy * m).sum().item(), "tokens": s.tokens}
+                            beta=cfg.beta, ratio_type=cfg.ratio, aggregation=cfg.loss_agg, control=control)
+        return loss, {"loss": loss.item(), "kl": s.kl, "clipped": s.clipped, "ratio": s.ratio, "remedied": s.remedied,
+                      "entropy": (out.entropy.detach() * m).sum().item(), "tokens": s.tokens}
 
     p = run_minibatches(rollout, mask, epochs=cfg.mu, minibatches=cfg.minibatches,
                         micro_batch_size=cfg.micro_batch_size, max_len=max_new_tokens, optims=[optim],
@@ -95,7 +103,8 @@ def grpo_update(
     s, tokens = p.sums, max(p.sums["tokens"], 1.0)
     return UpdateStats(
         loss=s["loss"] / p.steps, kl=s["kl"] / tokens, clip_frac=s["clipped"] / tokens, ratio=s["ratio"] / tokens,
-        entropy=s["entropy"] / tokens, grad_norm=p.grad_norms[0] / p.steps, tokens=s["tokens"] / p.steps,
+        entropy=s["entropy"] / tokens, remedied=s["remedied"] / tokens if entropy.remedy != "none" else None,
+        grad_norm=p.grad_norms[0] / p.steps, tokens=s["tokens"] / p.steps,
         prep_time=prep_time, nonfinite_steps=p.nonfinite,
     )
 
@@ -140,11 +149,11 @@ class GRPO:
         adv = ADVANTAGES[c.grpo.advantage](score, rollout.group_size, c.grpo.eps_std)  # (N,)
         upd = grpo_update(self.policy, self.reference, self.optim, rollout, adv, c.grpo,
                           max_new_tokens=c.rollout.max_new_tokens, layout=self.layout,
-                          seed=shuffle_seed(c.seed, step))
+                          seed=shuffle_seed(c.seed, step), entropy=c.entropy)
         if self.reference is not None and c.grpo.ref_refresh_steps and step % c.grpo.ref_refresh_steps == 0:
             self.reference.refresh(self.policy)
         metrics = {"kl": upd.kl, "clip_frac": upd.clip_frac, "ratio": upd.ratio, "entropy": upd.entropy,
-                   "loss": upd.loss, "grad_norm": upd.grad_norm, "prep_time": upd.prep_time,
+                   "entropy_remedied": upd.remedied, "loss": upd.loss, "grad_norm": upd.grad_norm, "prep_time": upd.prep_time,
                    "nonfinite_steps": upd.nonfinite_steps, "lr": self.optim.lr()}
         return {k: v for k, v in metrics.items() if v is not None}, adv
 

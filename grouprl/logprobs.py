@@ -33,13 +33,14 @@ def selective_log_softmax(logits: Tensor, targets: Tensor, chunk: int = 4) -> Te
     return torch.cat(out)
 
 
-@torch.no_grad()
-def entropy(logits: Tensor, chunk: int = 4) -> Tensor:
-    """Entropy of the next-token distribution, (N, T, V) -> (N, T), for metrics only."""
+def entropy(logits: Tensor, chunk: int = 4, grad: bool = False) -> Tensor:
+    """Entropy of the next-token distribution, (N, T, V) -> (N, T). Without `grad` (metrics) no graph is
+    kept; with it (an entropy bonus in the loss) the gradient flows to the logits."""
     out = []
-    for lg in logits.split(chunk):
-        logp = torch.log_softmax(lg.float(), dim=-1)
-        out.append(-(logp.exp() * logp).sum(-1))
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        for lg in logits.split(chunk):
+            logp = torch.log_softmax(lg.float(), dim=-1)
+            out.append(-(logp.exp() * logp).sum(-1))
     return torch.cat(out)
 
 
@@ -108,7 +109,7 @@ def completion_logprobs(
     if temperature != 1.0:
         logits = logits.float() / temperature  # divide in float32, not in the model's bf16
     logp = selective_log_softmax(logits, input_ids[:, -c:])
-    return TokenLogprobs(logp, entropy(logits) if with_entropy else None, hidden)
+    return TokenLogprobs(logp, entropy(logits, grad=with_entropy == "grad") if with_entropy else None, hidden)
 
 
 def grouped_completion_logprobs(
@@ -145,7 +146,7 @@ def grouped_completion_logprobs(
     if temperature != 1.0:
         logits = logits.float() / temperature  # divide in float32, not in the model's bf16
     logp = selective_log_softmax(logits, completion_ids)
-    return TokenLogprobs(logp, entropy(logits) if with_entropy else None, hidden)
+    return TokenLogprobs(logp, entropy(logits, grad=with_entropy == "grad") if with_entropy else None, hidden)
 
 
 def packed_completion_logprobs(
@@ -191,7 +192,7 @@ def packed_completion_logprobs(
         logits = logits.float() / temperature
     targets = packed[0, at + 1].unsqueeze(1)  # (K, 1)
     logp = unpack(selective_log_softmax(logits, targets, chunk=256).squeeze(1))
-    return TokenLogprobs(logp, unpack(entropy(logits, chunk=256).squeeze(1)) if with_entropy else None, hidden)
+    return TokenLogprobs(logp, unpack(entropy(logits, chunk=256, grad=with_entropy == "grad").squeeze(1)) if with_entropy else None, hidden)
 
 
 # Rollout-level helpers: rows come in groups of G that share a prompt; batches are made of whole groups.
@@ -252,10 +253,11 @@ class TokenPasses:
 PASSES = TokenPasses()
 
 
-def forward_groups(model, rollout: Rollout, rows: Tensor, with_entropy: bool = False, layout: str = "shared",
+def forward_groups(model, rollout: Rollout, rows: Tensor, with_entropy: bool | str = False, layout: str = "shared",
                    with_logp: bool = True, with_hidden: bool = False) -> TokenLogprobs:
     """Log-probs (n, C) at the rollout's temperature (and optionally hidden states (n, C, H)) of the
-    completions in `rows` (whole groups, from group_rows). layout: 'shared' runs each prompt once per group;
+    completions in `rows` (whole groups, from group_rows). with_entropy: True for the entropy as a metric,
+    "grad" for an entropy that the loss differentiates (an entropy bonus). layout: 'shared' runs each prompt once per group;
     'packed' packs the rows' real tokens into one sequence; 'padded' runs every row whole, padding included.
     The real tokens it runs are added to PASSES."""
     g, p, temperature = rollout.group_size, rollout.prompt_len, rollout.temperature

@@ -28,6 +28,7 @@ from grouprl.config import (RESUMABLE_CHANGES, TrainConfig, config_changes, load
 from grouprl.distributed import (agree, any_rank, first_line, gather_objects, init, is_fsdp, is_main, load_trained, pick_strategy,
                                  rank, sum_floats, unwrap, world_size)
 from grouprl.errors import Stopped, UserError
+from grouprl.evaluate import evaluate_while_training
 from grouprl.grpo import GRPO
 from grouprl.guard import LOCK_FILE, RunLock, StopSignals, reward_files
 from grouprl.learner import Learner
@@ -47,6 +48,7 @@ class TrainResult:
     final_checkpoint: Path
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    best_checkpoint: Path | None = None  # eval_every: the checkpoint with the best held-out accuracy
 
 
 def _progress(console: Console, name: str) -> Progress:
@@ -259,12 +261,14 @@ def _train(cfg: TrainConfig, console: Console, out: Path, start: float, locks: l
     stream = PromptStream(task.train, cfg.seed, in_order=in_order)
     history: list[dict] = []
     first_step = 1
+    best = None
     if ckpt is not None:
         state = together(lambda: _restore(ckpt, learner))
         stream = PromptStream(task.train, cfg.seed, in_order, **state["data"])
         first_step = state["step"] + 1
         history = [m for m in read_metrics(out / "metrics.jsonl") if m["step"] < first_step]
         start -= history[-1]["elapsed"] if history else 0.0
+    best = best_eval(history)  # (accuracy, step) of the best evaluation so far, or None
     if resume and is_main():  # the steps after the checkpoint (or all, without one) are run again: drop their logs
         truncate_jsonl(out / "metrics.jsonl", first_step - 1)
         truncate_jsonl(out / "completions.jsonl", first_step - 1)
@@ -312,6 +316,11 @@ def _train(cfg: TrainConfig, console: Console, out: Path, start: float, locks: l
                 m |= sum_floats({"passes_forward": PASSES.forward, "passes_backward": PASSES.backward}, device)
                 peaks = gather_objects(peak_memory_gib(device))
                 m |= {"peak_mem_gib": peaks[0]} | ({"peak_mem_gib_max": max(peaks)} if world > 1 else {})
+                evaluated = cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps)
+                if evaluated:
+                    ev = evaluate_while_training(policy, tokenizer, task, cfg, step, device)
+                    m |= {f"eval/{k}": v for k, v in ev.items() if k not in ("problems", "seconds")}
+                    m |= {"eval_time": ev["seconds"], "elapsed": time.perf_counter() - start}
                 history.append({"step": step, **m})
                 log.log(step, m)
                 log.log_completions(step, [
@@ -325,6 +334,17 @@ def _train(cfg: TrainConfig, console: Console, out: Path, start: float, locks: l
                                   f"len {m['completion_len']:.0f}  flat {batch.zero_std_frac:.2f}  "
                                   f"{m['step_time']:.1f}s "
                                   f"({m['gen_tokens_per_s']:.0f} tok/s)")
+                if evaluated:
+                    better = best is None or m["eval/accuracy"] >= best[0]  # ties: the later
+                    best = (m["eval/accuracy"], step) if better else best
+                    if better:
+                        checkpoint(out / "best", step)
+                    bar.console.print(f"eval {step:>4}  held-out accuracy {m['eval/accuracy']:.1%}  format "
+                                      f"{m['eval/format_rate']:.1%}" + "".join(
+                                          f"  {k.removeprefix('eval/')} {v:.1%}" for k, v in m.items()
+                                          if k.startswith(("eval/pass@", "eval/maj@")))
+                                      + f"  ({ev['problems']} problems, {ev['seconds']:.0f}s)  best "
+                                      f"{best[0]:.1%} at step {best[1]}" + ("  -> best/" if better else ""))
                 bar.update(job, advance=1, info=f"reward {m['reward']:.2f}")
                 bad_streak = bad_streak + 1 if upd.get("nonfinite_steps") else 0
                 if bad_streak:
@@ -351,9 +371,19 @@ def _train(cfg: TrainConfig, console: Console, out: Path, start: float, locks: l
         final = checkpoint(out / "final", cfg.steps)
     finally:
         log.close()  # flushed and closed however the loop ends (a stop, an error)
-    result = TrainResult(out, final, history, time.perf_counter() - start)
+    result = TrainResult(out, final, history, time.perf_counter() - start,
+                         out / "best" if best is not None else None)
     console.print(summary_table(result, rewards.names, learner))
     return result
+
+
+def best_eval(history: list[dict]) -> tuple[float, int] | None:
+    """(held-out accuracy, step) of the best evaluation in the log, the later of equals; None before any."""
+    best = None
+    for row in history:
+        if "eval/accuracy" in row and (best is None or row["eval/accuracy"] >= best[0]):
+            best = (row["eval/accuracy"], row["step"])
+    return best
 
 
 def step_metrics(batch: Scored, names: list[str], update: dict[str, float]) -> dict[str, float]:
@@ -387,6 +417,13 @@ def summary_table(result: TrainResult, names: list[str], learner: Learner) -> Ta
     table.add_column(f"last {k} steps", justify="right")
     for key in ["reward"] + [f"reward/{n}" for n in names] + ["completion_len", "zero_std_frac"] + learner.summary_keys:
         table.add_row(key, avg(first, key), avg(last, key))
+    evals = [r for r in h if "eval/accuracy" in r]
+    if evals:
+        best = best_eval(h)
+        table.add_row("held-out accuracy", f"{evals[0]['eval/accuracy']:.3f} (step {evals[0]['step']})",
+                      f"{evals[-1]['eval/accuracy']:.3f} (best {best[0]:.3f}, step {best[1]})")
     table.add_row("step time (s, median)", "", f"{sorted(r['step_time'] for r in h)[len(h) // 2]:.1f}")
     table.add_row("checkpoint", "", str(result.final_checkpoint))
+    if result.best_checkpoint is not None:
+        table.add_row("best checkpoint (held-out)", "", str(result.best_checkpoint))
     return table

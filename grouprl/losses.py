@@ -102,6 +102,41 @@ AGGREGATIONS: dict[str, Callable[[Tensor, Tensor, Normaliser], Tensor]] = {
 }
 
 
+class EntropyControl(NamedTuple):
+    """What the policy loss does about entropy (see grouprl/entropy.py). Defaults: nothing."""
+
+    remedy: str = "none"  # none | clip_cov | kl_cov
+    selected: Tensor | None = None  # (N, T) bool: the tokens the remedy acts on (these rows' share)
+    kl_cov_coef: float = 1.0
+    coef: float = 0.0  # entropy bonus
+    entropy: Tensor | None = None  # (N, T) the policy's token entropy, differentiable (when coef > 0)
+
+
+def policy_objective(ratio: Tensor, logp: Tensor, old_logp: Tensor, adv: Tensor, eps_low: float, eps_high: float,
+                     control: EntropyControl) -> tuple[Tensor, Tensor]:
+    """The per-token objective (N, T) to maximise and the bool map of clipped tokens.
+
+    none: min(rho A, clip(rho) A). clip_cov: the same, times 0 on the selected tokens (no gradient from them).
+    kl_cov: rho A unclipped, minus kl_cov_coef |log rho| on the selected tokens. Then + coef H_t (the bonus).
+    """
+    if control.remedy == "kl_cov":
+        a = adv.unsqueeze(1) if adv.dim() == 1 else adv
+        objective = ratio * a - control.kl_cov_coef * (logp - old_logp).abs() * control.selected
+        is_clipped = torch.zeros_like(control.selected)
+    else:
+        objective, is_clipped = clipped_surrogate(ratio, adv, eps_low, eps_high)
+        if control.remedy == "clip_cov":
+            objective = objective * ~control.selected
+    if control.coef:
+        objective = objective + control.coef * control.entropy
+    return objective, is_clipped
+
+
+def remedy_tokens(control: EntropyControl, mask: Tensor) -> float:
+    """How many unmasked tokens the remedy acted on."""
+    return 0.0 if control.selected is None else (control.selected * mask).sum().item()
+
+
 class GRPOStats(NamedTuple):
     """Sums over the masked tokens of a (micro-)batch; divide by `tokens` for means."""
 
@@ -109,6 +144,7 @@ class GRPOStats(NamedTuple):
     clipped: float  # tokens where the clipped branch is active
     kl: float  # sum of k3 KL (0 without a reference)
     ratio: float  # sum of rho
+    remedied: float = 0.0  # tokens the entropy remedy acted on
 
 
 def grpo_loss(
@@ -124,10 +160,12 @@ def grpo_loss(
     beta: float,
     ratio_type: str = "token",
     aggregation: str = "seq_mean_token_mean",
+    control: EntropyControl = EntropyControl(),
 ) -> tuple[Tensor, GRPOStats]:
-    """Negative GRPO objective: -agg( min(rho A, clip(rho) A) - beta * KL_k3 ).  Returns (loss, stats)."""
+    """Negative GRPO objective: -agg( min(rho A, clip(rho) A) - beta * KL_k3 ), with the entropy control's
+    changes to the surrogate (`policy_objective`).  Returns (loss, stats)."""
     ratio = RATIOS[ratio_type](logp, old_logp, mask)
-    objective, is_clipped = clipped_surrogate(ratio, adv, eps_low, eps_high)
+    objective, is_clipped = policy_objective(ratio, logp, old_logp, adv, eps_low, eps_high, control)
     kl = k3_kl(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
     per_token = objective - beta * kl
     loss = -AGGREGATIONS[aggregation](per_token, mask, norm)
@@ -137,6 +175,7 @@ def grpo_loss(
             clipped=(is_clipped.float() * mask).sum().item(),
             kl=(kl * mask).sum().item(),
             ratio=(ratio * mask).sum().item(),
+            remedied=remedy_tokens(control, mask),
         )
     return loss, stats
 
@@ -148,15 +187,16 @@ class PPOStats(NamedTuple):
     clipped: float  # tokens where the clipped branch is active
     approx_kl: float  # sum of (rho - 1) - log rho, the k3 estimate of KL(pi_old || pi_theta)
     ratio: float  # sum of rho
+    remedied: float = 0.0  # tokens the entropy remedy acted on
 
 
 def ppo_policy_loss(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, norm: Normaliser,
-                    eps: float) -> tuple[Tensor, PPOStats]:
+                    eps: float, control: EntropyControl = EntropyControl()) -> tuple[Tensor, PPOStats]:
     """Negative PPO clipped objective, token mean over the batch: -sum min(rho A, clip(rho, 1 +- eps) A) /
-    sum |o_i|. adv: (N, T), per token (GAE, whitened)."""
+    sum |o_i|, with the entropy control's changes (`policy_objective`). adv: (N, T), per token (GAE, whitened)."""
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
-    objective, is_clipped = clipped_surrogate(ratio, adv, eps, eps)
+    objective, is_clipped = policy_objective(ratio, logp, old_logp, adv, eps, eps, control)
     loss = -token_mean(objective, mask, norm)
     with torch.no_grad():
         stats = PPOStats(
@@ -164,6 +204,7 @@ def ppo_policy_loss(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, n
             clipped=(is_clipped.float() * mask).sum().item(),
             approx_kl=(((ratio - 1) - log_ratio) * mask).sum().item(),
             ratio=(ratio * mask).sum().item(),
+            remedied=remedy_tokens(control, mask),
         )
     return loss, stats
 

@@ -23,8 +23,9 @@ def _rows(run_dir: Path) -> list[dict]:
 
 
 def plot_rewards(run_dir: Path, out: Path, window: int = 5, others: list[Path] | None = None) -> Path:
-    """Reward per step (thin) with a moving average (thick), and each reward function's mean; with `others`,
-    their curves on the same axes (dashed, dotted, ...), labelled by folder name."""
+    """Reward per step (thin) with a moving average (thick) and, for runs with eval_every, the held-out
+    accuracy on a second axis of the same panel (markers); each reward function's mean beside it. With
+    `others`, their curves on the same axes (dashed, dotted, ...), labelled by folder name."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,6 +34,11 @@ def plot_rewards(run_dir: Path, out: Path, window: int = 5, others: list[Path] |
     runs = [(run_dir, _rows(run_dir))] + [(d, _rows(d)) for d in others or []]
     keys = sorted(k for k in runs[0][1][0] if k.startswith("reward/"))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    acc_ax = None
+    if any("eval/accuracy" in r for _, rows in runs for r in rows):
+        acc_ax = ax1.twinx()
+        acc_ax.set_ylabel("held-out accuracy (markers)")
+        acc_ax.set_ylim(0, 1)
 
     def smooth(ys: list[float]) -> list[float]:
         return [sum(ys[max(0, i - window + 1):i + 1]) / len(ys[max(0, i - window + 1):i + 1]) for i in range(len(ys))]
@@ -43,6 +49,10 @@ def plot_rewards(run_dir: Path, out: Path, window: int = 5, others: list[Path] |
         total = [r["reward"] for r in rows]
         ax1.plot(steps, total, alpha=0.3, color=f"C{n}", linestyle=style)
         ax1.plot(steps, smooth(total), color=f"C{n}", linestyle=style, label=f"{name}total reward ({window}-step mean)")
+        evals = [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
+        if acc_ax is not None and evals:
+            acc_ax.plot(*zip(*evals), marker="o", color=f"C{n}", linestyle=style, alpha=0.8)
+            ax1.plot([], [], marker="o", color=f"C{n}", linestyle=style, label=f"{name}held-out accuracy (right)")
         for i, k in enumerate(keys):
             ax2.plot(steps, smooth([r.get(k, float("nan")) for r in rows]), color=f"C{i + 1}", linestyle=style,
                      label=f"{name}{k.removeprefix('reward/')}" if others else k.removeprefix("reward/"))

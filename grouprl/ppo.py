@@ -20,12 +20,13 @@ import torch
 from torch import Tensor
 
 from grouprl.advantages import gae, kl_shaped_rewards, whiten
-from grouprl.config import PPOConfig, TrainConfig
+from grouprl.config import EntropyConfig, PPOConfig, TrainConfig
 from grouprl.critic import Critic, load_critic
 from grouprl.distributed import wrap
+from grouprl.entropy import select_tokens
 from grouprl.learner import no_grad_rows, run_minibatches, sequence_logprobs, shuffle_seed
 from grouprl.logprobs import attention, forward_groups, pick_layout
-from grouprl.losses import Normaliser, explained_variance, ppo_policy_loss, value_loss
+from grouprl.losses import EntropyControl, Normaliser, explained_variance, ppo_policy_loss, value_loss
 from grouprl.models import Reference
 from grouprl.optim import Optim, make_optimizer
 from grouprl.rollout import Rollout
@@ -49,6 +50,7 @@ class PPOStepStats:
     approx_kl: float = 0.0  # KL(pi_old || pi_theta), k3, during the update
     ratio: float = 0.0
     entropy: float = 0.0
+    entropy_remedied: float = 0.0  # fraction of the tokens the entropy remedy acted on
     grad_norm: float = 0.0  # policy (a shared trunk included; its head counts under critic_grad_norm)
     critic_grad_norm: float = 0.0
     value_loss_last: float = 0.0  # critic.epochs > epochs: the mean value loss of the critic-only epochs
@@ -77,9 +79,11 @@ def ppo_update(
     layout: str = "shared",
     train_policy: bool = True,
     seed: int = 0,
+    entropy: EntropyConfig = EntropyConfig(),
 ) -> tuple[PPOStepStats, Tensor]:
     """One PPO step on a scored batch. score: (N,) sequence rewards. Returns the stats and the advantages
-    (N, C) (whitened when configured). seed: the minibatch shuffle's (see run_minibatches)."""
+    (N, C) (whitened when configured). seed: the minibatch shuffle's (see run_minibatches) and clip_cov's
+    draw. entropy: the bonus and the covariance remedy (tokens picked from pi_old and the final advantages)."""
     t0 = time.perf_counter()
     mask = rollout.completion_mask  # (N, C)
     score = score.to(mask.device) - cfg.missing_eos_penalty * rollout.truncated.to(mask.device).float()
@@ -107,6 +111,8 @@ def ppo_update(
     adv, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)  # (N, C) each
     if cfg.whiten_advantages:
         adv = whiten(adv, mask)
+    selected = select_tokens(entropy.remedy, old_logp, adv, mask, ratio=entropy.cov_ratio,
+                             bounds=entropy.clip_cov_bounds, seed=seed)
     n_tok = mask.sum().item()
     k1 = (old_logp - ref_logp) * mask if ref_logp is not None else torch.zeros_like(mask)
     stats = PPOStepStats(
@@ -125,11 +131,13 @@ def ppo_update(
         out, sums = None, {}
         pg_loss = torch.zeros((), device=mask.device)
         if with_policy:
-            out = forward_groups(policy, rollout, rows, with_entropy=True, layout=layout,
+            out = forward_groups(policy, rollout, rows, with_entropy="grad" if entropy.coef else True, layout=layout,
                                  with_hidden=critic.shared)
-            pg_loss, ps = ppo_policy_loss(out.logp, old_logp[rows], adv[rows], m, norm, cfg.eps)
-            sums = {"clipped": ps.clipped, "approx_kl": ps.approx_kl, "ratio": ps.ratio,
-                    "entropy": (out.entropy * m).sum().item()}
+            control = EntropyControl(entropy.remedy, None if selected is None else selected[rows], entropy.kl_cov_coef,
+                                     entropy.coef, out.entropy)
+            pg_loss, ps = ppo_policy_loss(out.logp, old_logp[rows], adv[rows], m, norm, cfg.eps, control)
+            sums = {"clipped": ps.clipped, "approx_kl": ps.approx_kl, "ratio": ps.ratio, "remedied": ps.remedied,
+                    "entropy": (out.entropy.detach() * m).sum().item()}
         values = critic.values(rollout, rows, layout, out)
         vf_loss, vs = value_loss(values, old_values[rows], returns[rows], m, norm, cfg.eps_value)
         sums |= {"loss": pg_loss.item(), "value_loss": vf_loss.item(), "value_clipped": vs.clipped,
@@ -147,6 +155,7 @@ def ppo_update(
     stats.clip_frac, stats.value_clip_frac = s.get("clipped", 0.0) / tokens, s.get("value_clipped", 0.0) / tokens
     stats.approx_kl, stats.ratio = s.get("approx_kl", 0.0) / tokens, s.get("ratio", 0.0) / tokens
     stats.entropy = s.get("entropy", 0.0) / tokens
+    stats.entropy_remedied = s.get("remedied", 0.0) / tokens
     if p.steps:
         stats.critic_grad_norm = p.grad_norms[-1] / p.steps
         stats.grad_norm = p.grad_norms[0] / p.steps if train_policy else 0.0
@@ -161,7 +170,8 @@ def ppo_update(
     return stats, adv
 
 
-UPDATE_KEYS = {"loss", "value_loss", "clip_frac", "value_clip_frac", "approx_kl", "ratio", "entropy", "grad_norm",
+UPDATE_KEYS = {"loss", "value_loss", "clip_frac", "value_clip_frac", "approx_kl", "ratio", "entropy",
+               "entropy_remedied", "grad_norm",
                "critic_grad_norm", "value_loss_last"}  # the metrics that only an optimizer step produces
 
 
@@ -209,7 +219,7 @@ class PPO:
         s, adv = ppo_update(
             self.policy, self.critic, self.reference, self.policy_optim, self.critic_optim, rollout, score, c.ppo,
             kl_coef=kl_coef, max_new_tokens=c.rollout.max_new_tokens, layout=self.layout,
-            train_policy=step > c.ppo.critic_warmup_steps, seed=shuffle_seed(c.seed, step))
+            train_policy=step > c.ppo.critic_warmup_steps, seed=shuffle_seed(c.seed, step), entropy=c.entropy)
         if c.ppo.kl_target is not None and self.reference is not None:
             self.kl_coef = adaptive_kl_coef(kl_coef, s.kl_seq, c.ppo.kl_target, c.ppo.kl_horizon, len(score))
         mask = rollout.completion_mask
@@ -219,6 +229,8 @@ class PPO:
         }
         if c.ppo.critic.epochs is None or c.ppo.critic.epochs <= c.ppo.epochs:
             del metrics["value_loss_last"]
+        if c.entropy.remedy == "none":
+            del metrics["entropy_remedied"]
         if s.update_steps == 0:  # no update ran: no made-up zeros in the log
             metrics = {k: v for k, v in metrics.items() if k not in UPDATE_KEYS}
         return metrics, seq_adv.cpu()
