@@ -293,6 +293,15 @@ class TrainConfig(Section):
         60.0, ge=0.01, description="Longest time one call of one reward function may take (seconds, at least 0.01)."
     )
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 leaves torch's default.")
+    report_to: list[Literal["jsonl", "tensorboard", "wandb", "trackio"]] = Field(
+        default_factory=lambda: ["jsonl", "tensorboard"],
+        description="Where metrics, the resolved config and completions tables go: jsonl (completions.jsonl; "
+        "metrics.jsonl is always written), tensorboard, wandb (pip install 'grouprl[wandb]'; WANDB_MODE etc. "
+        "apply), trackio ('grouprl[trackio]'; a local store under TRACKIO_DIR unless told otherwise).")
+    log_completions_every: int = Field(1, ge=1, description="Log the step's completions (completions.jsonl, and a "
+                                       "table with one row per prompt to the trackers) every N steps.")
+    project: str = Field("grouprl", min_length=1, description="Tracker project (wandb, trackio).")
+    run_name: str | None = Field(None, description="Tracker run name; default: the output_dir's folder name.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Policy model.")
     task: TaskConfig = Field(default_factory=TaskConfig, description="Task and prompts.")
     rewards: list[RewardSpec] = Field(
@@ -357,7 +366,7 @@ class TrainConfig(Section):
         return self
 
 
-RESUMABLE_CHANGES = {"steps", "save_every", "eval_every", "save_merged", "save_total_limit", "max_nonfinite_steps",
+RESUMABLE_CHANGES = {"steps", "save_every", "eval_every", "report_to", "log_completions_every", "project", "run_name", "save_merged", "save_total_limit", "max_nonfinite_steps",
                      "rewards_timeout_s", "threads", "output_dir", "eval", "distributed"}
 
 

@@ -29,6 +29,7 @@ from grouprl.distributed import (agree, any_rank, first_line, gather_objects, in
                                  rank, sum_floats, unwrap, world_size)
 from grouprl.errors import Stopped, UserError
 from grouprl.evaluate import evaluate_while_training
+from grouprl.trackers import check as check_trackers
 from grouprl.grpo import GRPO
 from grouprl.guard import LOCK_FILE, RunLock, StopSignals, reward_files
 from grouprl.learner import Learner
@@ -246,6 +247,7 @@ def _train(cfg: TrainConfig, console: Console, out: Path, start: float, locks: l
     task = build_task(cfg.task)
     rewards = RewardSet([(r.name, r.weight) for r in cfg.rewards], timeout_s=cfg.rewards_timeout_s)
     task = together(lambda: _check_inputs(cfg, task, rewards, console))
+    together(lambda: check_trackers(cfg.report_to), main_only=True)
     if not resume:  # (a resume took it before anything else)
         together(lambda: locks.append(RunLock(out).acquire()), main_only=True)
     policy, tokenizer = together(lambda: load_policy(cfg.model))
@@ -278,7 +280,8 @@ def _train(cfg: TrainConfig, console: Console, out: Path, start: float, locks: l
     if is_main():
         save_config(cfg, out / "grouprl.yaml")
         (out / "run_info.json").write_text(json.dumps(info, indent=1))
-    log = MetricsLog(out) if is_main() else Silent()
+    log = MetricsLog(out, cfg.report_to, cfg.model_dump(mode="json"), cfg.project, cfg.run_name) if is_main() \
+        else Silent()
     console.print(f"[bold]grouprl[/] {learner.name} on {cfg.task.name} ({len(task.train)} train / {len(task.eval)} "
                   f"held-out problems), model {cfg.model.name_or_path}, {learner.models_trained} model(s) trained, "
                   f"{learner.trainable_parameters:,} trainable parameters, batch {cfg.rollout.prompts_per_step} x "
@@ -323,12 +326,13 @@ def _train(cfg: TrainConfig, console: Console, out: Path, start: float, locks: l
                     m |= {"eval_time": ev["seconds"], "elapsed": time.perf_counter() - start}
                 history.append({"step": step, **m})
                 log.log(step, m)
-                log.log_completions(step, [
-                    {"prompt": r["prompt"], "answer": r.get("answer"), "completion": c, "reward": t,
-                     "advantage": a, **{n: v for n, v in zip(rewards.names, f)}}
-                    for r, c, t, a, f in zip(batch.rows, batch.rollout.completions, batch.total.tolist(), adv.tolist(),
-                                             batch.per_fn.tolist())
-                ])
+                if step % cfg.log_completions_every == 0:
+                    log.log_completions(step, [
+                        {"prompt": r["prompt"], "answer": r.get("answer"), "completion": c, "reward": t,
+                         "advantage": a, **{n: v for n, v in zip(rewards.names, f)}}
+                        for r, c, t, a, f in zip(batch.rows, batch.rollout.completions, batch.total.tolist(),
+                                                 adv.tolist(), batch.per_fn.tolist())
+                    ], cfg.rollout.group_size)
                 fn_means = " ".join(f"{n}={m[f'reward/{n}']:.2f}" for n in rewards.names)
                 bar.console.print(f"step {step:>4}  reward {m['reward']:.3f}  {fn_means}  {learner.console(m)}  "
                                   f"len {m['completion_len']:.0f}  flat {batch.zero_std_frac:.2f}  "

@@ -1,4 +1,4 @@
-"""Where the numbers go: a JSONL file and TensorBoard per step, completions to their own JSONL file.
+"""Where the numbers go: a JSONL file per step, completions to their own JSONL file, and the trackers.
 
 The JSONL logs are appended a line at a time, so a kill or a full disk can leave a torn last line; readers
 skip it (`read_jsonl`) and a resumed run cuts it off (`truncate_jsonl`) before appending again.
@@ -14,18 +14,23 @@ from grouprl.errors import UserError
 
 
 class MetricsLog:
-    """metrics.jsonl, completions.jsonl and TensorBoard of a run. Under torchrun only rank 0 writes (the
-    batch it logs is the whole batch, every rank's completions in it); on the others it is `Silent`."""
+    """The logs of a run: metrics.jsonl always (resume, plot and compare read it), completions.jsonl with
+    'jsonl' in report_to, and the trackers of report_to (grouprl/trackers.py). Under torchrun only rank 0
+    writes (the batch it logs is the whole batch, every rank's completions in it); on the others it is
+    `Silent`."""
 
-    def __init__(self, out_dir: Path, tensorboard: bool = True):
+    def __init__(self, out_dir: Path, report_to: list[str] | tuple[str, ...] = ("jsonl", "tensorboard"),
+                 config: dict | None = None, project: str = "grouprl", name: str | None = None):
+        from grouprl.trackers import open_trackers
+
         out_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = (out_dir / "metrics.jsonl").open("a")
-        self.completions = (out_dir / "completions.jsonl").open("a")
-        self.tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+        self.completions = (out_dir / "completions.jsonl").open("a") if "jsonl" in report_to else None
+        try:
+            self.trackers = open_trackers(list(report_to), out_dir, config or {}, project, name or out_dir.name)
+        except BaseException:
+            self._close_files()
+            raise
 
     @staticmethod
     def _append(f, lines: list[str]) -> None:
@@ -38,24 +43,37 @@ class MetricsLog:
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self._append(self.metrics, [json.dumps({"step": step, **metrics}) + "\n"])
-        if self.tb is not None:
-            for k, v in metrics.items():
-                self.tb.add_scalar(k, v, step)
+        for t in self.trackers:
+            t.log(step, metrics)
 
-    def log_completions(self, step: int, rows: list[dict]) -> None:
-        self._append(self.completions, [json.dumps({"step": step, **r}) + "\n" for r in rows])
+    def log_completions(self, step: int, rows: list[dict], group_size: int) -> None:
+        """rows: one per sequence, G in a row per prompt: to completions.jsonl as they are, to the trackers as
+        a table with one row per prompt (trackers.completions_table)."""
+        if self.completions is not None:
+            self._append(self.completions, [json.dumps({"step": step, **r}) + "\n" for r in rows])
+        if self.trackers:
+            from grouprl.trackers import completions_table
+
+            columns, table = completions_table(step, rows, group_size)
+            for t in self.trackers:
+                t.table(step, columns, table)
 
     def sync(self) -> None:
-        """Flush both logs to disk (before a checkpoint commits, so the logs are never behind it)."""
+        """Flush the log files to disk (before a checkpoint commits, so the logs are never behind it)."""
         for f in (self.metrics, self.completions):
-            f.flush()
-            os.fsync(f.fileno())
+            if f is not None:
+                f.flush()
+                os.fsync(f.fileno())
+
+    def _close_files(self) -> None:
+        self.metrics.close()
+        if self.completions is not None:
+            self.completions.close()
 
     def close(self) -> None:
-        self.metrics.close()
-        self.completions.close()
-        if self.tb is not None:
-            self.tb.close()
+        self._close_files()
+        for t in self.trackers:
+            t.close()
 
 
 class Silent(MetricsLog):
@@ -67,7 +85,7 @@ class Silent(MetricsLog):
     def log(self, step: int, metrics: dict[str, float]) -> None:
         pass
 
-    def log_completions(self, step: int, rows: list[dict]) -> None:
+    def log_completions(self, step: int, rows: list[dict], group_size: int) -> None:
         pass
 
     def sync(self) -> None:

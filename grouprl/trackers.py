@@ -1,0 +1,134 @@
+"""Experiment trackers (`report_to`): TensorBoard, Weights & Biases and Trackio, each through its own library.
+
+Every tracker gets the resolved config once, every step's metrics, and every `log_completions_every` steps a
+completions table: one row per prompt with its G completions, rewards and advantages. wandb and trackio are
+optional extras (`pip install 'grouprl[wandb]'`, `'grouprl[trackio]'`); `check` names a missing one before
+any work. W&B follows its own environment (WANDB_MODE=offline, WANDB_DIR, WANDB_API_KEY, ...), Trackio its
+own (TRACKIO_DIR: a local store by default). A resumed run continues the same tracker run: its id is kept in
+the run folder's trackers.json.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import yaml
+
+from grouprl.errors import UserError
+
+EXTRAS = {"wandb": "wandb", "trackio": "trackio"}  # report_to name -> module (and grouprl extra)
+
+
+def check(report_to: list[str]) -> None:
+    """A UserError naming the first tracker whose library is not installed."""
+    for name in report_to:
+        if name in EXTRAS and importlib.util.find_spec(EXTRAS[name]) is None:
+            raise UserError(f"report_to includes {name}, which is not installed: pip install 'grouprl[{name}]' "
+                            f"(or remove it from report_to)")
+
+
+def completions_table(step: int, rows: list[dict], group_size: int) -> tuple[list[str], list[list]]:
+    """(columns, rows) of the completions table: per prompt its answer, mean reward and, for j = 1..G,
+    completion_j, reward_j, advantage_j. rows: one dict per sequence (prompt, answer, completion, reward,
+    advantage), G in a row per prompt."""
+    g = group_size
+    columns = ["step", "prompt", "answer", "mean_reward"] + [
+        f"{k}_{j}" for j in range(1, g + 1) for k in ("completion", "reward", "advantage")]
+    table = []
+    for i in range(0, len(rows), g):
+        group = rows[i:i + g]
+        cells: list = [step, group[0]["prompt"], "" if group[0].get("answer") is None else str(group[0]["answer"]),
+                       sum(r["reward"] for r in group) / len(group)]
+        for r in group:
+            cells += [r["completion"], r["reward"], r["advantage"]]
+        table.append(cells)
+    return columns, table
+
+
+class TensorBoard:
+    def __init__(self, out_dir: Path, config: dict, **_):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+        self.writer.add_text("config", "```\n" + yaml.safe_dump(config, sort_keys=False) + "```", 0)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        for k, v in metrics.items():
+            self.writer.add_scalar(k, v, step)
+
+    def table(self, step: int, columns: list[str], rows: list[list]) -> None:
+        def cell(v) -> str:
+            text = f"{v:.3f}" if isinstance(v, float) else str(v)
+            return text.replace("|", "\\|").replace("\n", "<br>")
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+        self.writer.add_text("completions", "\n".join(lines), step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandB:
+    def __init__(self, out_dir: Path, config: dict, project: str, name: str, run_id: str | None):
+        import wandb
+
+        try:
+            self.run = wandb.init(project=project, name=name, id=run_id, resume="allow", config=config,
+                                  dir=str(out_dir))
+        except Exception as e:  # noqa: BLE001  (no login, no network, a bad entity: one line, nothing lost)
+            raise UserError(f"report_to wandb: wandb.init failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                            "); log in (wandb login), set WANDB_MODE=offline, or remove wandb from report_to") from None
+        self.id = self.run.id
+        self.wandb = wandb
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.run.log(metrics, step=step)
+
+    def table(self, step: int, columns: list[str], rows: list[list]) -> None:
+        self.run.log({"completions": self.wandb.Table(columns=columns, data=rows)}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class Trackio:
+    def __init__(self, out_dir: Path, config: dict, project: str, name: str, run_id: str | None):
+        import trackio
+
+        self.trackio = trackio
+        self.run = trackio.init(project=project, name=run_id or name, config=config, resume="allow", embed=False)
+        self.id = self.run.name
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.trackio.log(metrics, step=step)
+
+    def table(self, step: int, columns: list[str], rows: list[list]) -> None:
+        self.trackio.log({"completions": self.trackio.Table(columns=columns, data=rows)}, step=step)
+
+    def close(self) -> None:
+        self.trackio.finish()
+
+
+TRACKERS = {"tensorboard": TensorBoard, "wandb": WandB, "trackio": Trackio}
+
+
+def open_trackers(report_to: list[str], out_dir: Path, config: dict, project: str, name: str) -> list:
+    """The trackers of `report_to` ('jsonl' is the log files themselves), each continuing its earlier run of
+    this folder when there is one (trackers.json)."""
+    ids_file = out_dir / "trackers.json"
+    ids = json.loads(ids_file.read_text()) if ids_file.is_file() else {}
+    out = []
+    try:
+        for kind in report_to:
+            if kind in TRACKERS:
+                out.append(TRACKERS[kind](out_dir, config, project=project, name=name, run_id=ids.get(kind)))
+    except BaseException:
+        for t in out:
+            t.close()
+        raise
+    new = {kind: t.id for kind, t in zip([k for k in report_to if k in TRACKERS], out) if hasattr(t, "id")}
+    if new != ids:
+        ids_file.write_text(json.dumps(new, indent=1))
+    return out
