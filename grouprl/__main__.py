@@ -2,4 +2,5 @@
 
 from grouprl.cli import main
 
-main()
+if __name__ == "__main__":  # not when a process pool's worker imports it
+    main()

@@ -73,7 +73,9 @@ def check_rewards(rewards: RewardSet, task: Task, tokenizer, prefill: str) -> No
     completions are neutral text (not the answer format), which every reward must be able to score."""
     rows = (task.train * 2)[:2]
     prompts = [task.chat_prompt(tokenizer, r, prefill) for r in rows]
-    rewards.score(prompts, [prefill + "ok", prefill], columns_of(rows))
+    completions = [prefill + "ok", prefill]
+    ids = [tokenizer(c[len(prefill):], add_special_tokens=False)["input_ids"] for c in completions]
+    rewards.score(prompts, completions, columns_of(rows), ids)
 
 
 def sampling_seed(seed: int, step: int, round_: int, prompt: int) -> int:
@@ -102,7 +104,9 @@ def _sample_slice(policy, tokenizer, task: Task, rewards: RewardSet, rows: list[
     t1 = time.perf_counter()
     seq_rows = [rows[i] for i in rollout.prompt_index]
     seq_prompts = [prompts[i] for i in rollout.prompt_index]
-    per_fn, total = rewards.score(seq_prompts, rollout.completions, columns_of(seq_rows))
+    ids = [row[:n].tolist() for row, n in zip(rollout.input_ids[:, rollout.prompt_len:].cpu(),
+                                              rollout.lengths.long().tolist())]
+    per_fn, total = rewards.score(seq_prompts, rollout.completions, columns_of(seq_rows), ids)
     gatherable = _to(rollout, "cpu") if world_size() > 1 else rollout  # pickled for the other ranks
     prompt_tokens = rollout.attention_mask[::ro.group_size, :rollout.prompt_len].sum().item()
     generated = rollout.lengths.sum().item()

@@ -74,8 +74,12 @@ class TaskConfig(Section):
         None, description="gsm8k/dataset: a .jsonl/.json/.parquet path or a `datasets` name (name[:config])."
     )
     eval_source: str | None = Field(None, description="Held-out data for gsm8k/dataset (default: split off source).")
-    prompt_column: str = Field("prompt", description="dataset: the column holding the prompt text.")
-    answer_column: str | None = Field("answer", description="dataset: the column holding the reference answer.")
+    prompt_column: str = Field("prompt", description="dataset: the column holding the prompt: text, or chat messages "
+                               "[{role, content}, ...] ending with a user turn (the chat template is applied to "
+                               "them; task.system_prompt is put first only when set and they have no system turn).")
+    answer_column: str | None = Field("answer", description="dataset: the column holding the reference answer. Rows "
+                                      "in verl's layout (a reward_model column, no answer column) take "
+                                      "reward_model.ground_truth instead.")
     num_train: int = Field(2000, ge=1, description="Synthetic tasks: number of training problems.")
     num_eval: int = Field(200, ge=1, description="Held-out problems (synthetic: generated; data: split off).")
     max_operand: int = Field(20, ge=2, description="arithmetic: largest number that appears in a problem.")
@@ -103,8 +107,10 @@ class TaskConfig(Section):
 class RewardSpec(Section):
     name: str = Field(
         description="Built-in (strict_format, soft_format, tag_count, correctness, answer_anywhere, countdown, "
-        "number), 'rm:<folder or HF id>' (a learned reward model: sequence classification, num_labels = 1), or "
-        "'path/to/file.py:function' with signature (prompts, completions, **columns) -> list[float]."
+        "number), 'rm:<folder or HF id>' (a learned reward model: sequence classification, num_labels = 1), "
+        "'path/to/file.py:function' with signature (prompts, completions, **columns) -> list[float] (def or "
+        "async def; it may also take completion_ids), or 'verl:path/to/file.py:compute_score' (verl's "
+        "compute_score(data_source, solution_str, ground_truth, extra_info) -> float or {'score': float})."
     )
     weight: float = Field(1.0, description="Weight of this function in the summed reward.")
 
@@ -292,6 +298,10 @@ class TrainConfig(Section):
     rewards_timeout_s: float = Field(
         60.0, ge=0.01, description="Longest time one call of one reward function may take (seconds, at least 0.01)."
     )
+    reward_workers: int = Field(
+        0, ge=0, description="Run the synchronous reward functions (not reward models) in this many worker processes, "
+        "each function's batch cut into as many slices: for slow CPU-bound scoring (math-verify). 0: in the "
+        "training process. async def functions are awaited concurrently either way.")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 leaves torch's default.")
     report_to: list[Literal["jsonl", "tensorboard", "wandb", "trackio"]] = Field(
         default_factory=lambda: ["jsonl", "tensorboard"],
@@ -366,7 +376,7 @@ class TrainConfig(Section):
         return self
 
 
-RESUMABLE_CHANGES = {"steps", "save_every", "eval_every", "report_to", "log_completions_every", "project", "run_name", "save_merged", "save_total_limit", "max_nonfinite_steps",
+RESUMABLE_CHANGES = {"reward_workers", "steps", "save_every", "eval_every", "report_to", "log_completions_every", "project", "run_name", "save_merged", "save_total_limit", "max_nonfinite_steps",
                      "rewards_timeout_s", "threads", "output_dir", "eval", "distributed"}
 
 

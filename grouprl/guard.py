@@ -124,7 +124,7 @@ def reward_files(reward_names: list[str]) -> dict[str, str]:
 
     out = {}
     for name in reward_names:
-        path, sep, _ = name.rpartition(":")
+        path, sep, _ = name.removeprefix("verl:").rpartition(":")
         if sep and path.endswith(".py") and Path(path).expanduser().is_file():
             out[path] = hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()
     return out

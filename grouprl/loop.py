@@ -245,7 +245,16 @@ def _train(cfg: TrainConfig, console: Console, out: Path, start: float, locks: l
     torch.manual_seed(cfg.seed)  # the same on every rank: LoRA and value heads start identical
 
     task = build_task(cfg.task)
-    rewards = RewardSet([(r.name, r.weight) for r in cfg.rewards], timeout_s=cfg.rewards_timeout_s)
+    rewards = RewardSet([(r.name, r.weight) for r in cfg.rewards], timeout_s=cfg.rewards_timeout_s,
+                        workers=cfg.reward_workers)
+    try:
+        return _train_with(cfg, console, out, start, locks, stop, resume, code, ckpt, world, task, rewards)
+    finally:
+        rewards.close()
+
+
+def _train_with(cfg: TrainConfig, console: Console, out: Path, start: float, locks: list[RunLock], stop: StopSignals,
+                resume: bool, code, ckpt, world: int, task: Task, rewards: RewardSet) -> TrainResult:
     task = together(lambda: _check_inputs(cfg, task, rewards, console))
     together(lambda: check_trackers(cfg.report_to), main_only=True)
     if not resume:  # (a resume took it before anything else)

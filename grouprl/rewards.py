@@ -8,16 +8,26 @@ included), and columns the task's other columns (e.g. `answer`), one value per c
     [1.0]
 
 User functions are named 'path/to/file.py:function'; a learned reward model (a sequence-classification
-checkpoint with one output) is named 'rm:<folder or HF id>'. Every call is checked at this boundary: an
-exception or exit, a call over its time limit, a wrong length, or a value that is not a finite number stops
-the run with one line naming the function.
+checkpoint with one output) is named 'rm:<folder or HF id>'; a verl-style scorer
+`compute_score(data_source, solution_str, ground_truth, extra_info)` is named 'verl:path/to/file.py:function'.
+A function may also take `completion_ids` (the sampled token ids of each completion, EOS included; the
+prefill belongs to the prompt). `async def` functions are awaited concurrently with each other (and with
+the synchronous ones, on an event loop of their own); with `workers` > 0 the synchronous ones run in a pool
+of that many processes, each function's batch cut into that many slices. Every call is checked at this
+boundary: an exception or exit, a call over its time limit, a wrong length, or a value that is not a finite
+number stops the run with one line naming the function.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import functools
 import importlib.util
+import inspect
 import math
+import multiprocessing
+import threading
 import numbers
 import re
 import signal
@@ -276,16 +286,52 @@ class RewardModel:
         return scores
 
 
+def verl_reward(fn: Callable, name: str) -> RewardFn:
+    """verl's reward interface as a reward function: fn(data_source=, solution_str=, ground_truth=,
+    extra_info=) per completion, returning a number or a dict with a "score" (verl's two forms), from the
+    columns that verl-style rows carry (data_source, ground_truth from reward_model, extra_info). An async fn
+    gives an async reward whose completions are scored concurrently."""
+
+    def calls(completions: list[str], data_source, ground_truth, extra_info) -> list[dict]:
+        if data_source is None or ground_truth is None:
+            raise ValueError("a verl reward needs the columns data_source and ground_truth: verl-style rows "
+                             "(data_source, prompt, reward_model.ground_truth, extra_info)")
+        extra = extra_info or [None] * len(completions)
+        return [dict(data_source=d, solution_str=c, ground_truth=g, extra_info=e)
+                for c, d, g, e in zip(completions, data_source, ground_truth, extra)]
+
+    def score(v):
+        return v["score"] if isinstance(v, Mapping) and "score" in v else v
+
+    if inspect.iscoroutinefunction(fn):
+        async def verl_async(prompts, completions, data_source=None, ground_truth=None, extra_info=None, **_):
+            values = await asyncio.gather(*(fn(**kw) for kw in calls(completions, data_source, ground_truth,
+                                                                      extra_info)))
+            return [score(v) for v in values]
+        return verl_async
+
+    def verl_sync(prompts, completions, data_source=None, ground_truth=None, extra_info=None, **_):
+        return [score(fn(**kw)) for kw in calls(completions, data_source, ground_truth, extra_info)]
+    return verl_sync
+
+
 def load_reward(name: str) -> RewardFn:
-    """A built-in by name, 'rm:<model>' (a learned reward model), or 'path/to/file.py:function'."""
+    """A built-in by name, 'rm:<model>' (a learned reward model), 'path/to/file.py:function', or
+    'verl:path/to/file.py:function' (a verl compute_score, see verl_reward)."""
     if name in BUILTIN:
         return BUILTIN[name]
     if name.startswith("rm:"):
         return RewardModel(name.removeprefix("rm:"))
-    path, sep, func = name.rpartition(":")
+    if name.startswith("verl:"):
+        return verl_reward(_load_user_function(name.removeprefix("verl:"), name), name)
+    return _load_user_function(name, name)
+
+
+def _load_user_function(spec_text: str, name: str) -> Callable:
+    path, sep, func = spec_text.rpartition(":")
     if not sep or not path.endswith(".py"):
-        raise UserError(f"reward {name!r}: expected one of {sorted(BUILTIN)}, 'rm:<reward model>' or "
-                        "'path/to/file.py:function'")
+        raise UserError(f"reward {name!r}: expected one of {sorted(BUILTIN)}, 'rm:<reward model>', "
+                        "'path/to/file.py:function' or 'verl:path/to/file.py:compute_score'")
     file = Path(path).expanduser()
     if not file.is_file():
         raise UserError(f"reward file {path!r} not found (from reward {name!r})")
@@ -396,25 +442,125 @@ def _checked(name: str, values: Any, n: int) -> list[float]:
     return floats
 
 
+def is_async(fn: Callable) -> bool:
+    """An `async def` function (or an object whose __call__ is one)."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+
+
+def takes(fn: Callable, arg: str) -> bool:
+    """Whether fn accepts the keyword `arg` (by name or through **kwargs)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == arg or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def _slow(name: str, timeout_s: float, n: int) -> str:
+    return (f"reward function {name!r} took longer than {timeout_s:g}s on {n} completions: make it faster or "
+            "raise rewards_timeout_s")
+
+
+async def _await_all(jobs: list[tuple[str, Callable, dict, int]], timeout_s: float) -> list:
+    """Await every async reward call at once, each within timeout_s; a failure becomes its one-line UserError
+    (returned in place of the values, so that every call has finished or been cancelled)."""
+    async def one(name: str, fn: Callable, kwargs: dict, n: int):
+        try:
+            return await asyncio.wait_for(fn(**kwargs), timeout_s)
+        except asyncio.TimeoutError:
+            return UserError(_slow(name, timeout_s, n))
+        except UserError as e:
+            return e
+        except BaseException as e:  # noqa: BLE001  (the user's code: any exception or exit is one line)
+            if isinstance(e, SystemExit):
+                return UserError(f"reward function {name!r} called {_exit_call(e)}: a reward function must return "
+                                 "its values, not exit")
+            return UserError(f"reward function {name!r} raised {type(e).__name__}: {_first_line(e)}")
+    return await asyncio.gather(*(one(*job) for job in jobs))
+
+
+def _pool_init() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the run on Ctrl-C; workers just end
+
+
+_WORKER_FNS: dict[str, RewardFn] = {}
+
+
+def _pool_call(name: str, prompts: list[str], completions: list[str], columns: dict, timeout_s: float):
+    """In a worker process: one slice of one function's batch, as (values, None) or (None, error line)."""
+    try:
+        if name not in _WORKER_FNS:
+            _WORKER_FNS[name] = load_reward(name)
+        return call_reward(name, _WORKER_FNS[name], prompts, completions, columns, timeout_s), None
+    except UserError as e:
+        return None, str(e)
+
+
 class RewardSet:
     """The configured reward functions with their weights; each call of each function limited to
-    `timeout_s` seconds (TrainConfig.rewards_timeout_s)."""
+    `timeout_s` seconds (TrainConfig.rewards_timeout_s). workers > 0: synchronous functions (not reward
+    models) run in that many worker processes, which load them by name. Call `close` when done."""
 
-    def __init__(self, specs: list[tuple[str, float]], timeout_s: float = 60.0):
+    def __init__(self, specs: list[tuple[str, float]], timeout_s: float = 60.0, workers: int = 0):
         self.names = [n for n, _ in specs]
         self.weights = torch.tensor([w for _, w in specs], dtype=torch.float32)
         for name, w in zip(self.names, self.weights.tolist()):
             if not math.isfinite(w):
                 raise UserError(f"reward {name!r}: weight is not a finite float32 number (|w| < 3.4e38)")
         self.timeout_s = timeout_s
+        self.workers = workers
         self.fns = [load_reward(n) for n in self.names]
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
 
-    def score(self, prompts: list[str], completions: list[str], columns: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (per-function rewards (N, K), weighted total (N,))."""
-        per_fn = torch.tensor(
-            [call_reward(n, f, prompts, completions, columns, self.timeout_s) for n, f in zip(self.names, self.fns)],
-            dtype=torch.float32,
-        ).T.reshape(len(completions), len(self.fns))
+    def _pooled(self, name: str, fn: Callable) -> bool:
+        return self.workers > 0 and not is_async(fn) and not name.startswith("rm:")
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+            threading.Thread(target=self._loop.run_forever, name="grouprl-async-rewards", daemon=True).start()
+        return self._loop
+
+    def _process_pool(self) -> concurrent.futures.ProcessPoolExecutor:
+        if self._pool is None:  # spawn: a fork of a process running torch threads can deadlock
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_pool_init)
+        return self._pool
+
+    def score(self, prompts: list[str], completions: list[str], columns: dict,
+              completion_ids: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (per-function rewards (N, K), weighted total (N,)). completion_ids reach the functions that
+        take them."""
+        n = len(completions)
+        kwargs = [{"prompts": prompts, "completions": completions, **columns}
+                  | ({"completion_ids": completion_ids} if completion_ids is not None and takes(f, "completion_ids")
+                     else {}) for f in self.fns]
+        values: list = [None] * len(self.fns)
+        asynchronous = [k for k, f in enumerate(self.fns) if is_async(f)]
+        pending = None
+        if asynchronous:  # started first: they run while the synchronous ones below do
+            jobs = [(self.names[k], self.fns[k], kwargs[k], n) for k in asynchronous]
+            pending = asyncio.run_coroutine_threadsafe(_await_all(jobs, self.timeout_s), self._event_loop())
+        pooled = {k: self._submit(k, kwargs[k]) for k, f in enumerate(self.fns)
+                  if k not in asynchronous and self._pooled(self.names[k], f)}
+        try:
+            for k, f in enumerate(self.fns):
+                if k not in asynchronous and k not in pooled:
+                    values[k] = call_reward(self.names[k], f, prompts, completions,
+                                            {a: v for a, v in kwargs[k].items() if a not in ("prompts", "completions")},
+                                            self.timeout_s)
+            for k, futures in pooled.items():
+                values[k] = self._collect(k, futures, n)
+            if pending is not None:
+                for k, got in zip(asynchronous, self._wait_async(pending, asynchronous, n)):
+                    if isinstance(got, UserError):
+                        raise got
+                    values[k] = _checked(self.names[k], got, n)
+        finally:
+            if pending is not None:
+                pending.cancel()
+        per_fn = torch.tensor(values, dtype=torch.float32).T.reshape(n, len(self.fns))
         total = per_fn @ self.weights  # (N, K) @ (K,) -> (N,)
         bad = (~torch.isfinite(total)).nonzero().flatten().tolist()
         if bad:
@@ -423,3 +569,61 @@ class RewardSet:
             raise UserError(f"the weighted reward of completion {bad[0]} is not finite in float32 (rewards "
                             f"[{rewards}] x weights {{{weights}}}): lower the weights or the rewards' scale")
         return per_fn, total
+
+    def _wait_async(self, pending: concurrent.futures.Future, which: list[int], n: int) -> list:
+        """The async calls' results; past the time limit plus a grace (a coroutine that blocks its event loop
+        cannot be cancelled by wait_for), a UserError naming them."""
+        try:
+            return pending.result(timeout=self.timeout_s + limits.WATCHDOG_GRACE_S)
+        except concurrent.futures.TimeoutError:
+            self._loop = None  # that loop's thread is stuck in the user's code: the next call gets a new one
+            names = ", ".join(repr(self.names[k]) for k in which)
+            raise UserError(f"async reward function(s) {names} did not return within {self.timeout_s:g}s on {n} "
+                            "completions (a coroutine that never awaits blocks the event loop): make them "
+                            "faster or raise rewards_timeout_s") from None
+
+    def _submit(self, k: int, kwargs: dict) -> list[tuple[int, concurrent.futures.Future]]:
+        """Function k's batch in `workers` contiguous slices, sent to the pool: [(slice start, future)]."""
+        n = len(kwargs["completions"])
+        bounds = [i * n // self.workers for i in range(self.workers + 1)]
+        out = []
+        for lo, hi in zip(bounds, bounds[1:]):
+            if hi > lo:
+                part = {a: (v[lo:hi] if isinstance(v, list) else v) for a, v in kwargs.items()}
+                prompts, completions = part.pop("prompts"), part.pop("completions")
+                out.append((lo, self._process_pool().submit(_pool_call, self.names[k], prompts, completions, part,
+                                                            self.timeout_s)))
+        return out
+
+    def _collect(self, k: int, futures: list[tuple[int, concurrent.futures.Future]], n: int) -> list[float]:
+        name, values = self.names[k], []
+        for _, future in futures:
+            try:
+                got, error = future.result(timeout=self.timeout_s + 2 * limits.WATCHDOG_GRACE_S)
+            except concurrent.futures.TimeoutError:
+                self._kill_pool()
+                raise UserError(_slow(name, self.timeout_s, n)) from None
+            except concurrent.futures.process.BrokenProcessPool:
+                self._kill_pool()
+                raise UserError(f"reward function {name!r}: a reward worker process died (killed, out of memory, or "
+                                "the function ended its process); see above") from None
+            if error is not None:
+                raise UserError(error)
+            values += got
+        return values
+
+    def _kill_pool(self) -> None:
+        if self._pool is not None:
+            for p in list(getattr(self._pool, "_processes", {}).values()):
+                p.kill()
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def close(self) -> None:
+        """Stop the worker processes and the event loop."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._loop = None

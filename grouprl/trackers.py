@@ -39,7 +39,10 @@ def completions_table(step: int, rows: list[dict], group_size: int) -> tuple[lis
     table = []
     for i in range(0, len(rows), g):
         group = rows[i:i + g]
-        cells: list = [step, group[0]["prompt"], "" if group[0].get("answer") is None else str(group[0]["answer"]),
+        prompt = group[0]["prompt"]
+        if not isinstance(prompt, str):  # chat messages
+            prompt = "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+        cells: list = [step, prompt, "" if group[0].get("answer") is None else str(group[0]["answer"]),
                        sum(r["reward"] for r in group) / len(group)]
         for r in group:
             cells += [r["completion"], r["reward"], r["advantage"]]

@@ -17,7 +17,7 @@ from grouprl.config import TaskConfig
 from grouprl.errors import UserError
 from grouprl.tasks.arithmetic import arithmetic_splits
 from grouprl.tasks.countdown import countdown_splits
-from grouprl.tasks.data import dataset_rows, gsm8k_rows
+from grouprl.tasks.data import dataset_rows, gsm8k_rows, prompt_preview
 
 # Each prompt shows a worked example rather than placeholders ("your working"): a small model copies what it
 # is shown, and a copied example earns no reward (the format rewards refuse a reasoning copied verbatim from
@@ -45,9 +45,21 @@ class Task:
     eval: list[dict]
     system_prompt: str
     correctness: str  # name of the built-in reward that decides whether an answer is right
+    messages_system: str | None = None  # a system turn put before chat-messages prompts that have none
+
+    def messages(self, row: dict) -> list[dict]:
+        """The chat turns of a row: the task's system prompt and the question; or, for a prompt that is chat
+        messages, those messages (with task.system_prompt first when it is set and they have no system turn)."""
+        prompt = row["prompt"]
+        if isinstance(prompt, list):
+            head = [{"role": "system", "content": self.messages_system}] \
+                if self.messages_system and prompt[0]["role"] != "system" else []
+            return head + prompt
+        return [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": prompt}]
 
     def chat_prompt(self, tokenizer: PreTrainedTokenizerBase, row: dict, prefill: str) -> str:
-        messages = [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": row["prompt"]}]
+        """The text the model continues: the chat template applied to `messages`, then the prefill."""
+        messages = self.messages(row)
         try:
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as e:  # jinja raises from inside the model's own template
@@ -83,7 +95,8 @@ def build_task(cfg: TaskConfig) -> Task:
         held = dataset_rows(cfg.eval_source, cfg.prompt_column, cfg.answer_column) if cfg.eval_source else None
     if held is None:
         rows, held = _split(rows, cfg.num_eval, cfg.seed)
-    return Task(cfg.name, rows, held[: cfg.num_eval], cfg.system_prompt or FORMAT_PROMPT, "correctness")
+    return Task(cfg.name, rows, held[: cfg.num_eval], cfg.system_prompt or FORMAT_PROMPT, "correctness",
+                messages_system=cfg.system_prompt)
 
 
 # ---------------------------------------------------------------- prompt length
@@ -135,7 +148,7 @@ def _fit_split(task: Task, tokenizer: PreTrainedTokenizerBase, prefill: str, lim
     if long_prompts == "error":
         i = long[0]
         more = f"; {len(long) - 1} more {split} row(s) too" if len(long) > 1 else ""
-        raise UserError(f"{split} row {i + 1} (starts {rows[i]['prompt'][:30]!r}): the prompt is {lengths[i]} tokens, "
+        raise UserError(f"{split} row {i + 1} (starts {prompt_preview(rows[i]['prompt'])!r}): the prompt is {lengths[i]} tokens, "
                         f"over task.max_prompt_tokens={limit} (chat template, system prompt and prefill included)"
                         f"{more}: set task.long_prompts to truncate_left (keep the end of the question) or drop "
                         "(skip the row), or raise task.max_prompt_tokens")
@@ -145,6 +158,11 @@ def _fit_split(task: Task, tokenizer: PreTrainedTokenizerBase, prefill: str, lim
             raise UserError(f"no {split} row is left: every prompt is over task.max_prompt_tokens={limit} (the "
                             f"shortest is {min(lengths)} tokens); raise task.max_prompt_tokens or shorten the prompts")
         return kept
+    if any(isinstance(rows[i]["prompt"], list) for i in long):
+        i = next(i for i in long if isinstance(rows[i]["prompt"], list))
+        raise UserError(f"{split} row {i + 1}: the chat-messages prompt is {lengths[i]} tokens, over "
+                        f"task.max_prompt_tokens={limit}, and truncate_left cuts text prompts only: set "
+                        "task.long_prompts to drop, or raise task.max_prompt_tokens")
     cut = _truncate_left(task, tokenizer, prefill, limit, [rows[i] for i in long])
     out = list(rows)
     for i, row in zip(long, cut):

@@ -153,6 +153,38 @@ def prompt_text(value, source: str, row: int, column: str) -> str:
     return value
 
 
+ROLES = ("system", "user", "assistant")
+
+
+def prompt_value(value, source: str, row: int, column: str) -> str | list[dict]:
+    """A prompt cell: text, or chat messages [{"role": "system"|"user"|"assistant", "content": text}, ...] (as
+    JSON, parquet and `datasets` give them: a list of dicts; numpy arrays from pandas too) ending with a user
+    turn. Messages come back as plain {"role", "content"} dicts; anything else is a UserError naming the row."""
+    if hasattr(value, "tolist") and not isinstance(value, str):
+        value = value.tolist()
+    if not isinstance(value, list):
+        return prompt_text(value, source, row, column)
+    where = f"dataset {source!r} row {row}: {column!r}"
+    if not value:
+        raise UserError(f"{where} is an empty list: expected chat messages [{{\"role\": ..., \"content\": ...}}]")
+    out = []
+    for i, m in enumerate(value):
+        if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
+            raise UserError(f"{where} message {i + 1} is not {{\"role\": one of {list(ROLES)}, \"content\": text}} "
+                            f"(got {str(m)[:60]})")
+        out.append({"role": m["role"], "content": m["content"]})
+    if out[-1]["role"] != "user":
+        raise UserError(f"{where}: the last message is {out[-1]['role']!r}: expected a user turn (the model "
+                        "answers it; put an answer's opening in task.prefill)")
+    return out
+
+
+def prompt_preview(prompt: str | list[dict], n: int = 30) -> str:
+    """The start of a prompt for messages: its text, or a messages prompt's last user turn."""
+    text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+    return text[:n]
+
+
 def answer_text(value, source: str, row: int, column: str) -> str:
     """The reference answer of a row as text (numbers allowed: 4 -> '4'); UserError when it is missing."""
     if (missing := _missing(value)) is not None:
@@ -183,15 +215,32 @@ def gsm8k_rows(source: str) -> list[dict]:
     return out
 
 
+def is_verl_style(rows: list[dict], answer_column: str | None) -> bool:
+    """verl's RL data layout: a `reward_model` column of {"ground_truth": ..., "style": ...} (beside
+    `data_source`, `prompt` as chat messages and `extra_info`), and no answer column of its own."""
+    return bool(rows) and "reward_model" in rows[0] and (answer_column is None or answer_column not in rows[0])
+
+
 def dataset_rows(source: str, prompt_column: str, answer_column: str | None) -> list[dict]:
-    """Rows with 'prompt' (and 'answer' when answer_column is set); every other column is kept for rewards."""
+    """Rows with 'prompt' (text or chat messages) and 'answer' when answer_column is set; every other column
+    is kept for rewards. verl-style rows (`is_verl_style`) get `ground_truth` from reward_model.ground_truth
+    (as stored: what a verl compute_score expects) and 'answer' as its text."""
     rows = load_rows(source)
-    require_columns(rows, [prompt_column] + ([answer_column] if answer_column else []), source)
+    verl = is_verl_style(rows, answer_column)
+    require_columns(rows, [prompt_column] + ([answer_column] if answer_column and not verl else []), source)
     out = []
     for n, r in enumerate(rows, 1):
         row = dict(r)
-        row["prompt"] = prompt_text(row.pop(prompt_column), source, n, prompt_column)
-        if answer_column:
+        row["prompt"] = prompt_value(row.pop(prompt_column), source, n, prompt_column)
+        if verl:
+            rm = row.get("reward_model")
+            if not isinstance(rm, dict) or _missing(rm.get("ground_truth")) is not None:
+                raise UserError(f"dataset {source!r} row {n}: 'reward_model' has no ground_truth: expected "
+                                "{\"ground_truth\": ..., \"style\": \"rule\"} (verl's layout)")
+            gt = rm["ground_truth"]
+            row["ground_truth"] = gt.tolist() if hasattr(gt, "tolist") else gt
+            row["answer"] = answer_text(row["ground_truth"], source, n, "reward_model.ground_truth")
+        elif answer_column:
             row["answer"] = answer_text(row.pop(answer_column), source, n, answer_column)
         out.append(row)
     return out
