@@ -298,6 +298,16 @@ class TrainConfig(Section):
     rewards_timeout_s: float = Field(
         60.0, ge=0.01, description="Longest time one call of one reward function may take (seconds, at least 0.01)."
     )
+    max_tokens_per_micro_batch: int | None = Field(
+        None, ge=1, description="Micro-batches of the update (and of its no-grad forwards) by a token budget instead of "
+        "{grpo,ppo}.micro_batch_size: groups sorted longest first, packed while rows x (longest prompt + longest "
+        "completion) stays within it. An out-of-memory error halves it (from the failed micro-batch's size when "
+        "unset) and redoes the minibatch: same result, the normalisers are batch-wide; the new budget is kept, "
+        "logged (micro_batch_tokens) and saved in checkpoints.")
+    memory_probe: bool | Literal["auto"] = Field(
+        "auto", description="Before step 1, run a forward and backward of the largest micro-batch the run can meet "
+        "(longest prompt, max_new_tokens completions), so an out-of-memory error comes (and is backed off) in the "
+        "first minute, not at step 120. auto: on CUDA only (a CPU has no out-of-memory error to catch).")
     reward_workers: int = Field(
         0, ge=0, description="Run the synchronous reward functions (not reward models) in this many worker processes, "
         "each function's batch cut into as many slices: for slow CPU-bound scoring (math-verify). 0: in the "
@@ -376,7 +386,7 @@ class TrainConfig(Section):
         return self
 
 
-RESUMABLE_CHANGES = {"reward_workers", "steps", "save_every", "eval_every", "report_to", "log_completions_every", "project", "run_name", "save_merged", "save_total_limit", "max_nonfinite_steps",
+RESUMABLE_CHANGES = {"reward_workers", "memory_probe", "steps", "save_every", "eval_every", "report_to", "log_completions_every", "project", "run_name", "save_merged", "save_total_limit", "max_nonfinite_steps",
                      "rewards_timeout_s", "threads", "output_dir", "eval", "distributed"}
 
 

@@ -21,6 +21,7 @@ from grouprl.entropy import select_tokens
 from grouprl.learner import run_minibatches, sequence_logprobs, shuffle_seed
 from grouprl.logprobs import attention, forward_groups, pick_layout
 from grouprl.losses import EntropyControl, Normaliser, grpo_loss
+from grouprl.microbatch import Budget
 from grouprl.models import Reference, trainable_parameters
 from grouprl.optim import Optim, make_optimizer
 from grouprl.rollout import Rollout
@@ -55,12 +56,14 @@ def grpo_update(
     layout: str = "shared",
     seed: int = 0,
     entropy: EntropyConfig = EntropyConfig(),
+    budget: Budget | None = None,
 ) -> UpdateStats:
     """Run mu x minibatches optimizer steps on the batch. adv: (N,). Returns token-weighted means.
 
     Rows come in groups of G that share a prompt; minibatches and micro-batches are made of whole groups.
     seed: the minibatch shuffle's (see run_minibatches) and clip_cov's draw. entropy: the bonus and the
     covariance remedy, whose tokens are picked from pi_old over the whole batch (so pi_old is computed).
+    budget: micro-batches by tokens, halved on out-of-memory (microbatch.py).
     """
     mask = rollout.completion_mask.clone()  # (N, C)
     adv = adv.to(mask.device)  # rewards are scored on the CPU
@@ -73,13 +76,13 @@ def grpo_update(
     policy.eval()  # pi_old and pi_ref without dropout
     old_logp = None
     if cfg.mu > 1 or cfg.minibatches > 1 or entropy.remedy != "none":  # pi_old: before this step's first update
-        old_logp = sequence_logprobs(policy, rollout, per_micro, layout)
+        old_logp = sequence_logprobs(policy, rollout, per_micro, layout, budget)
     selected = None if old_logp is None else select_tokens(
         entropy.remedy, old_logp, adv, mask, ratio=entropy.cov_ratio, bounds=entropy.clip_cov_bounds, seed=seed)
     ref_logp = None
     if reference is not None and cfg.beta > 0:
         with reference.active() as ref_model:
-            ref_logp = sequence_logprobs(ref_model, rollout, per_micro, layout)
+            ref_logp = sequence_logprobs(ref_model, rollout, per_micro, layout, budget)
     policy.train()
     prep_time = time.perf_counter() - t0
 
@@ -97,7 +100,7 @@ def grpo_update(
 
     p = run_minibatches(rollout, mask, epochs=cfg.mu, minibatches=cfg.minibatches,
                         micro_batch_size=cfg.micro_batch_size, max_len=max_new_tokens, optims=[optim],
-                        models=[policy], micro_step=micro_step, shuffle_seed=seed)
+                        models=[policy], micro_step=micro_step, shuffle_seed=seed, budget=budget)
     if p.steps == 0:
         return UpdateStats(prep_time=prep_time, nonfinite_steps=p.nonfinite)
     s, tokens = p.sums, max(p.sums["tokens"], 1.0)
@@ -131,6 +134,7 @@ class GRPO:
         self.trainable_parameters = trainable_parameters(policy)
         self.resamples_flat_groups = cfg.grpo.dynamic_sampling
         self.max_sampling_rounds = cfg.grpo.max_sampling_rounds
+        self.budget = Budget(cfg.max_tokens_per_micro_batch)
 
     @staticmethod
     def resume_problem(cfg: TrainConfig, step: int) -> str | None:
@@ -149,12 +153,13 @@ class GRPO:
         adv = ADVANTAGES[c.grpo.advantage](score, rollout.group_size, c.grpo.eps_std)  # (N,)
         upd = grpo_update(self.policy, self.reference, self.optim, rollout, adv, c.grpo,
                           max_new_tokens=c.rollout.max_new_tokens, layout=self.layout,
-                          seed=shuffle_seed(c.seed, step), entropy=c.entropy)
+                          seed=shuffle_seed(c.seed, step), entropy=c.entropy, budget=self.budget)
         if self.reference is not None and c.grpo.ref_refresh_steps and step % c.grpo.ref_refresh_steps == 0:
             self.reference.refresh(self.policy)
         metrics = {"kl": upd.kl, "clip_frac": upd.clip_frac, "ratio": upd.ratio, "entropy": upd.entropy,
                    "entropy_remedied": upd.remedied, "loss": upd.loss, "grad_norm": upd.grad_norm, "prep_time": upd.prep_time,
-                   "nonfinite_steps": upd.nonfinite_steps, "lr": self.optim.lr()}
+                   "nonfinite_steps": upd.nonfinite_steps, "lr": self.optim.lr(),
+                   **self.budget.metrics()}
         return {k: v for k, v in metrics.items() if v is not None}, adv
 
     def console(self, m: dict[str, float]) -> str:
@@ -166,14 +171,15 @@ class GRPO:
         return {"policy": (self.policy, self.optim)}
 
     def state(self) -> dict:
-        return {}
+        return {"micro_batch_tokens": self.budget.tokens}
 
     def export(self, folder: Path) -> None:
         pass
 
     def load(self, state: dict) -> None:
         """After the trained weights and optimizer are restored: a reference refreshed every K steps was
-        refreshed at exactly this step (see resume_problem)."""
+        refreshed at exactly this step (see resume_problem); a token budget that out-of-memory errors lowered."""
+        self.budget.tokens = state.get("micro_batch_tokens", self.budget.tokens)
         if self.reference is not None and self.cfg.grpo.ref_refresh_steps:
             self.reference.refresh(self.policy)
 

@@ -24,6 +24,7 @@ from torch import Tensor
 from grouprl.distributed import all_reduce_sum, any_rank, no_grad_sync, shard, sum_floats, world_size
 from grouprl.logprobs import forward_groups, group_rows
 from grouprl.losses import Normaliser
+from grouprl.microbatch import Budget, free_memory, largest_group, padded_tokens
 from grouprl.optim import Optim
 from grouprl.rollout import Rollout
 
@@ -38,6 +39,7 @@ class Learner(Protocol):
     summary_keys: list[str]  # metrics of its own for the run summary table
     resamples_flat_groups: bool  # dynamic sampling: groups with equal rewards are dropped and refilled
     max_sampling_rounds: int
+    budget: Budget  # the micro-batches' token budget (microbatch.py)
 
     def update(self, rollout: Rollout, score: Tensor, step: int) -> tuple[dict[str, float], Tensor]:
         """One training step on a scored batch (score: (N,)); returns its metrics and an advantage per
@@ -83,39 +85,69 @@ class Passes:
 MicroStep = Callable[[Tensor, Normaliser], tuple[Tensor, dict[str, float]]]
 
 
-def my_micro_batches(groups: Tensor, per_micro: int) -> list[Tensor | None]:
-    """This rank's contiguous share of `groups` (group indices), in micro-batches of per_micro groups, padded
-    with None to as many micro-batches as the rank with the largest share has: every rank must run as
-    many forwards (each is a collective under FSDP2) and end on a synchronising backward (DDP)."""
-    lo, hi = shard(len(groups))
-    mine = list(groups[lo:hi].split(per_micro)) if hi > lo else []
-    largest = -(-len(groups) // world_size())  # shares differ by at most one group
-    return mine + [None] * (-(-largest // per_micro) - len(mine))
+def my_micro_batches(groups: Tensor, per_micro: int, rollout: Rollout | None = None,
+                     budget: Budget | None = None) -> list[Tensor | None]:
+    """This rank's contiguous share of `groups` (group indices), in micro-batches of per_micro groups (or by
+    the token budget, see microbatch.py), padded with None to as many micro-batches as the rank with the most
+    has: every rank must run as many forwards (each is a collective under FSDP2) and end on a synchronising
+    backward (DDP). Every rank plans every share, so the count needs no communication."""
+    n, w = len(groups), world_size()
+    if budget is None or rollout is None:
+        budget, rollout = Budget(), None  # no budget: by per_micro
+    lo, hi = shard(n)
+    mine = budget.plan(rollout, groups[lo:hi], per_micro) if hi > lo else []
+    most = max(len(budget.plan(rollout, groups[r * n // w:(r + 1) * n // w], per_micro)) for r in range(w))
+    return mine + [None] * (most - len(mine))
+
+
+def with_backoff(budget: Budget | None, rollout: Rollout, groups: Tensor, per_micro: int,
+                 models: list[torch.nn.Module], run):
+    """run() (forwards and backwards over `groups`, micro-batched by `budget`), run again with half the budget
+    after an out-of-memory error (one process only; see microbatch.py). run must start from scratch each time
+    (no optimizer step inside)."""
+    while True:
+        try:
+            return run()
+        except torch.OutOfMemoryError:
+            if budget is None or world_size() > 1:
+                raise
+            tried = max(padded_tokens(rollout, mb) for mb in budget.plan(rollout, groups, per_micro))
+            free_memory(models)
+            budget.halve(tried, largest_group(rollout, groups))
 
 
 @torch.no_grad()
 def no_grad_rows(num_sequences: int, group_size: int, groups_per_micro: int,
-                 compute: Callable[[Tensor], dict[str, Tensor]]) -> dict[str, Tensor]:
+                 compute: Callable[[Tensor], dict[str, Tensor]], rollout: Rollout | None = None,
+                 budget: Budget | None = None) -> dict[str, Tensor]:
     """(N, C) tensors of every sequence, computed without gradients: each rank runs compute(rows) on its
     share of the groups, and the shares are summed over ranks (zeros elsewhere). A rank with fewer
-    micro-batches runs the first group again and drops the result, to match the others' forwards."""
-    out: dict[str, Tensor] = {}
-    for groups in my_micro_batches(torch.arange(num_sequences // group_size), groups_per_micro):
-        part = compute(group_rows(groups if groups is not None else torch.arange(1), group_size))
-        for k, v in part.items():
-            if k not in out:
-                out[k] = torch.zeros((num_sequences, *v.shape[1:]), dtype=v.dtype, device=v.device)
-            if groups is not None:
-                out[k][group_rows(groups, group_size)] = v
+    micro-batches runs the first group again and drops the result, to match the others' forwards.
+    With a rollout and a budget: micro-batches by the token budget, halved on out-of-memory."""
+    groups_all = torch.arange(num_sequences // group_size)
+
+    def run() -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for groups in my_micro_batches(groups_all, groups_per_micro, rollout, budget):
+            part = compute(group_rows(groups if groups is not None else torch.arange(1), group_size))
+            for k, v in part.items():
+                if k not in out:
+                    out[k] = torch.zeros((num_sequences, *v.shape[1:]), dtype=v.dtype, device=v.device)
+                if groups is not None:
+                    out[k][group_rows(groups, group_size)] = v
+        return out
+
+    out = run() if rollout is None else with_backoff(budget, rollout, groups_all, groups_per_micro, [], run)
     for v in out.values():
         all_reduce_sum(v)
     return out
 
 
-def sequence_logprobs(model, rollout: Rollout, groups_per_micro: int, layout: str) -> Tensor:
+def sequence_logprobs(model, rollout: Rollout, groups_per_micro: int, layout: str,
+                      budget: Budget | None = None) -> Tensor:
     """(N, C) logp of every completion token under `model`, without gradients."""
     return no_grad_rows(len(rollout.completions), rollout.group_size, groups_per_micro, lambda rows: {
-        "logp": forward_groups(model, rollout, rows, layout=layout).logp})["logp"]
+        "logp": forward_groups(model, rollout, rows, layout=layout).logp}, rollout, budget)["logp"]
 
 
 def run_minibatches(
@@ -130,6 +162,7 @@ def run_minibatches(
     models: list[torch.nn.Module],
     micro_step: MicroStep,
     shuffle_seed: int = 0,
+    budget: Budget | None = None,
 ) -> Passes:
     """epochs x minibatches optimizer steps over the batch, each accumulated over micro-batches.
 
@@ -139,7 +172,8 @@ def run_minibatches(
     In one process it is not called on micro-batches with no token to learn from.
     models: the (wrapped) modules trained, whose gradients are synchronised on the last micro-batch.
     shuffle_seed: minibatches > 1 draw their groups from a generator seeded with it (plus the epoch), the
-    same on every rank.
+    same on every rank. budget: micro-batches by a token budget, a minibatch run again with half of it after
+    an out-of-memory error (microbatch.py).
 
     Under torchrun each rank runs its share of every minibatch (`my_micro_batches`); the loss is scaled by
     the world size because DDP and FSDP2 average gradients over ranks, and the statistics and the
@@ -158,23 +192,28 @@ def run_minibatches(
             norm = Normaliser.of(mask[group_rows(mini, g)], max_len)
             if norm.num_tokens == 0:
                 continue  # nothing to learn from in this minibatch: no step (it would only be momentum)
-            for o in optims:
-                o.optimizer.zero_grad(set_to_none=True)
-            finite, sums = True, {}
-            passes = my_micro_batches(mini, per_micro)
-            for k, groups in enumerate(passes):
-                filler = groups is None or mask[group_rows(groups, g)].sum() == 0
-                if filler and world == 1:
-                    continue  # every completion here is masked: no gradient to take
-                rows = group_rows(groups if groups is not None else mini[:1], g)
-                with no_grad_sync(models, sync=k == len(passes) - 1):
-                    loss, stats = micro_step(rows, norm)
-                    if filler:  # a pass only to keep step with the other ranks: it adds nothing
-                        loss, stats = loss * 0.0, dict.fromkeys(stats, 0.0)
-                    finite &= bool(torch.isfinite(loss.detach()))
-                    (loss * world).backward()
-                for key, v in stats.items():
-                    sums[key] = sums.get(key, 0.0) + v
+
+            def accumulate(mini=mini, norm=norm) -> tuple[bool, dict[str, float]]:
+                for o in optims:
+                    o.optimizer.zero_grad(set_to_none=True)
+                finite, sums = True, {}
+                passes = my_micro_batches(mini, per_micro, rollout, budget)
+                for k, groups in enumerate(passes):
+                    filler = groups is None or mask[group_rows(groups, g)].sum() == 0
+                    if filler and world == 1:
+                        continue  # every completion here is masked: no gradient to take
+                    rows = group_rows(groups if groups is not None else mini[:1], g)
+                    with no_grad_sync(models, sync=k == len(passes) - 1):
+                        loss, stats = micro_step(rows, norm)
+                        if filler:  # a pass only to keep step with the other ranks: it adds nothing
+                            loss, stats = loss * 0.0, dict.fromkeys(stats, 0.0)
+                        finite &= bool(torch.isfinite(loss.detach()))
+                        (loss * world).backward()
+                    for key, v in stats.items():
+                        sums[key] = sums.get(key, 0.0) + v
+                return finite, sums
+
+            finite, sums = with_backoff(budget, rollout, mini, per_micro, models, accumulate)
             sums = sum_floats(sums, mask.device)
             norms = [_total_norm(torch.nn.utils.clip_grad_norm_(o.params, o.max_grad_norm)) for o in optims]
             if any_rank(not finite, mask.device) or not all(math.isfinite(n) for n in norms):
@@ -195,3 +234,20 @@ def run_minibatches(
 def _total_norm(norm: Tensor) -> float:
     """clip_grad_norm_'s total norm as a float (under FSDP2 a replicated DTensor)."""
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def probe_memory(policy: torch.nn.Module, rollout: Rollout, budget: Budget, groups_per_micro: int, layout: str,
+                 entropy_grad: bool) -> None:
+    """A forward and backward of the largest micro-batch of `rollout` (the longest batch the run can meet),
+    its gradients dropped after: an out-of-memory error now halves the budget (with_backoff) before any step."""
+    groups = torch.arange(len(rollout.input_ids) // rollout.group_size)
+
+    def run() -> None:
+        first = my_micro_batches(groups, groups_per_micro, rollout, budget)[0]
+        rows = group_rows(first if first is not None else groups[:1], rollout.group_size)
+        out = forward_groups(policy, rollout, rows, with_entropy="grad" if entropy_grad else False, layout=layout)
+        loss = out.logp.sum() + (out.entropy.sum() if entropy_grad else 0.0)
+        loss.backward()
+
+    with_backoff(budget, rollout, groups, groups_per_micro, [policy], run)
+    free_memory([policy])

@@ -253,8 +253,40 @@ class TokenPasses:
 PASSES = TokenPasses()
 
 
+def trimmed(rollout: Rollout, rows: Tensor) -> Rollout:
+    """The rows of the rollout without the columns that are padding in every one of them (left of the
+    longest prompt, right of the longest completion): the same forward, fewer tokens. Outputs come back to
+    the rollout's width through `widen`."""
+    p = rollout.prompt_len
+    att = rollout.attention_mask[rows]
+    p0 = int(att[:, :p].any(0).float().argmax())  # the first column that holds a prompt token of some row
+    c = max(1, int(att[:, p:].sum(1).max()))
+    return rollout._replace(input_ids=rollout.input_ids[rows, p0:p + c], attention_mask=att[:, p0:p + c],
+                            completion_mask=rollout.completion_mask[rows, :c], truncated=rollout.truncated[rows],
+                            completions=[], prompt_index=[], logprobs=None)
+
+
+def widen(out: TokenLogprobs, width: int) -> TokenLogprobs:
+    """Outputs of a trimmed forward, (n, c, ...) zero-padded on the right to (n, width, ...)."""
+    def pad(x: Tensor | None) -> Tensor | None:
+        if x is None or x.shape[1] == width:
+            return x
+        return torch.cat([x, x.new_zeros(x.shape[0], width - x.shape[1], *x.shape[2:])], 1)
+    return TokenLogprobs(pad(out.logp), pad(out.entropy), pad(out.hidden))
+
+
 def forward_groups(model, rollout: Rollout, rows: Tensor, with_entropy: bool | str = False, layout: str = "shared",
                    with_logp: bool = True, with_hidden: bool = False) -> TokenLogprobs:
+    """As `_forward_groups`, on the rows with their all-padding columns cut off (`trimmed`), the outputs
+    padded back to the rollout's completion width."""
+    sub = trimmed(rollout, rows)
+    out = _forward_groups(model, sub, torch.arange(len(rows), device=rows.device), with_entropy, layout, with_logp,
+                          with_hidden)
+    return widen(out, rollout.completion_len)
+
+
+def _forward_groups(model, rollout: Rollout, rows: Tensor, with_entropy: bool | str = False, layout: str = "shared",
+                    with_logp: bool = True, with_hidden: bool = False) -> TokenLogprobs:
     """Log-probs (n, C) at the rollout's temperature (and optionally hidden states (n, C, H)) of the
     completions in `rows` (whole groups, from group_rows). with_entropy: True for the entropy as a metric,
     "grad" for an entropy that the loss differentiates (an entropy bonus). layout: 'shared' runs each prompt once per group;

@@ -32,7 +32,8 @@ from grouprl.evaluate import evaluate_while_training
 from grouprl.trackers import check as check_trackers
 from grouprl.grpo import GRPO
 from grouprl.guard import LOCK_FILE, RunLock, StopSignals, reward_files
-from grouprl.learner import Learner
+from grouprl.learner import Learner, probe_memory
+from grouprl.rollout import Rollout
 from grouprl.logprobs import PASSES, attention
 from grouprl.metrics import MetricsLog, Silent, read_metrics, truncate_jsonl
 from grouprl.models import context_length, load_policy, load_tokenizer, resolve_model_path
@@ -308,6 +309,8 @@ def _train_with(cfg: TrainConfig, console: Console, out: Path, start: float, loc
         return save_checkpoint(path, learner.policy, tokenizer, cfg, state, learner.trained(), cfg.save_merged,
                                learner.export)
 
+    if cfg.memory_probe is True or (cfg.memory_probe == "auto" and device.type == "cuda"):
+        _probe(cfg, learner, tokenizer, task, device, console)
     bad_streak = 0
     try:
         with _progress(console, learner.name) as bar:
@@ -358,6 +361,10 @@ def _train_with(cfg: TrainConfig, console: Console, out: Path, start: float, loc
                                           if k.startswith(("eval/pass@", "eval/maj@")))
                                       + f"  ({ev['problems']} problems, {ev['seconds']:.0f}s)  best "
                                       f"{best[0]:.1%} at step {best[1]}" + ("  -> best/" if better else ""))
+                if m.get("oom_backoffs"):
+                    bar.console.print(f"[yellow]warning:[/] step {step}: out of memory; the micro-batch budget was halved "
+                                      f"{m['oom_backoffs']:.0f} time(s) to {m['micro_batch_tokens']:.0f} tokens and the "
+                                      "work redone with it (same result); kept for the rest of the run")
                 bar.update(job, advance=1, info=f"reward {m['reward']:.2f}")
                 bad_streak = bad_streak + 1 if upd.get("nonfinite_steps") else 0
                 if bad_streak:
@@ -388,6 +395,32 @@ def _train_with(cfg: TrainConfig, console: Console, out: Path, start: float, loc
                          out / "best" if best is not None else None)
     console.print(summary_table(result, rewards.names, learner))
     return result
+
+
+def _probe(cfg: TrainConfig, learner: Learner, tokenizer, task: Task, device: torch.device, console: Console) -> None:
+    """memory_probe: the update's forward and backward on the longest batch the run can meet (the longest
+    prompt, every completion max_new_tokens long), before step 1 (see learner.probe_memory)."""
+    from grouprl.tasks import token_lengths
+
+    texts = [task.chat_prompt(tokenizer, r, cfg.task.prefill) for r in task.train]
+    longest = texts[max(range(len(texts)), key=token_lengths(tokenizer, texts).__getitem__)]
+    ids = tokenizer(longest, add_special_tokens=False, return_tensors="pt").input_ids.to(device)  # (1, P)
+    g, n = cfg.rollout.group_size, cfg.rollout.prompts_per_step * cfg.rollout.group_size
+    c = cfg.rollout.max_new_tokens
+    completion = ids[:, -1:].repeat(n, c)  # any tokens: only the shape matters
+    rollout = Rollout(input_ids=torch.cat([ids.repeat(n, 1), completion], 1),
+                      attention_mask=torch.ones(n, ids.shape[1] + c, dtype=torch.long, device=device),
+                      completion_mask=torch.ones(n, c, device=device), truncated=torch.ones(n, dtype=torch.bool),
+                      completions=[""] * n, prompt_index=[i // g for i in range(n)], group_size=g,
+                      temperature=cfg.rollout.temperature)
+    micro = cfg.grpo.micro_batch_size if cfg.algo == "grpo" else cfg.ppo.micro_batch_size
+    budget = learner.budget
+    before = budget.tokens
+    probe_memory(learner.policy, rollout, budget, max(1, micro // g), learner.layout, cfg.entropy.coef > 0)
+    budget.backoffs = 0  # said here, not as step 1's
+    if budget.tokens != before:
+        console.print(f"[yellow]memory probe:[/] out of memory on the longest batch ({ids.shape[1]} prompt + {c} "
+                      f"completion tokens); micro-batches now hold at most {budget.tokens} tokens")
 
 
 def best_eval(history: list[dict]) -> tuple[float, int] | None:

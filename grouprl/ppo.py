@@ -26,6 +26,7 @@ from grouprl.distributed import wrap
 from grouprl.entropy import select_tokens
 from grouprl.learner import no_grad_rows, run_minibatches, sequence_logprobs, shuffle_seed
 from grouprl.logprobs import attention, forward_groups, pick_layout
+from grouprl.microbatch import Budget
 from grouprl.losses import EntropyControl, Normaliser, explained_variance, ppo_policy_loss, value_loss
 from grouprl.models import Reference
 from grouprl.optim import Optim, make_optimizer
@@ -80,6 +81,7 @@ def ppo_update(
     train_policy: bool = True,
     seed: int = 0,
     entropy: EntropyConfig = EntropyConfig(),
+    budget: Budget | None = None,
 ) -> tuple[PPOStepStats, Tensor]:
     """One PPO step on a scored batch. score: (N,) sequence rewards. Returns the stats and the advantages
     (N, C) (whitened when configured). seed: the minibatch shuffle's (see run_minibatches) and clip_cov's
@@ -98,12 +100,12 @@ def ppo_update(
         out = forward_groups(policy, rollout, rows, layout=layout, with_hidden=critic.shared)
         return {"logp": out.logp, "values": critic.values(rollout, rows, layout, out)}
 
-    old = no_grad_rows(mask.shape[0], g, per_micro, behaviour)
+    old = no_grad_rows(mask.shape[0], g, per_micro, behaviour, rollout, budget)
     old_logp, old_values = old["logp"], old["values"]  # (N, C) each
     ref_logp = None
     if reference is not None and kl_coef > 0:
         with reference.active() as ref_model:
-            ref_logp = sequence_logprobs(ref_model, rollout, per_micro, layout)
+            ref_logp = sequence_logprobs(ref_model, rollout, per_micro, layout, budget)
     prep_time = time.perf_counter() - t0
 
     # 2-3. KL-shaped rewards, GAE, whitening
@@ -148,7 +150,7 @@ def ppo_update(
     p = run_minibatches(rollout, mask, epochs=cfg.epochs, minibatches=cfg.minibatches,
                         micro_batch_size=cfg.micro_batch_size, max_len=max_new_tokens, optims=optims,
                         models=([policy] if train_policy else []) + critic.modules(), micro_step=micro_step,
-                        shuffle_seed=seed)
+                        shuffle_seed=seed, budget=budget)
     s, steps, tokens = p.sums, max(p.steps, 1), max(p.sums.get("tokens", 0.0), 1.0)
     stats.nonfinite_steps, stats.update_steps = p.nonfinite, p.steps
     stats.loss, stats.value_loss = s.get("loss", 0.0) / steps, s.get("value_loss", 0.0) / steps
@@ -162,7 +164,7 @@ def ppo_update(
     if cfg.critic.epochs is not None and cfg.critic.epochs > cfg.epochs:  # then the critic alone, same batch
         v = run_minibatches(rollout, mask, epochs=cfg.critic.epochs - cfg.epochs, minibatches=cfg.minibatches,
                             micro_batch_size=cfg.micro_batch_size, max_len=max_new_tokens, optims=[critic_optim],
-                            models=critic.modules(), shuffle_seed=seed + cfg.epochs,
+                            models=critic.modules(), shuffle_seed=seed + cfg.epochs, budget=budget,
                             micro_step=lambda rows, norm: micro_step(rows, norm, with_policy=False))
         stats.nonfinite_steps += v.nonfinite
         stats.update_steps += v.steps
@@ -202,6 +204,7 @@ class PPO:
         self.policy = wrap(policy, cfg.distributed)
         self.critic.wrap(self.policy, cfg.distributed)
         self.kl_coef = cfg.ppo.kl_coef
+        self.budget = Budget(cfg.max_tokens_per_micro_batch)
         critic_params = self.critic.parameters()
         own = {id(p) for p in critic_params}  # an adapter critic's weights sit in the policy's model
         params = [p for p in self.policy.parameters() if p.requires_grad and id(p) not in own]
@@ -219,13 +222,15 @@ class PPO:
         s, adv = ppo_update(
             self.policy, self.critic, self.reference, self.policy_optim, self.critic_optim, rollout, score, c.ppo,
             kl_coef=kl_coef, max_new_tokens=c.rollout.max_new_tokens, layout=self.layout,
-            train_policy=step > c.ppo.critic_warmup_steps, seed=shuffle_seed(c.seed, step), entropy=c.entropy)
+            train_policy=step > c.ppo.critic_warmup_steps, seed=shuffle_seed(c.seed, step), entropy=c.entropy,
+            budget=self.budget)
         if c.ppo.kl_target is not None and self.reference is not None:
             self.kl_coef = adaptive_kl_coef(kl_coef, s.kl_seq, c.ppo.kl_target, c.ppo.kl_horizon, len(score))
         mask = rollout.completion_mask
         seq_adv = (adv * mask).sum(1) / mask.sum(1).clamp(min=1)
         metrics = {k: float(v) for k, v in vars(s).items()} | {
             "kl_coef": kl_coef, "lr": self.policy_optim.lr(), "critic_lr": self.critic_optim.lr(),
+            **self.budget.metrics(),
         }
         if c.ppo.critic.epochs is None or c.ppo.critic.epochs <= c.ppo.epochs:
             del metrics["value_loss_last"]
@@ -250,13 +255,15 @@ class PPO:
         return {"policy": (self.policy, self.policy_optim), "critic": (self.critic.container(), self.critic_optim)}
 
     def state(self) -> dict:
-        return {"kl_coef": self.kl_coef}
+        return {"kl_coef": self.kl_coef, "micro_batch_tokens": self.budget.tokens}
 
     def export(self, folder: Path) -> None:
         self.critic.save(folder)
 
     def load(self, state: dict) -> None:
-        """The KL coefficient where the adaptive controller had moved it."""
+        """The KL coefficient where the adaptive controller had moved it; a token budget that out-of-memory
+        errors lowered."""
+        self.budget.tokens = state.get("micro_batch_tokens", self.budget.tokens)
         if self.cfg.ppo.kl_target is not None:
             self.kl_coef = state["kl_coef"]
 
