@@ -232,7 +232,7 @@ def eval_(
         metrics, samples = evaluate(
             net, tok, task, rows, prefill=cfg.task.prefill,
             max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, k=k or cfg.eval.k,
-            temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size,
+            temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size, correctness=cfg.eval.reward,
         )
     except UserError as e:
         _fail(e)

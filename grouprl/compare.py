@@ -252,6 +252,7 @@ def evaluate_checkpoint(model: str, cfg: TrainConfig, num: int, cache: Path) -> 
         "model": model, "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
         "task": cfg.task.model_dump_json(), "problems": len(rows), "max_new_tokens": max_new_tokens,
         "batch_size": cfg.eval.batch_size, "dtype": cfg.model.dtype, "device": cfg.model.device, "version": 2,
+        **({"reward": cfg.eval.reward} if cfg.eval.reward else {}),  # absent when unset: older caches stay valid
     }))
     if cache.is_file():
         cached = json.loads(cache.read_text())
@@ -267,7 +268,7 @@ def evaluate_checkpoint(model: str, cfg: TrainConfig, num: int, cache: Path) -> 
     net, tok = load_for_inference(model, cfg.model)
     torch.manual_seed(cfg.seed)
     metrics, samples = evaluate(net, tok, task, rows, prefill=cfg.task.prefill, max_new_tokens=max_new_tokens,
-                                batch_size=cfg.eval.batch_size)
+                                batch_size=cfg.eval.batch_size, correctness=cfg.eval.reward)
     result = {"model": model, "problems": len(rows), **metrics,
               "correct": [int(s["correct"] > 0) for s in samples], "completions": [s["completion"] for s in samples],
               "key": key}

@@ -265,6 +265,10 @@ class EvalConfig(Section):
     temperature: float = Field(0.8, gt=0, description="Sampling temperature for pass@k / maj@k.")
     max_new_tokens: int | None = Field(None, ge=1, description="Default: rollout.max_new_tokens.")
     batch_size: int = Field(64, ge=1, description="Prompts per generate call.")
+    reward: str | None = Field(
+        None, description="The reward that decides whether an answer is right (a reward name as in rewards; 1 = right, "
+        "its mean is the accuracy); default: the task's correctness (the answer inside <answer> tags). For "
+        "verl-style data, e.g. 'verl:my_scores.py:compute_score'.")
 
 
 class DistributedConfig(Section):
@@ -377,10 +381,12 @@ class TrainConfig(Section):
         if self.model.gradient_checkpointing and self.model.update_layout == "shared":
             raise ValueError("model.update_layout=shared cannot run with model.gradient_checkpointing (a recomputed "
                              "block would append the shared prompt's cache twice): use padded, packed or auto")
-        if (self.algo == "grpo" and self.entropy.remedy == "kl_cov" and self.grpo.mu == 1
-                and self.grpo.minibatches == 1):
-            raise ValueError("entropy.remedy=kl_cov needs off-policy passes (grpo.mu > 1 or grpo.minibatches > 1): on "
-                             "the one on-policy pass rho = 1 and its |log rho| penalty has no gradient; use clip_cov")
+        passes = (self.grpo.mu * self.grpo.minibatches if self.algo == "grpo"
+                  else self.ppo.epochs * self.ppo.minibatches)
+        if self.entropy.remedy == "kl_cov" and passes == 1:
+            names = "grpo.mu > 1 or grpo.minibatches > 1" if self.algo == "grpo" else "ppo.epochs > 1 or ppo.minibatches > 1"
+            raise ValueError(f"entropy.remedy=kl_cov needs off-policy passes ({names}): on the one on-policy pass "
+                             "rho = 1 and its |log rho| penalty has no gradient; use clip_cov")
         if self.grpo.ref_refresh_steps and self.model.lora.enabled:
             raise ValueError("grpo.ref_refresh_steps needs full fine-tuning: under LoRA the reference is the frozen base")
         return self

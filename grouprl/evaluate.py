@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from grouprl.distributed import agree_errors, first_line, gather_objects, gathered, shard, world_size
 from grouprl.errors import UserError
-from grouprl.rewards import BUILTIN, answer_anywhere, call_reward, extract_answer, strict_format
+from grouprl.rewards import RewardSet, answer_anywhere, extract_answer, strict_format
 from grouprl.rollout import generate
 from grouprl.tasks import Task
 
@@ -35,10 +35,24 @@ def evaluate(
     batch_size: int = 64,
     on_batch: Callable[[int], None] | None = None,
     engine: str = "auto",
+    correctness: str | None = None,
 ) -> tuple[dict, list[dict]]:
     """Returns (metrics, samples). Metrics: format_rate, accuracy, answer_anywhere, mean_length_chars and,
-    when k > 1, pass@k and maj@k over k samples at `temperature`. engine: what samples (engines.pick)."""
-    correct_fn = BUILTIN[task.correctness]
+    when k > 1, pass@k and maj@k over k samples at `temperature`. engine: what samples (engines.pick).
+    correctness: the reward (any reward name, 1 = right) whose mean is the accuracy; default the task's."""
+    scorer = RewardSet([(correctness or task.correctness, 1.0)])
+    try:
+        return _evaluate(model, tokenizer, task, rows, prefill, max_new_tokens, k, temperature, batch_size, on_batch,
+                         engine, scorer)
+    finally:
+        scorer.close()
+
+
+def _evaluate(model, tokenizer, task, rows, prefill, max_new_tokens, k, temperature, batch_size, on_batch, engine,
+              scorer: RewardSet) -> tuple[dict, list[dict]]:
+    def call_reward(_name, _fn, prompts, completions, columns):
+        return scorer.score(prompts, completions, columns)[0][:, 0].tolist()
+    correct_fn = None
     prompts = [task.chat_prompt(tokenizer, r, prefill) for r in rows]
     columns = {key: [r.get(key) for r in rows] for key in rows[0] if key != "prompt"}
     start = time.perf_counter()
@@ -106,7 +120,8 @@ def evaluate_while_training(policy, tokenizer, task: Task, cfg, step: int, devic
                 metrics, _ = evaluate(model, tokenizer, task, rows[lo:hi], prefill=cfg.task.prefill,
                                       max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
                                       k=cfg.eval.k, temperature=cfg.eval.temperature,
-                                      batch_size=cfg.eval.batch_size, engine=cfg.rollout.engine)
+                                      batch_size=cfg.eval.batch_size, engine=cfg.rollout.engine,
+                                      correctness=cfg.eval.reward)
     except Exception as e:  # noqa: BLE001  (one rank's fault must not leave the others in the gather below)
         if world_size() == 1:
             raise

@@ -89,7 +89,8 @@ def grpo_update(
     def micro_step(rows: Tensor, norm: Normaliser) -> tuple[Tensor, dict[str, float]]:
         m = mask[rows]
         out = forward_groups(policy, rollout, rows, with_entropy="grad" if entropy.coef else True, layout=layout)
-        old = old_logp[rows] if old_logp is not None else out.logp.detach()
+        on_policy = cfg.mu == 1 and cfg.minibatches == 1  # pi_old is this forward's own logp (old_logp: selection only)
+        old = out.logp.detach() if on_policy or old_logp is None else old_logp[rows]
         ref = ref_logp[rows] if ref_logp is not None else None
         control = EntropyControl(entropy.remedy, None if selected is None else selected[rows], entropy.kl_cov_coef,
                                  entropy.coef, out.entropy)

@@ -106,6 +106,7 @@ def with_backoff(budget: Budget | None, rollout: Rollout, groups: Tensor, per_mi
     after an out-of-memory error (one process only; see microbatch.py). run must start from scratch each time
     (no optimizer step inside)."""
     while True:
+        rng = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
         try:
             return run()
         except torch.OutOfMemoryError:
@@ -114,6 +115,9 @@ def with_backoff(budget: Budget | None, rollout: Rollout, groups: Tensor, per_mi
             tried = max(padded_tokens(rollout, mb) for mb in budget.plan(rollout, groups, per_micro))
             free_memory(models)
             budget.halve(tried, largest_group(rollout, groups))
+            torch.set_rng_state(rng[0])  # the retry draws the dropout masks the failed attempt drew
+            if rng[1] is not None:
+                torch.cuda.set_rng_state_all(rng[1])
 
 
 @torch.no_grad()
@@ -249,5 +253,11 @@ def probe_memory(policy: torch.nn.Module, rollout: Rollout, budget: Budget, grou
         loss = out.logp.sum() + (out.entropy.sum() if entropy_grad else 0.0)
         loss.backward()
 
-    with_backoff(budget, rollout, groups, groups_per_micro, [policy], run)
-    free_memory([policy])
+    was_training = policy.training
+    policy.train()  # as in the update: gradient checkpointing acts in training mode only
+    try:
+        with torch.random.fork_rng(devices=[rollout.input_ids.device] if rollout.input_ids.is_cuda else []):
+            with_backoff(budget, rollout, groups, groups_per_micro, [policy], run)  # draws no RNG of the run's
+    finally:
+        policy.train(was_training)
+        free_memory([policy])

@@ -36,12 +36,17 @@ def selective_log_softmax(logits: Tensor, targets: Tensor, chunk: int = 4) -> Te
 def entropy(logits: Tensor, chunk: int = 4, grad: bool = False) -> Tensor:
     """Entropy of the next-token distribution, (N, T, V) -> (N, T). Without `grad` (metrics) no graph is
     kept; with it (an entropy bonus in the loss) the gradient flows to the logits."""
-    out = []
-    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-        for lg in logits.split(chunk):
-            logp = torch.log_softmax(lg.float(), dim=-1)
-            out.append(-(logp.exp() * logp).sum(-1))
-    return torch.cat(out)
+    if grad and torch.is_grad_enabled():  # recomputed in backward: no (chunk, T, V) float32 tensors kept
+        from torch.utils.checkpoint import checkpoint
+
+        return torch.cat([checkpoint(_entropy, lg, use_reentrant=False) for lg in logits.split(chunk)])
+    with torch.no_grad():
+        return torch.cat([_entropy(lg) for lg in logits.split(chunk)])
+
+
+def _entropy(logits: Tensor) -> Tensor:
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
 
 
 def cache_kwarg(model: torch.nn.Module) -> str:

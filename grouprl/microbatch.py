@@ -46,14 +46,19 @@ class Budget:
         packed greedily within the budget."""
         if self.tokens is None or len(groups) == 0:
             return list(groups.split(groups_per_micro))
-        cost = {int(k): padded_tokens(rollout, k.view(1)) for k in groups}
-        order = sorted((int(k) for k in groups), key=lambda k: -cost[k])
-        out, current = [], []
+        g, p = rollout.group_size, rollout.prompt_len
+        att = rollout.attention_mask
+        prompt = att[:, :p].sum(1).view(-1, g).max(1).values.tolist()  # per group, read once (one device sync)
+        completion = att[:, p:].sum(1).view(-1, g).max(1).values.tolist()
+        order = sorted((int(k) for k in groups), key=lambda k: -(prompt[k] + completion[k]))
+        out, current, longest_p, longest_c = [], [], 0, 0
         for k in order:
-            if current and padded_tokens(rollout, torch.tensor(current + [k])) > self.tokens:
+            lp, lc = max(longest_p, prompt[k]), max(longest_c, completion[k])
+            if current and (len(current) + 1) * g * (lp + lc) > self.tokens:
                 out.append(torch.tensor(current))
-                current = []
+                current, lp, lc = [], prompt[k], completion[k]
             current.append(k)
+            longest_p, longest_c = lp, lc
         return out + [torch.tensor(current)] if current else out
 
     def halve(self, tried_tokens: int, smallest: int) -> None:

@@ -483,6 +483,10 @@ def _pool_init() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the run on Ctrl-C; workers just end
 
 
+def _pool_ready(_: int) -> bool:
+    return True
+
+
 _WORKER_FNS: dict[str, RewardFn] = {}
 
 
@@ -526,6 +530,8 @@ class RewardSet:
         if self._pool is None:  # spawn: a fork of a process running torch threads can deadlock
             self._pool = concurrent.futures.ProcessPoolExecutor(
                 self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_pool_init)
+            # started and importing now, outside the reward time limit (a worker's start-up takes seconds)
+            list(self._pool.map(_pool_ready, range(self.workers)))
         return self._pool
 
     def score(self, prompts: list[str], completions: list[str], columns: dict,
@@ -560,6 +566,9 @@ class RewardSet:
         finally:
             if pending is not None:
                 pending.cancel()
+            for futures in pooled.values():  # after an error: slices not yet started are dropped
+                for _, f in futures:
+                    f.cancel()
         per_fn = torch.tensor(values, dtype=torch.float32).T.reshape(n, len(self.fns))
         total = per_fn @ self.weights  # (N, K) @ (K,) -> (N,)
         bad = (~torch.isfinite(total)).nonzero().flatten().tolist()
@@ -620,10 +629,9 @@ class RewardSet:
             self._pool = None
 
     def close(self) -> None:
-        """Stop the worker processes and the event loop."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        """Stop the worker processes (at once: after a stop or an error one may still be in the user's code)
+        and the event loop."""
+        self._kill_pool()
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._loop = None

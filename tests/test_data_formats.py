@@ -156,3 +156,20 @@ def test_training_passes_the_sampled_ids_through_the_worker_pool(tiny_model, toy
     result = train(load_config(None, sets), console=Console(quiet=True))  # scored in 2 worker processes
     h = result.history[0]
     assert h[f"reward/{f}:n_ids"] == pytest.approx(h["completion_len"])  # tokens through EOS, per completion
+
+
+def test_held_out_accuracy_by_the_verl_reward(tiny_model, tmp_path):
+    """eval.reward: on verl-style data the held-out accuracy is the verl scorer's, not <answer>-tag correctness."""
+    from grouprl.evaluate import evaluate
+    from grouprl.models import load_policy
+    from grouprl.config import ModelConfig
+
+    data, score = tmp_path / "verl.parquet", tmp_path / "score.py"
+    write_verl_parquet(data)
+    score.write_text("def always(data_source, solution_str, ground_truth, extra_info=None):\n    return 1.0\n")
+    task = build_task(TaskConfig(name="dataset", source=str(data), num_eval=4, prefill=""))
+    policy, tok = load_policy(ModelConfig(name_or_path=str(tiny_model), device="cpu"))
+    kw = dict(prefill="", max_new_tokens=4, batch_size=4)
+    by_tags, _ = evaluate(policy, tok, task, task.eval, **kw)
+    by_verl, _ = evaluate(policy, tok, task, task.eval, correctness=f"verl:{score}:always", **kw)
+    assert by_tags["accuracy"] == 0.0 and by_verl["accuracy"] == 1.0

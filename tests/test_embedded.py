@@ -32,6 +32,9 @@ def test_train_and_eval_embedded_model(tmp_path):
     assert "GRPO run summary" in res.output
     metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert metrics["step"] == 1 and "reward/correctness" in metrics
+    # the config's eval_every evaluates after the last step too: the held-out accuracy is shown and best/ kept
+    assert "eval/accuracy" in metrics and "held-out accuracy" in res.output and "-> best/" in res.output
+    assert (out / "best" / "adapter_model.safetensors").is_file()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
