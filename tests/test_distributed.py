@@ -49,9 +49,17 @@ CASES = {  # name -> settings; every run is compared with the same settings in o
     "ppo-fsdp-head": {"algo": "ppo", "distributed.strategy": "fsdp2", "ppo.critic.kind": "head", "ppo.epochs": 2},
     "ppo-ddp-lora": {"algo": "ppo", "distributed.strategy": "ddp", "model.lora.enabled": True, "optim.lr": 1e-2,
                      "ppo.kl_coef": 0.05},  # a LoRA critic of its own, the adapter-off reference
+    # issue 12: a token budget, held-out evaluation shared out over ranks, entropy bonus and Clip-Cov
+    "ddp-budget-eval-clipcov": {"distributed.strategy": "ddp", "max_tokens_per_micro_batch": 250, "eval_every": 2,
+                                "eval.num_problems": 6, "eval.batch_size": 4, "entropy.coef": 0.01,
+                                "entropy.remedy": "clip_cov", "entropy.cov_ratio": 0.1,
+                                "entropy.clip_cov_bounds": "[-100, 100]"},
+    "ppo-fsdp-klcov": {"algo": "ppo", "distributed.strategy": "fsdp2", "ppo.epochs": 2, "entropy.remedy": "kl_cov",
+                       "entropy.cov_ratio": 0.1, "max_tokens_per_micro_batch": 250},
 }
 MATCH = ["reward", "loss", "grad_norm", "kl", "entropy", "clip_frac", "ratio", "completion_len", "zero_std_frac",
-         "value_loss", "explained_var", "critic_grad_norm", "kl_coef", "approx_kl"]
+         "value_loss", "explained_var", "critic_grad_norm", "kl_coef", "approx_kl", "entropy_remedied",
+         "micro_batch_tokens", "eval/accuracy", "eval/format_rate", "eval/mean_length_chars"]
 
 
 def torchrun(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
