@@ -114,3 +114,20 @@ def test_ppo_tiny_model_learns(tiny_model, toy_data, toy_reward, tmp_path):
     assert max(r["clip_frac"] for r in h) > 0 and max(r["kl"] for r in h) > 0
     assert (result.final_checkpoint / "critic" / "value_head.safetensors").is_file()
     assert (result.final_checkpoint / "critic" / "model.safetensors").is_file()
+
+
+def test_entropy_control_in_both_algorithms(tiny_model, toy_data, toy_reward, tmp_path):
+    """GRPO with an entropy bonus and Clip-Cov still learns; PPO runs KL-Cov (off-policy: 2 epochs) and logs
+    the share of tokens it acted on."""
+    sets = toy_config(tiny_model, toy_data, toy_reward, tmp_path / "g", **{
+        "entropy.coef": 0.01, "entropy.remedy": "clip_cov", "entropy.cov_ratio": 0.05,
+        "entropy.clip_cov_bounds": "[0.0, 100.0]"})
+    h = train(load_config(None, sets), console=Console(quiet=True)).history
+    first, last = sum(r["reward"] for r in h[:3]) / 3, sum(r["reward"] for r in h[-3:]) / 3
+    assert last > first + 0.3, [round(r["reward"], 3) for r in h]
+    assert all(0 < r["entropy_remedied"] <= 0.05 for r in h if "entropy_remedied" in r)
+    sets = toy_config(tiny_model, toy_data, toy_reward, tmp_path / "p", **{
+        "algo": "ppo", "steps": 3, "ppo.epochs": 2, "entropy.remedy": "kl_cov", "entropy.cov_ratio": 0.05,
+        "entropy.coef": 0.01})
+    h = train(load_config(None, sets), console=Console(quiet=True)).history
+    assert all(r["entropy_remedied"] > 0 and r["loss"] == r["loss"] for r in h)
