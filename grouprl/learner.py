@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from grouprl.distributed import all_reduce_sum, any_rank, no_grad_sync, shard, sum_floats, world_size
-from grouprl.logprobs import forward_groups, group_rows
+from grouprl.logprobs import PASSES, forward_groups, group_rows
 from grouprl.losses import Normaliser
 from grouprl.microbatch import Budget, free_memory, largest_group, padded_tokens
 from grouprl.optim import Optim
@@ -107,11 +107,13 @@ def with_backoff(budget: Budget | None, rollout: Rollout, groups: Tensor, per_mi
     (no optimizer step inside)."""
     while True:
         rng = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+        counted = PASSES.mark()
         try:
             return run()
         except torch.OutOfMemoryError:
             if budget is None or world_size() > 1:
                 raise
+            PASSES.rewind(counted)  # the failed attempt's forwards are not the step's work
             tried = max(padded_tokens(rollout, mb) for mb in budget.plan(rollout, groups, per_micro))
             free_memory(models)
             budget.halve(tried, largest_group(rollout, groups))

@@ -246,6 +246,13 @@ class TokenPasses:
         if torch.is_grad_enabled():
             self._backward.append(tokens)
 
+    def mark(self) -> tuple[int, int]:
+        return len(self._forward), len(self._backward)
+
+    def rewind(self, mark: tuple[int, int]) -> None:
+        """Forget what was counted since `mark` (an attempt that ran out of memory and is run again)."""
+        del self._forward[mark[0]:], self._backward[mark[1]:]
+
     @property
     def forward(self) -> float:
         return float(sum(t.item() for t in self._forward))

@@ -85,8 +85,13 @@ def _step(tiny_model, budget: Budget, micro: int, mu: int = 2):
 
 
 def test_out_of_memory_halves_the_budget_and_gives_the_same_step(tiny_model, memory_limit):
+    from grouprl.logprobs import PASSES
+
     limit, seen = memory_limit
+    PASSES.reset()
     plain, s0 = _step(tiny_model, Budget(None), micro=8)  # all 4 groups in one micro-batch
+    passes = PASSES.forward, PASSES.backward
+    PASSES.reset()
     whole = max(seen)
     seen.clear()
     limit[0] = whole // 2  # a micro-batch of all 4 groups no longer fits
@@ -95,6 +100,7 @@ def test_out_of_memory_halves_the_budget_and_gives_the_same_step(tiny_model, mem
     assert budget.tokens is not None and budget.tokens <= whole // 2
     assert budget.metrics()["oom_backoffs"] >= 1
     assert any(s > limit[0] for s in seen)  # it failed once, then fitted
+    assert (PASSES.forward, PASSES.backward) == passes  # the failed attempt's forwards are not counted
     assert s1.loss == pytest.approx(s0.loss, rel=1e-5, abs=1e-6)
     for a, b in zip(plain.parameters(), backed_off.parameters()):
         assert torch.allclose(a, b, atol=1e-5)
