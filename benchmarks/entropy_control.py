@@ -97,7 +97,7 @@ def report(out: Path, figure: Path | None, variants: list[str]) -> str:
             if ev:
                 axes[2].plot(*zip(*ev), marker="o", color=f"C{n}", label=v)
         for ax, title in zip(axes, ["policy entropy (nats/token, 5-step mean)", "flat groups (5-step mean)",
-                                    "held-out accuracy (200 problems, greedy)"]):
+                                    "held-out accuracy (greedy, every eval_every steps)"]):
             ax.set_title(title, fontsize="medium")
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)

@@ -73,3 +73,22 @@ def test_accuracy_by_steps(tmp_path):
     # one-step problems 0, 1, 2, 4: right 1 + 0 + 1 + 0 of 4 = 50%; two-step 3, 5: 1 + 1 of 2 = 100%
     assert "held-out problems: 6; 1-step 4, 2-step 2" in out and "base model: 1-step 0.0%, 2-step 0.0%" in out
     assert "grpo at step 40: 1-step 50.0% (seeds 50.0); 2-step 100.0% (seeds 100.0)" in out, out
+
+
+def test_entropy_control_report_hand_worked(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import entropy_control
+
+    for name, ent in (("none", 0.5), ("clip_cov", 1.0)):
+        rows = [{"step": s, "reward": 0.1 * s, "entropy": ent + (1.0 if s <= 10 else 0.0),
+                 "zero_std_frac": 0.0 if s <= 10 else 0.5} | ({"eval/accuracy": s / 40} if s % 10 == 0 else {})
+                for s in range(1, 21)]
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = entropy_control.report(tmp_path, tmp_path / "f.png", ["none", "bonus", "clip_cov"])
+    lines = text.splitlines()
+    assert len(lines) == 4  # the header, its rule, and the two runs that exist
+    # first 10 steps: entropy ent + 1, flat 0%, reward mean 0.55; last 10: ent, 50%, 1.55; evals at 10 and 20
+    assert "| none (default) | 20 | 1.50 / 0.50 | 0% / 50% | 0.55 / 1.55 | 25.0% @10, 50.0% @20 | 50.0% @20 |" in lines
+    assert lines[3].startswith("| clip_cov (entropy.remedy=clip_cov entropy.cov_ratio=0.02) | 20 | 2.00 / 1.00")
+    assert (tmp_path / "f.png").stat().st_size > 10_000
