@@ -273,7 +273,6 @@ def _train_with(cfg: TrainConfig, console: Console, out: Path, start: float, loc
     stream = PromptStream(task.train, cfg.seed, in_order=in_order)
     history: list[dict] = []
     first_step = 1
-    best = None
     if ckpt is not None:
         state = together(lambda: _restore(ckpt, learner))
         stream = PromptStream(task.train, cfg.seed, in_order, **state["data"])

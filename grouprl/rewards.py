@@ -378,8 +378,7 @@ def call_reward(name: str, fn: RewardFn, prompts: list[str], completions: list[s
 
 def _call(name: str, fn: RewardFn, prompts: list[str], completions: list[str], columns: dict,
           timeout_s: float | None) -> Any:
-    slow = (f"reward function {name!r} took longer than {timeout_s:g}s on {len(completions)} completions: "
-            "make it faster or raise rewards_timeout_s") if timeout_s is not None else ""
+    slow = _slow(name, timeout_s, len(completions)) if timeout_s is not None else ""
     try:
         with watchdog(None if timeout_s is None else timeout_s + limits.WATCHDOG_GRACE_S, slow), \
                 time_limit(timeout_s) as limit:
