@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import random
 import time
-import traceback
 from dataclasses import dataclass
 
 import torch
 
 from grouprl.advantages import zero_std_groups
 from grouprl.config import TrainConfig
-from grouprl.distributed import agree_errors, first_line, gather_objects, gathered, shard, world_size
-from grouprl.errors import UserError
+from grouprl.distributed import gather_results, gathered, shard, world_size
 from grouprl.rewards import RewardSet
 from grouprl.rollout import Rollout, concat, generate, select
 from grouprl.tasks import Task
@@ -120,20 +118,14 @@ def _sample_round(policy, tokenizer, task: Task, rewards: RewardSet, rows: list[
     """The whole round on every rank: each rank samples and scores its contiguous slice of `rows`, then all
     slices are gathered in rank order. A rank's error becomes the same UserError on every rank."""
     lo, hi = shard(len(rows))
-    piece, error = None, None
-    try:
+
+    def my_slice() -> Scored | None:
         with gathered(policy) as model:  # a collective under FSDP2: every rank enters, with or without rows
             if hi > lo:
-                piece = _sample_slice(model, tokenizer, task, rewards, rows[lo:hi], cfg, seeds[lo:hi], device)
-    except Exception as e:  # one rank's fault (out of memory too) must not leave the others in the gather below
-        if world_size() == 1:
-            raise
-        if not isinstance(e, UserError):
-            traceback.print_exc()
-        error = first_line(e) if isinstance(e, UserError) else f"{type(e).__name__}: {first_line(e)} (traceback above)"
-    pieces = gather_objects((piece, error))
-    agree_errors([e for _, e in pieces])
-    done = [p for p, _ in pieces if p is not None]
+                return _sample_slice(model, tokenizer, task, rewards, rows[lo:hi], cfg, seeds[lo:hi], device)
+        return None
+
+    done = [p for p in gather_results(my_slice) if p is not None]
     return Scored(
         rollout=concat([p.rollout for p in done], tokenizer.pad_token_id),
         rows=[r for p in done for r in p.rows], prompts=[q for p in done for q in p.prompts],

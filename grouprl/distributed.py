@@ -114,6 +114,26 @@ def agree_errors(errors: list[str | None]) -> None:
         raise err
 
 
+def gather_results(fn) -> list:
+    """fn() on every rank, its results gathered in rank order (one process: [fn()]). An exception on any rank
+    (out of memory too) becomes the same UserError on every rank, raised after the gather, so no rank is left
+    waiting in it; an unexpected one's traceback is printed by its own rank first."""
+    if world_size() == 1:
+        return [fn()]
+    result, error = None, None
+    try:
+        result = fn()
+    except Exception as e:  # noqa: BLE001  (one rank's fault must not leave the others in the gather below)
+        if not isinstance(e, UserError):
+            import traceback
+
+            traceback.print_exc()
+        error = first_line(e) if isinstance(e, UserError) else f"{type(e).__name__}: {first_line(e)} (traceback above)"
+    pieces = gather_objects((result, error))
+    agree_errors([e for _, e in pieces])
+    return [r for r, _ in pieces]
+
+
 def first_line(err: BaseException) -> str:
     """The gist of an error in one line; for DCP's CheckpointException, the first failing rank's own error
     (its message is otherwise a list of ranks and tracebacks)."""

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import random
 import time
-import traceback
 from collections import Counter
 from typing import Callable
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from grouprl.distributed import agree_errors, first_line, gather_objects, gathered, shard, world_size
-from grouprl.errors import UserError
+from grouprl.distributed import gather_results, gathered, shard
 from grouprl.rewards import RewardSet, answer_anywhere, extract_answer, strict_format
 from grouprl.rollout import generate
 from grouprl.tasks import Task
@@ -111,26 +109,19 @@ def evaluate_while_training(policy, tokenizer, task: Task, cfg, step: int, devic
     evaluations trains exactly as one without (and a resumed run as an uninterrupted one)."""
     rows = task.eval[: cfg.eval.num_problems]
     lo, hi = shard(len(rows))
-    metrics, error = None, None
     cuda = [device] if device.type == "cuda" else []
-    try:
+
+    def my_share() -> dict | None:
         with torch.random.fork_rng(devices=cuda), gathered(policy) as model:
             torch.manual_seed(random.Random(f"{cfg.seed}/eval/{step}").getrandbits(63))
             if hi > lo:
-                metrics, _ = evaluate(model, tokenizer, task, rows[lo:hi], prefill=cfg.task.prefill,
-                                      max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
-                                      k=cfg.eval.k, temperature=cfg.eval.temperature,
-                                      batch_size=cfg.eval.batch_size, engine=cfg.rollout.engine,
-                                      correctness=cfg.eval.reward)
-    except Exception as e:  # noqa: BLE001  (one rank's fault must not leave the others in the gather below)
-        if world_size() == 1:
-            raise
-        if not isinstance(e, UserError):
-            traceback.print_exc()
-        error = first_line(e) if isinstance(e, UserError) else f"{type(e).__name__}: {first_line(e)} (traceback above)"
-    pieces = gather_objects((metrics, error))
-    agree_errors([e for _, e in pieces])
-    return combine([m for m, _ in pieces if m is not None])
+                return evaluate(model, tokenizer, task, rows[lo:hi], prefill=cfg.task.prefill,
+                                max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, k=cfg.eval.k,
+                                temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size,
+                                engine=cfg.rollout.engine, correctness=cfg.eval.reward)[0]
+        return None
+
+    return combine([m for m in gather_results(my_share) if m is not None])
 
 
 def combine(parts: list[dict]) -> dict:
