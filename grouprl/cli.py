@@ -44,7 +44,7 @@ def _fail(err: Exception, code: int = 2) -> None:
 
     if is_main() or not (getattr(err, "everywhere", False) or isinstance(err, Stopped)):
         Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-    shutdown()
+    shutdown(err)
     raise typer.Exit(code)
 
 
@@ -95,11 +95,12 @@ def train(
     if nproc > 1:
         _launch(nproc, sys.argv[sys.argv.index("train"):] if "train" in sys.argv else None,
                 config or (resume / "grouprl.yaml" if resume is not None else None), set_)
-    try:
-        import torch.distributed as dist
+    import torch.distributed as dist
 
+    from grouprl.distributed import first_line, shutdown
+
+    try:
         from grouprl.config import load_config
-        from grouprl.distributed import first_line, shutdown
         from grouprl.loop import train as run
 
         sets = list(set_ or []) + ([f"algo={algo}"] if algo is not None else [])
@@ -118,6 +119,7 @@ def train(
         _fail(e)
     except RuntimeError as e:  # another rank died, or hung past distributed.timeout_s
         if not (dist.is_initialized() and _lost_contact(e)):
+            shutdown(e)
             raise
         _fail(UserError(f"lost contact with another rank ({first_line(e)[:200]}); see that rank's output above; "
                         f"the checkpoints written so far are intact: grouprl train --resume {out}"), 1)
@@ -131,6 +133,9 @@ def train(
         err = UserError(f"stopped at once; the checkpoints written so far are intact: grouprl train --resume {out}")
         err.everywhere = True
         _fail(err, 130)
+    except Exception as e:  # a bug: its traceback, after leaving the process group (see distributed.shutdown)
+        shutdown(e)
+        raise
 
 
 def _lost_contact(err: RuntimeError) -> bool:

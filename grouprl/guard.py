@@ -83,9 +83,10 @@ class StopSignals:
     process; a second one raises StopNow (a KeyboardInterrupt). Outside the main thread it does nothing (Python only
     delivers signals there).
 
-    A second signal within `same_request_s` of the first is the same request: under torchrun a Ctrl-C reaches
-    each worker twice, from the terminal and forwarded by the launcher, milliseconds apart on an idle machine
-    and, seen in the test suite on two busy cores, more than half a second apart (the loop allows 2 s)."""
+    A second signal within `same_request_s` of the first is the same request: where torchrun's workers share
+    the terminal's process group (torch 2.13 starts them in sessions of their own), a Ctrl-C reaches each
+    worker twice, from the terminal and forwarded by the launcher, milliseconds apart on an idle machine and,
+    seen in the test suite on two busy cores, more than half a second apart (the loop allows 2 s)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

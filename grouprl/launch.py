@@ -2,9 +2,10 @@
 train ...`, run through torch's own elastic launcher (the engine torchrun drives), with one line at the end
 instead of the launcher's report.
 
-A Ctrl-C reaches the workers (from the terminal and forwarded by the launcher; they count it once) and each
-saves the step it is in; the launcher waits for them up to `distributed.timeout_s` before killing them.
-When a worker fails, the others are stopped and the exit code is that of the first failure.
+A Ctrl-C reaches the workers forwarded by the launcher (torch starts them in sessions of their own; where
+the terminal's copy reaches them too, they count the two once) and each saves the step it is in; the
+launcher waits for them up to `distributed.timeout_s` before killing them. When a worker fails, the others
+are stopped and the exit code is that of the first failure.
 """
 
 from __future__ import annotations

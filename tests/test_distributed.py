@@ -231,9 +231,9 @@ def test_world_size_checks_are_one_line(setup, tmp_path):
 
 
 def test_ctrl_c_stops_every_rank_after_the_same_step_with_a_checkpoint(setup, tmp_path):
-    """A Ctrl-C in the terminal reaches the launcher and both ranks (one process group): each rank counts the
-    launcher's forwarded copy as the same request, they agree on the step to stop after, save it together,
-    and the job says so in one line (exit 130); the run then resumes."""
+    """A Ctrl-C in the terminal (sent to the launcher's process group) reaches both ranks through the launcher;
+    they agree on the step to stop after, save it together, leave the process group and exit, and the job
+    says so in one line (exit 130); the run then resumes."""
     slow = tmp_path / "slow.py"
     slow.write_text("import time\ndef slow(prompts, completions, **kw):\n    time.sleep(0.5)\n"
                     "    return [c.count('a') / max(len(c), 1) for c in completions]\n")
@@ -312,3 +312,48 @@ def test_world_size_problems(sets, world, strategy, needle):
     cfg = load_config(None, [f"{k}={v}" for k, v in sets.items()])
     assert any(needle in p for p in world_problems(cfg, world, strategy)), world_problems(cfg, world, strategy)
     assert world_problems(load_config(None, []), 2, strategy) == []  # the defaults split in two
+
+
+LEAVE_AFTER_AN_ERROR = """
+import os, sys, weakref
+import torch, torch.distributed as dist
+from grouprl import distributed
+
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+dist.init_process_group("gloo", rank=0, world_size=1)
+refs = []
+
+def step():
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
+    refs.append(weakref.ref(model))
+    model(torch.ones(1, 2)).sum().backward()
+    raise RuntimeError("a step failed")
+
+try:
+    try:
+        step()
+    except RuntimeError as e:
+        raise ValueError("reported") from e  # the model is in the chained exception's frames
+except ValueError as err:
+    alive = []
+    destroy = dist.destroy_process_group
+    dist.destroy_process_group = lambda *a: (alive.append(refs[0]() is not None), destroy(*a))
+    distributed.shutdown(err)
+    print("alive at destroy:", alive, "initialized:", dist.is_initialized())
+"""
+
+
+def test_leaving_the_process_group_releases_the_models_an_error_still_holds_first(tmp_path):
+    """distributed.shutdown(err) frees the DDP model that err's traceback (or the error it chains) still
+    holds before destroying the group: a DDP reducer freed after the group joins gloo's threads while holding
+    the GIL, which hung a stopped job at exit about once in ten Ctrl-Cs on two busy cores."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "leave.py").write_text(LEAVE_AFTER_AN_ERROR)
+    run = subprocess.run([sys.executable, str(tmp_path / "leave.py"), str(port)], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "alive at destroy: [False] initialized: False" in run.stdout, run.stdout + run.stderr[-3000:]
