@@ -32,8 +32,10 @@ SLOW_REWARD = ("import time\ndef slow(prompts, completions, **kw):\n    time.sle
 
 
 def job_config(tmp: Path, out: Path) -> Path:
+    """The tests' tiny-model config (test_learning.toy_config) with the slow reward, 50 steps, DDP."""
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import make_tiny_model
+    from test_learning import toy_config
 
     from grouprl.config import load_config, save_config
 
@@ -43,12 +45,11 @@ def job_config(tmp: Path, out: Path) -> Path:
         (tmp / "toy.jsonl").write_text("".join(json.dumps({"prompt": f"say a {i}", "answer": str(i % 10)}) + "\n"
                                                for i in range(64)))
         (tmp / "slow.py").write_text(SLOW_REWARD)
-    sets = {"model.name_or_path": model, "task.name": "dataset", "task.source": tmp / "toy.jsonl",
-            "task.prefill": "", "task.system_prompt": "x", "task.num_eval": 8,
-            "rewards": f"[{{name: '{tmp / 'slow.py'}:slow'}}]", "steps": 50, "save_every": 0, "threads": 1,
-            "rollout.group_size": 4, "rollout.prompts_per_step": 4, "rollout.max_new_tokens": 8,
-            "grpo.micro_batch_size": 4, "distributed.strategy": "ddp", "output_dir": out}
-    save_config(load_config(None, [f"{k}={v}" for k, v in sets.items()]), tmp / "c.yaml")
+    sets = toy_config(model, tmp / "toy.jsonl", None, out, **{
+        "rewards": f"[{{name: '{tmp / 'slow.py'}:slow'}}]", "steps": 50, "save_every": 0, "threads": 1,
+        "rollout.group_size": 4, "rollout.max_new_tokens": 8, "grpo.micro_batch_size": 4,
+        "grpo.beta": 0.04, "optim.lr": 1e-5, "distributed.strategy": "ddp"})  # the defaults, as measured
+    save_config(load_config(None, sets), tmp / "c.yaml")
     return tmp / "c.yaml"
 
 
