@@ -345,15 +345,26 @@ def test_grpo_loss_sequence_ratio_clips_whole_sequence():
 # ---------------------------------------------------------------- log-probs
 
 
+def exact_log_softmax(logits, targets):
+    """The targets' log-softmax in float64, and how far a float32 one of the same logits (N, T, V) may be
+    from it: x_t - logsumexp(x) rounds logsumexp's arguments and result (4uM for M = max|x|), its V
+    exponentials, their sum and the log ((V + 4)u), and the difference (u|logp| <= u(2M + log V)): in all
+    less than u(8M + 2V + 8)."""
+    x = logits.double()
+    m, v = x.abs().max().item(), x.shape[-1]
+    u = torch.finfo(torch.float32).eps / 2
+    return torch.log_softmax(x, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1), u * (8 * m + 2 * v + 8)
+
+
 @pytest.mark.parametrize("chunk", [1, 2, 4, 16])
 def test_selective_log_softmax_matches_log_softmax(chunk):
     g = torch.Generator().manual_seed(0)
     logits = 3 * torch.randn(5, 7, 11, generator=g)
     targets = torch.randint(0, 11, (5, 7), generator=g)
-    expected = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    expected, atol = exact_log_softmax(logits, targets)
     out = selective_log_softmax(logits, targets, chunk=chunk)
     assert out.shape == (5, 7) and out.dtype == torch.float32
-    assert_close(out, expected, atol=1e-6, rtol=0)
+    assert_close(out.double(), expected, atol=atol, rtol=0)
 
 
 def test_selective_log_softmax_low_precision_input_gives_float32():
@@ -362,8 +373,8 @@ def test_selective_log_softmax_low_precision_input_gives_float32():
     targets = torch.randint(0, 6, (3, 4), generator=g)
     out = selective_log_softmax(logits, targets)
     assert out.dtype == torch.float32
-    expected = torch.log_softmax(logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    assert_close(out, expected, atol=1e-6, rtol=0)
+    expected, atol = exact_log_softmax(logits, targets)  # of the bf16 values, exactly: no bf16 rounding added
+    assert_close(out.double(), expected, atol=atol, rtol=0)
 
 
 def test_selective_log_softmax_hand_worked():
