@@ -63,8 +63,9 @@ MATCH = ["reward", "loss", "grad_norm", "kl", "entropy", "clip_frac", "ratio", "
 
 
 def torchrun(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", *args],
-                          capture_output=True, text=True, timeout=timeout,
+    """Two ranks, on a free port (--standalone): not torchrun's fixed 29500, which another job may hold."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)})
 
 

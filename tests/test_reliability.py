@@ -228,8 +228,8 @@ def test_resume_names_the_reward_code_and_warns_when_it_changed(straight, tmp_pa
     (run / "final" / "trainer_state.json").write_text(json.dumps(state))
     res = CliRunner().invoke(app, ["train", "--resume", str(run), "--set", "steps=7", "--set", "save_every=0"])
     assert res.exit_code == 0, res.output
-    assert f"resuming imports reward code from: {toy_reward}" in res.output.replace("\n", "")
-    assert "changed since final was saved" in res.output.replace("\n", "")
+    assert f"resuming imports reward code from: {toy_reward}" in res.output
+    assert "changed since final was saved" in res.output
 
 
 # --- the pieces, one by one ---------------------------------------------------------------------------

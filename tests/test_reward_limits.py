@@ -24,6 +24,12 @@ def call(fn, n=2, timeout_s=None):
     return call_reward("f", fn, ["p"] * n, ["c"] * n, {}, timeout_s=timeout_s)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def math_verify_loaded():
+    """math-verify is imported and warmed up on first use (seconds on a busy machine): not inside a timing."""
+    rewards._math_verify()
+
+
 @pytest.fixture
 def alarm_untouched():
     """Every test here must leave SIGALRM's handler and timer as it found them."""
