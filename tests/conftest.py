@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 # The suite runs the same on any machine and in any order: before torch, rich or sympy is imported, and for
 # every process a test starts. rich wraps a line at COLUMNS, else at a terminal's width, else at 80: a console
-# wider than any message keeps each message on one line whatever the terminal and the temporary path's length.
-# FORCE_COLOR would colour even a pipe's text. The suite is defined on the CPU, in one thread (as a torchrun
-# rank of its tests has), and sympy in pure Python (a signal can cut its factorials short, as rewards expect).
+# wider than any message keeps each message on one line whatever the terminal and the temporary path's length
+# (pytest's own report keeps the terminal's width). FORCE_COLOR would colour even a pipe's text. The suite is
+# defined on the CPU, in one thread (as a torchrun rank of its tests has), and sympy in pure Python (a signal
+# can cut its factorials short, as rewards expect).
+REPORT_WIDTH = shutil.get_terminal_size().columns
 os.environ.update(COLUMNS="10000", TTY_COMPATIBLE="0", CUDA_VISIBLE_DEVICES="", SYMPY_GROUND_TYPES="python")
 for name in ("LINES", "FORCE_COLOR"):
     os.environ.pop(name, None)
@@ -22,11 +25,18 @@ THREADS = 1
 torch.set_num_threads(THREADS)
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config):
+    if config.pluginmanager.has_plugin("terminalreporter"):
+        config.get_terminal_writer().fullwidth = REPORT_WIDTH
+
+
 @pytest.fixture(autouse=True)
 def same_threads():
     """A run's `threads` setting sets torch's thread count for the process: put it back after each test."""
     yield
     torch.set_num_threads(THREADS)
+
 
 CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 .,?+-=\n<>/")
 CHAT_TEMPLATE = (
