@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 # The suite runs the same on any machine and in any order: before torch, rich or sympy is imported, and for
-# every process a test starts. rich wraps a line at COLUMNS, else at a terminal's width, else at 80: a console
-# wider than any message keeps each message on one line whatever the terminal and the temporary path's length
-# (pytest's own report keeps the terminal's width). FORCE_COLOR would colour even a pipe's text. The suite is
-# defined on the CPU, in one thread (as a torchrun rank of its tests has), and sympy in pure Python (a signal
-# can cut its factorials short, as rewards expect).
-REPORT_WIDTH = shutil.get_terminal_size().columns
-os.environ.update(COLUMNS="10000", TTY_COMPATIBLE="0", CUDA_VISIBLE_DEVICES="", SYMPY_GROUND_TYPES="python")
+# every process a test starts. FORCE_COLOR would colour even a pipe's text. The suite is defined on the CPU,
+# in one thread (as a torchrun rank of its tests has), and sympy in pure Python (a signal can cut its
+# factorials short, as rewards expect). COLUMNS is set in pytest_configure, below.
+os.environ.update(TTY_COMPATIBLE="0", CUDA_VISIBLE_DEVICES="", SYMPY_GROUND_TYPES="python")
 for name in ("LINES", "FORCE_COLOR"):
     os.environ.pop(name, None)
 
@@ -27,8 +23,13 @@ torch.set_num_threads(THREADS)
 
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config):
+    """rich wraps a line at COLUMNS, else at a terminal's width, else at 80: a console wider than any message
+    keeps each message on one line whatever the terminal and the temporary path's length. pytest's own report
+    keeps the width it found (its writer is made by now, and pinned here)."""
     if config.pluginmanager.has_plugin("terminalreporter"):
-        config.get_terminal_writer().fullwidth = REPORT_WIDTH
+        writer = config.get_terminal_writer()
+        writer.fullwidth = writer.fullwidth
+    os.environ["COLUMNS"] = "10000"
 
 
 @pytest.fixture(autouse=True)
@@ -94,19 +95,15 @@ def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
-@pytest.fixture(scope="session")
-def toy_data(tmp_path_factory) -> Path:
+def write_toy_data(path: Path) -> Path:
     """A JSONL dataset of short prompts with an 'answer' column."""
-    path = tmp_path_factory.mktemp("data") / "toy.jsonl"
     rows = [{"prompt": f"say a {i}", "answer": str(i % 10)} for i in range(64)]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
 
 
-@pytest.fixture(scope="session")
-def toy_reward(tmp_path_factory) -> Path:
+def write_toy_reward(path: Path) -> Path:
     """User reward file: the fraction of 'a' among the generated characters (dense, easy to climb)."""
-    path = tmp_path_factory.mktemp("rewards") / "toy_reward.py"
     path.write_text(
         "def frac_a(prompts, completions, answer, **kw):\n"
         "    return [c.count('a') / max(len(c), 1) for c in completions]\n"
@@ -118,3 +115,13 @@ def toy_reward(tmp_path_factory) -> Path:
         "    return [1.0]\n"
     )
     return path
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory) -> Path:
+    return write_toy_data(tmp_path_factory.mktemp("data") / "toy.jsonl")
+
+
+@pytest.fixture(scope="session")
+def toy_reward(tmp_path_factory) -> Path:
+    return write_toy_reward(tmp_path_factory.mktemp("rewards") / "toy_reward.py")

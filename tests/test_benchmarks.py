@@ -75,8 +75,22 @@ def test_accuracy_by_steps(tmp_path):
     assert "grpo at step 40: 1-step 50.0% (seeds 50.0); 2-step 100.0% (seeds 100.0)" in out, out
 
 
-def test_entropy_control_report_hand_worked(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+def test_learning_margins_smoke():
+    """benchmarks/learning_margins.py runs the learning tests' settings over seeds and reports the worst."""
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "learning_margins.py"), "--cases", "grpo,ppo",
+                          "--seeds", "0,1", "--steps", "3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert [(r["case"], r["seed"], r["steps"]) for r in rows] == [("grpo", 0, 3), ("grpo", 1, 3), ("ppo", 0, 3),
+                                                                   ("ppo", 1, 3)]
+    assert "explained_var_peak" in rows[2] and "explained_var_peak" not in rows[0]
+    for case, mine in (("grpo", rows[:2]), ("ppo", rows[2:])):
+        worst = next(line for line in res.stdout.splitlines() if line.startswith(f"{case} "))
+        assert f"first {max(r['first'] for r in mine)}  rise {min(r['rise'] for r in mine)}" in worst, worst
+
+
+def test_entropy_control_report_hand_worked(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import entropy_control
 
     for name, ent in (("none", 0.5), ("clip_cov", 1.0)):

@@ -20,6 +20,19 @@ def toy_config(tiny_model, toy_data, toy_reward, out, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in sets.items()]
 
 
+# The settings of each learning test on top of toy_config; benchmarks/learning_margins.py runs them over
+# several training seeds to show how far each threshold below is from failing.
+VARIANTS = {"grpo.eps_high": 0.28, "grpo.loss_agg": "token_mean", "grpo.dynamic_sampling": "true",
+            "grpo.ratio": "sequence", "grpo.mu": 2, "grpo.minibatches": 2, "grpo.advantage": "rank",
+            "grpo.beta": 0.01, "grpo.micro_batch_size": 8, "steps": 14}
+CB_PACKED = {"rollout.engine": "cb", "model.update_layout": "packed"}
+PPO = {"algo": "ppo", "ppo.kl_coef": 0.01, "ppo.epochs": 2, "ppo.minibatches": 2, "ppo.vf_coef": 0.5,
+       "ppo.critic.lr": 1e-3, "steps": 20}
+ENTROPY = {"entropy.coef": 0.01, "entropy.remedy": "clip_cov", "entropy.cov_ratio": 0.05,
+           "entropy.clip_cov_bounds": "[0.0, 100.0]"}
+CASES = {"grpo": {}, "variants": VARIANTS, "cb_packed": CB_PACKED, "ppo": PPO, "entropy": ENTROPY}
+
+
 def test_grpo_tiny_model_learns(tiny_model, toy_data, toy_reward, tmp_path):
     cfg = load_config(None, toy_config(tiny_model, toy_data, toy_reward, tmp_path / "run"))
     result = train(cfg, console=Console(quiet=True))
@@ -33,11 +46,7 @@ def test_grpo_tiny_model_learns(tiny_model, toy_data, toy_reward, tmp_path):
 def test_grpo_variants_run_and_learn(tiny_model, toy_data, toy_reward, tmp_path):
     """DAPO-style (clip-higher, token mean, dynamic sampling), GSPO sequence ratio with mu = 2 and two
     minibatches, rank advantages and a KL to a frozen reference: all run and still learn."""
-    sets = toy_config(tiny_model, toy_data, toy_reward, tmp_path / "v", **{
-        "grpo.eps_high": 0.28, "grpo.loss_agg": "token_mean", "grpo.dynamic_sampling": "true",
-        "grpo.ratio": "sequence", "grpo.mu": 2, "grpo.minibatches": 2, "grpo.advantage": "rank",
-        "grpo.beta": 0.01, "grpo.micro_batch_size": 8, "steps": 14,
-    })
+    sets = toy_config(tiny_model, toy_data, toy_reward, tmp_path / "v", **VARIANTS)
     result = train(load_config(None, sets), console=Console(quiet=True))
     h = result.history
     assert all(0.0 <= r["zero_std_frac"] <= 1.0 for r in h)
@@ -49,8 +58,7 @@ def test_grpo_variants_run_and_learn(tiny_model, toy_data, toy_reward, tmp_path)
 
 def test_grpo_learns_with_continuous_batching_and_packed_updates(tiny_model, toy_data, toy_reward, tmp_path):
     """rollout.engine=cb samples, model.update_layout=packed trains: the tiny model still learns."""
-    sets = toy_config(tiny_model, toy_data, toy_reward, tmp_path / "cb", **{
-        "rollout.engine": "cb", "model.update_layout": "packed"})
+    sets = toy_config(tiny_model, toy_data, toy_reward, tmp_path / "cb", **CB_PACKED)
     result = train(load_config(None, sets), console=Console(quiet=True))
     rewards = [h["reward"] for h in result.history]
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
@@ -102,9 +110,7 @@ def test_flat_batch_without_kl_does_not_move_the_weights(tiny_model):
 def test_ppo_tiny_model_learns(tiny_model, toy_data, toy_reward, tmp_path):
     """PPO with a separate critic (its own copy of the backbone), a KL penalty in the reward, 2 epochs x 2
     minibatches: the reward rises and the critic learns (explained variance climbs above zero)."""
-    sets = toy_config(tiny_model, toy_data, toy_reward, tmp_path / "ppo", **{
-        "algo": "ppo", "ppo.kl_coef": 0.01, "ppo.epochs": 2, "ppo.minibatches": 2, "ppo.vf_coef": 0.5,
-        "ppo.critic.lr": 1e-3, "steps": 20})
+    sets = toy_config(tiny_model, toy_data, toy_reward, tmp_path / "ppo", **PPO)
     result = train(load_config(None, sets), console=Console(quiet=True))
     h = result.history
     first, last = sum(r["reward"] for r in h[:3]) / 3, sum(r["reward"] for r in h[-3:]) / 3
@@ -121,9 +127,7 @@ def test_ppo_tiny_model_learns(tiny_model, toy_data, toy_reward, tmp_path):
 def test_entropy_control_in_both_algorithms(tiny_model, toy_data, toy_reward, tmp_path):
     """GRPO with an entropy bonus and Clip-Cov still learns; PPO runs KL-Cov (off-policy: 2 epochs) and logs
     the share of tokens it acted on."""
-    sets = toy_config(tiny_model, toy_data, toy_reward, tmp_path / "g", **{
-        "entropy.coef": 0.01, "entropy.remedy": "clip_cov", "entropy.cov_ratio": 0.05,
-        "entropy.clip_cov_bounds": "[0.0, 100.0]"})
+    sets = toy_config(tiny_model, toy_data, toy_reward, tmp_path / "g", **ENTROPY)
     h = train(load_config(None, sets), console=Console(quiet=True)).history
     first, last = sum(r["reward"] for r in h[:3]) / 3, sum(r["reward"] for r in h[-3:]) / 3
     assert last > first + 0.3, [round(r["reward"], 3) for r in h]
