@@ -232,8 +232,19 @@ def is_complete(folder: Path) -> bool:
 
 
 def checkpoint_step(folder: Path) -> int:
-    marker = folder / MARKER
-    return int(json.loads((marker if marker.is_file() else folder / "trainer_state.json").read_text())["step"])
+    """The step a complete checkpoint holds, by its marker (or trainer_state.json, before markers); a step
+    that is not a whole number >= 0, or not the one in a step folder's name, is a damaged checkpoint."""
+    marker = folder / MARKER if (folder / MARKER).is_file() else folder / "trainer_state.json"
+    try:
+        step = json.loads(marker.read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        step = f"unreadable: {type(e).__name__}"
+    named = STEP_DIR.fullmatch(folder.name)
+    if type(step) is not int or step < 0 or (named is not None and int(named[1]) != step):
+        raise UserError(f"checkpoint {str(folder)!r} is damaged (its {marker.name} says step {step!r}"
+                        f"{', its name ' + folder.name if named else ''}): move it aside to resume from the one "
+                        "before it")
+    return step
 
 
 def complete_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:

@@ -13,7 +13,9 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from grouprl.errors import Stopped, UserError
 
@@ -43,7 +45,7 @@ def _fail(err: Exception, code: int = 2) -> None:
     from grouprl.distributed import is_main, shutdown
 
     if is_main() or not (getattr(err, "everywhere", False) or isinstance(err, Stopped)):
-        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        Console(stderr=True).print(Text.assemble(("error:", "bold red"), f" {err}"), highlight=False, soft_wrap=True)
     shutdown(err)
     raise typer.Exit(code)
 
@@ -193,6 +195,7 @@ def eval_(
         from grouprl.checkpoint import latest_checkpoint
         from grouprl.config import load_config
         from grouprl.evaluate import evaluate
+        from grouprl.guard import reward_files
         from grouprl.models import load_for_inference
         from grouprl.tasks import build_task
 
@@ -223,6 +226,11 @@ def eval_(
         if config is None and ckpt_cfg.is_file():
             _inherited_config(Path(model), trust_remote_code)  # refuses remote code asked for by the folder
             cfg = load_config(ckpt_cfg, sets)
+            named = [s for s in sets if s.replace(" ", "").startswith("eval.reward=")]
+            if reward_files([cfg.eval.reward or ""]) and not named:
+                raise UserError(f"{str(ckpt_cfg)!r} names reward code in eval.reward ({cfg.eval.reward!r}); code "
+                                "named in a model folder runs only when the command line names it: pass --set "
+                                f"eval.reward={cfg.eval.reward} to run it, or --set eval.reward=correctness for the built-in one")
         else:
             cfg = load_config(config, sets)
         cfg.model.trust_remote_code = cfg.model.trust_remote_code or trust_remote_code
@@ -245,17 +253,17 @@ def eval_(
     except OSError as e:
         _fail(_io_error(e))
         return
-    table = Table(title=f"eval of {model} on {len(rows)} held-out {cfg.task.name} problems")
+    table = Table(title=escape(f"eval of {model} on {len(rows)} held-out {cfg.task.name} problems"))
     table.add_column("metric")
     if before is not None:
-        table.add_column(str(before["model"]), justify="right")
-    table.add_column(model, justify="right")
+        table.add_column(escape(str(before["model"])), justify="right")
+    table.add_column(escape(model), justify="right")
     for key, v in metrics.items():
         cells = [f"{v:.3f}" if isinstance(v, float) else str(v)]
         if before is not None:
             b = before["metrics"].get(key, "")
-            cells.insert(0, f"{b:.3f}" if isinstance(b, float) else str(b))
-        table.add_row(key, *cells)
+            cells.insert(0, f"{b:.3f}" if isinstance(b, float) else escape(str(b)))
+        table.add_row(escape(key), *cells)
     Console().print(table)
     if output is not None:
         try:

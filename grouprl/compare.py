@@ -11,7 +11,8 @@ then every checkpoint evaluated on the held-out problems and the whole reported 
 
 A comparison that is interrupted continues where it stopped when run again with the same arguments:
 finished runs are kept, an unfinished one resumes from its latest checkpoint (`train --resume`), and
-evaluations already written are reused. Seeds run in turn, every arm of a seed before the next seed.
+evaluations already written are reused (each is written whole or not at all; a damaged one, or a finished
+run's damaged run_info.json, is made again). Seeds run in turn, every arm of a seed before the next seed.
 
 Equal steps: every run at its last step. Equal time and equal token-passes: each seed's budget is the
 training time (the sum of step times) or the token-passes (logprobs.TokenPasses) of that seed's cheapest
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from grouprl.checkpoint import complete_checkpoints
@@ -38,6 +40,7 @@ from grouprl.config import (TrainConfig, config_changes, load_config, parse_over
 from grouprl.errors import UserError
 from grouprl.metrics import read_metrics
 from grouprl.report import LAST, aggregate, cumulative, mean, write_report
+from grouprl.trackers import write_atomic
 from grouprl.verification import self_checks, verification_rate
 
 # Named variants: overrides on top of the base config. Unnamed settings keep the base config's values.
@@ -179,8 +182,25 @@ def _done_steps(run_dir: Path) -> int:
 
 
 def _finished(run_dir: Path, steps: int) -> bool:
+    """Trained to its last step, with the run_info.json the report reads (a resume writes a damaged one again)."""
     found = complete_checkpoints(run_dir)
-    return bool(found) and found[-1][1].name == "final" and found[-1][0] >= steps
+    return bool(found) and found[-1][1].name == "final" and found[-1][0] >= steps and _run_info(run_dir) is not None
+
+
+def _run_info(run_dir: Path) -> dict | None:
+    """The run_info.json a run's training writes at start, or None when it is missing or damaged."""
+    info = _read_json(run_dir / "run_info.json")
+    needed = {"models_trained", "models_in_memory", "trainable_parameters", "device"}
+    return info if info is not None and needed <= set(info) else None
+
+
+def _read_json(path: Path) -> dict | None:
+    """The JSON object in `path`, or None when there is none: missing, unreadable, cut short or not an object."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def check_unchanged(name: str, cfg: TrainConfig) -> None:
@@ -231,6 +251,16 @@ def train_run(name: str, cfg: TrainConfig, on_progress, nproc: int = 1) -> None:
                         "run compare again to continue")
 
 
+def _valid_eval(cached: dict | None, key: dict) -> bool:
+    """A cached evaluation of this key with every field the report reads, one 0/1 and one completion per problem."""
+    if cached is None or cached.get("key") != key:
+        return False
+    per_problem = [cached.get("correct"), cached.get("completions")]
+    return (all(isinstance(cached.get(k), (int, float)) for k in ("accuracy", "format_rate"))
+            and all(isinstance(v, list) and len(v) == key["problems"] for v in per_problem)
+            and all(c in (0, 1) for c in per_problem[0]) and all(isinstance(c, str) for c in per_problem[1]))
+
+
 def evaluate_checkpoint(model: str, cfg: TrainConfig, num: int, cache: Path) -> dict:
     """Held-out greedy format rate and accuracy of a checkpoint (or the base model), with each problem's
     correctness (0/1, in the held-out order, for the intervals) and completion; cached in `cache`.
@@ -239,7 +269,8 @@ def evaluate_checkpoint(model: str, cfg: TrainConfig, num: int, cache: Path) -> 
     model (its path and, for a folder, name, size and mtime of its weight and config files, so a checkpoint
     trained again at the same path is evaluated again), the task section (problems, system prompt, prefill)
     and the number of problems, max_new_tokens as used, eval.batch_size (left padding changes the numerics
-    of batched greedy decoding), dtype and device. eval.k and eval.temperature are left out: greedy only."""
+    of batched greedy decoding), dtype and device. eval.k and eval.temperature are left out: greedy only.
+    A cache that cannot be read or is not such a result (a kill while it was written) is evaluated again."""
     from grouprl.tasks import build_task
 
     task = build_task(cfg.task)
@@ -254,10 +285,9 @@ def evaluate_checkpoint(model: str, cfg: TrainConfig, num: int, cache: Path) -> 
         "batch_size": cfg.eval.batch_size, "dtype": cfg.model.dtype, "device": cfg.model.device, "version": 2,
         **({"reward": cfg.eval.reward} if cfg.eval.reward else {}),  # absent when unset: older caches stay valid
     }))
-    if cache.is_file():
-        cached = json.loads(cache.read_text())
-        if cached.get("key") == key:
-            return cached
+    cached = _read_json(cache)
+    if _valid_eval(cached, key):
+        return cached
     import torch
 
     from grouprl.evaluate import evaluate
@@ -272,7 +302,7 @@ def evaluate_checkpoint(model: str, cfg: TrainConfig, num: int, cache: Path) -> 
     result = {"model": model, "problems": len(rows), **metrics,
               "correct": [int(s["correct"] > 0) for s in samples], "completions": [s["completion"] for s in samples],
               "key": key}
-    cache.write_text(json.dumps(result, indent=1))
+    write_atomic(cache, json.dumps(result, indent=1))
     return result
 
 
@@ -295,8 +325,11 @@ def run_figures(name: str, cfg: TrainConfig, out: Path, eval_num: int, on_eval) 
     """Every figure of one run (one arm, one seed): from its metrics, run_info and the held-out evaluation of
     the base model (step 0) and of each of its checkpoints (the curve against step, time and token-passes)."""
     run_dir = Path(cfg.output_dir)
+    info = _run_info(run_dir)
+    if info is None:  # (compare resumes a run without one first, which writes it again)
+        raise UserError(f"run {name!r} seed {cfg.seed}: {str(run_dir / 'run_info.json')!r} is missing or damaged "
+                        "(expected the JSON object its training writes at start): run compare again")
     h = read_metrics(run_dir / "metrics.jsonl")
-    info = json.loads((run_dir / "run_info.json").read_text())
     times, passes = cumulative([r["step_time"] for r in h]), cumulative([token_passes(r) for r in h])
     curve = []
     for step, folder in [(0, Path(cfg.model.name_or_path))] + complete_checkpoints(run_dir):
@@ -358,11 +391,11 @@ def summarise(cfgs: dict[str, dict[int, TrainConfig]], overrides: dict[str, list
                 f[label] = {key: point[key] for key in ("step", "time_s", "passes", "accuracy", "format_rate")}
             f["overrides"] = overrides[name]
             runs[name].append(f)
-    first = cfgs[arms[0]][seeds[0]]
-    base = json.loads((out / "eval-base.json").read_text())
+    first, base = cfgs[arms[0]][seeds[0]], runs[arms[0]][0]["curve"][0]  # (the base model's evaluation)
     return {"model": first.model.name_or_path, "task": first.task.name, "task_settings": first.task.model_dump(),
             "steps": first.steps, "prompts_per_step": first.rollout.prompts_per_step,
-            "group_size": first.rollout.group_size, "seeds": seeds, "eval_problems": base["problems"],
+            "group_size": first.rollout.group_size, "seeds": seeds,
+            "eval_problems": len(runs[arms[0]][0]["correct"]),
             "base_eval": {"accuracy": base["accuracy"], "format_rate": base["format_rate"]},
             "arms": aggregate(runs)}
 
@@ -376,7 +409,7 @@ def compare(config: Path | None, sets: list[str], run_texts: list[str], out: Pat
     seeds = seeds if seeds is not None else [base_seed(config, sets)]
     cfgs = run_configs(config, sets, specs, seeds, out, save_every)
     for warning in check_arms_differ({name: arm[seeds[0]] for name, arm in cfgs.items()}):
-        console.print(f"[yellow]warning:[/] {warning}")
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
     for name, arm in cfgs.items():
         for cfg in arm.values():
             check_unchanged(name, cfg)
@@ -394,10 +427,10 @@ def compare(config: Path | None, sets: list[str], run_texts: list[str], out: Pat
         for seed, name, cfg in order:
             run_dir = Path(cfg.output_dir)
             if _finished(run_dir, cfg.steps):
-                bar.console.print(f"{name} seed {seed}: finished earlier, kept")
+                bar.console.print(escape(f"{name} seed {seed}: finished earlier, kept"))
             else:
                 verb = "resuming" if (run_dir / "grouprl.yaml").is_file() else "training"
-                bar.console.print(f"{name} seed {seed}: {verb} ({cfg.algo}) -> {run_dir}")
+                bar.console.print(escape(f"{name} seed {seed}: {verb} ({cfg.algo}) -> {run_dir}"))
 
                 def progress(n: int, base=done_before, label=f"{name} seed {seed}") -> None:
                     bar.update(job, completed=base + n, info=f"{label} step {n}")

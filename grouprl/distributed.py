@@ -50,6 +50,10 @@ def init(timeout_s: float) -> None:
     A collective that waits longer than timeout_s (a rank that died or hangs) raises instead of hanging."""
     if dist.is_initialized() or launched_world_size() == 1:
         return
+    from grouprl.guard import die_with_parent
+
+    # a SIGKILL of the launcher (torchrun, or grouprl train --nproc) must not leave its workers training
+    die_with_parent(int(os.environ["GROUPRL_LAUNCHER_PID"]) if "GROUPRL_LAUNCHER_PID" in os.environ else None)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -332,10 +336,12 @@ def load_trained(parts: dict[str, tuple[nn.Module, torch.optim.Optimizer]], fold
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
+    from grouprl.safe_dcp import SafePlanner, SafeReader
+
     state = trained_state(parts, set(stepped))
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message=".*single process.*")
-        dcp.load(state, checkpoint_id=str(folder))
+        dcp.load(state, storage_reader=SafeReader(str(folder)), planner=SafePlanner())  # runs no code from it
     # not strict: the frozen weights (a LoRA base) are not in the checkpoint; everything else must be
     options = StateDictOptions(ignore_frozen_params=True, strict=False)
     for name, (module, optimizer) in parts.items():

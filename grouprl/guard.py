@@ -118,6 +118,22 @@ class StopSignals:
         self._previous.clear()
 
 
+def die_with_parent(parent: int | None = None) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux's PR_SET_PDEATHSIG; elsewhere
+    nothing), so that no worker trains on, or holds the run's lock, after a SIGKILL of its launcher.
+    `parent`: the pid the caller expects as its parent; if that one is already gone, this process ends now."""
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    PR_SET_PDEATHSIG = 1
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if parent is not None and os.getppid() != parent:  # it died before the prctl took hold
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def reward_files(reward_names: list[str]) -> dict[str, str]:
     """{file: sha256 of its content} of the user reward files a run imports ('path/file.py:function'), so
     that a resume can say which code it is about to run and whether it changed since the run started."""

@@ -29,6 +29,7 @@ def launch(nproc: int, args: list[str], shutdown_timeout_s: float) -> tuple[int,
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
                           shutdown_timeout=int(shutdown_timeout_s))
+    os.environ["GROUPRL_LAUNCHER_PID"] = str(os.getpid())  # each worker dies with this process (see init)
     try:
         elastic_launch(config, sys.executable)("-m", "grouprl", *args)
     except ChildFailedError as e:

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from grouprl import engines
 from grouprl.batch import PromptStream, Scored, check_rewards, sample_and_score
-from grouprl.checkpoint import (clean_leftovers, complete_checkpoints, latest_checkpoint, load_trainer_state,
-                                load_weights, prune_checkpoints, save_checkpoint)
+from grouprl.checkpoint import (checkpoint_step, clean_leftovers, complete_checkpoints, latest_checkpoint,
+                                load_trainer_state, load_weights, prune_checkpoints, save_checkpoint)
 from grouprl.config import (RESUMABLE_CHANGES, TrainConfig, config_changes, load_config, save_config,
                             world_problems)
 from grouprl.distributed import (agree, any_rank, first_line, gather_objects, init, is_fsdp, is_main, load_trained, pick_strategy,
@@ -75,7 +76,7 @@ def _resume_point(out: Path, cfg: TrainConfig, code: dict[str, str], console: Co
     will be imported (`code`: file -> sha256 now) and warns when it changed since the checkpoint was written.
     Loads no model."""
     for p in clean_leftovers(out):
-        console.print(f"[yellow]removed[/] {p} (an unfinished checkpoint write)")
+        console.print(f"[yellow]removed[/] {escape(str(p))} (an unfinished checkpoint write)")
     ckpt = latest_checkpoint(out)
     if ckpt is None:
         return None
@@ -86,8 +87,12 @@ def _resume_point(out: Path, cfg: TrainConfig, code: dict[str, str], console: Co
                         "the algorithm the run does not use")
     try:
         state = json.loads((ckpt / "trainer_state.json").read_text())
-        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        if not isinstance(state, dict) or type(state.get("step")) is not int:
             raise ValueError("trainer_state.json holds no step")
+        named = int(ckpt.name.removeprefix("step-")) if ckpt.name != "final" else checkpoint_step(ckpt)
+        if not 0 <= state["step"] == checkpoint_step(ckpt) == named:
+            raise ValueError(f"trainer_state.json says step {state['step']}, its folder and marker say {named} "
+                             f"and {checkpoint_step(ckpt)}")
     except (OSError, ValueError) as e:
         raise damaged(ckpt, e) from None
     if state["step"] > cfg.steps:
@@ -98,10 +103,10 @@ def _resume_point(out: Path, cfg: TrainConfig, code: dict[str, str], console: Co
         raise UserError(problem)
     then = state.get("reward_files", {})
     if code:
-        console.print(f"resuming imports reward code from: {', '.join(code)}")
+        console.print(escape(f"resuming imports reward code from: {', '.join(code)}"))
     for path, digest in code.items():
         if then.get(path) != digest:
-            console.print(f"[yellow]warning:[/] reward file {path} changed since {ckpt.name} was saved: the "
+            console.print(f"[yellow]warning:[/] reward file {escape(path)} changed since {ckpt.name} was saved: the "
                           "resumed steps will not repeat the run's rewards exactly")
     return ckpt
 
@@ -291,12 +296,13 @@ def _train_with(cfg: TrainConfig, console: Console, out: Path, start: float, loc
         (out / "run_info.json").write_text(json.dumps(info, indent=1))
     log = MetricsLog(out, cfg.report_to, cfg.model_dump(mode="json"), cfg.project, cfg.run_name) if is_main() \
         else Silent()
-    console.print(f"[bold]grouprl[/] {learner.name} on {cfg.task.name} ({len(task.train)} train / {len(task.eval)} "
-                  f"held-out problems), model {cfg.model.name_or_path}, {learner.models_trained} model(s) trained, "
-                  f"{learner.trainable_parameters:,} trainable parameters, batch {cfg.rollout.prompts_per_step} x "
-                  f"G={cfg.rollout.group_size}"
-                  + (f" on {world} ranks ({cfg.distributed.strategy}, {device.type})" if world > 1 else "")
-                  + f" -> {out}" + (f", resumed after step {first_step - 1}" if ckpt is not None else ""))
+    about = (f"{learner.name} on {cfg.task.name} ({len(task.train)} train / {len(task.eval)} held-out problems), "
+             f"model {cfg.model.name_or_path}, {learner.models_trained} model(s) trained, "
+             f"{learner.trainable_parameters:,} trainable parameters, batch {cfg.rollout.prompts_per_step} x "
+             f"G={cfg.rollout.group_size}"
+             + (f" on {world} ranks ({cfg.distributed.strategy}, {device.type})" if world > 1 else "")
+             + f" -> {out}" + (f", resumed after step {first_step - 1}" if ckpt is not None else ""))
+    console.print(f"[bold]grouprl[/] {escape(about)}")
     attn = attention(learner.policy)
     console.print(f"rollout engine: {engines.pick(cfg.rollout.engine, device)}"
                   + (" (auto)" if cfg.rollout.engine == "auto" else "") + (f", attention: {attn}" if attn else "")
@@ -345,7 +351,7 @@ def _train_with(cfg: TrainConfig, console: Console, out: Path, start: float, loc
                                                  adv.tolist(), batch.per_fn.tolist())
                     ], cfg.rollout.group_size)
                 fn_means = " ".join(f"{n}={m[f'reward/{n}']:.2f}" for n in rewards.names)
-                bar.console.print(f"step {step:>4}  reward {m['reward']:.3f}  {fn_means}  {learner.console(m)}  "
+                bar.console.print(f"step {step:>4}  reward {m['reward']:.3f}  {escape(fn_means)}  {learner.console(m)}  "
                                   f"len {m['completion_len']:.0f}  flat {batch.zero_std_frac:.2f}  "
                                   f"{m['step_time']:.1f}s "
                                   f"({m['gen_tokens_per_s']:.0f} tok/s)")
@@ -461,14 +467,14 @@ def summary_table(result: TrainResult, names: list[str], learner: Learner) -> Ta
     table.add_column(f"first {k} steps", justify="right")
     table.add_column(f"last {k} steps", justify="right")
     for key in ["reward"] + [f"reward/{n}" for n in names] + ["completion_len", "zero_std_frac"] + learner.summary_keys:
-        table.add_row(key, avg(first, key), avg(last, key))
+        table.add_row(escape(key), avg(first, key), avg(last, key))
     evals = [r for r in h if "eval/accuracy" in r]
     if evals:
         best = best_eval(h)
         table.add_row("held-out accuracy", f"{evals[0]['eval/accuracy']:.3f} (step {evals[0]['step']})",
                       f"{evals[-1]['eval/accuracy']:.3f} (best {best[0]:.3f}, step {best[1]})")
     table.add_row("step time (s, median)", "", f"{sorted(r['step_time'] for r in h)[len(h) // 2]:.1f}")
-    table.add_row("checkpoint", "", str(result.final_checkpoint))
+    table.add_row("checkpoint", "", escape(str(result.final_checkpoint)))
     if result.best_checkpoint is not None:
-        table.add_row("best checkpoint (held-out)", "", str(result.best_checkpoint))
+        table.add_row("best checkpoint (held-out)", "", escape(str(result.best_checkpoint)))
     return table

@@ -29,6 +29,7 @@ import math
 import multiprocessing
 import threading
 import numbers
+import os
 import re
 import signal
 from collections.abc import Iterable, Iterator, Mapping, Set
@@ -39,6 +40,7 @@ import torch
 
 from grouprl import limits
 from grouprl.errors import StopNow, UserError
+from grouprl.guard import die_with_parent
 from grouprl.limits import Timeout, time_limit, watchdog
 from grouprl.tasks.countdown import check as countdown_check
 
@@ -404,12 +406,14 @@ def _call(name: str, fn: RewardFn, prompts: list[str], completions: list[str], c
 
 def _number(v: Any) -> float | None:
     """`v` as a float when it is one real number (bool, numpy scalar and 0-d tensor included), else None."""
-    if isinstance(v, numbers.Real):
-        return float(v)
     if getattr(v, "ndim", None) == 0 and hasattr(v, "item"):  # numpy scalar or 0-d array / tensor
-        item = v.item()
-        return float(item) if isinstance(item, numbers.Real) else None
-    return None
+        v = v.item()
+    if not isinstance(v, numbers.Real):
+        return None
+    try:
+        return float(v)
+    except OverflowError:  # an int or Fraction past float64's range (10**400): infinite, refused below
+        return math.inf if v > 0 else -math.inf
 
 
 def _short_repr(v: Any) -> str:
@@ -436,8 +440,8 @@ def _checked(name: str, values: Any, n: int) -> list[float]:
     # Checked as float32, the rewards' dtype: 1e39 is a finite Python float but inf in float32.
     bad = (~torch.isfinite(torch.tensor(floats, dtype=torch.float32))).nonzero().flatten().tolist()
     if bad:
-        raise UserError(f"reward function {name!r} returned {floats[bad[0]]!r} at index {bad[0]}: expected a "
-                        "finite number within float32's range (|x| < 3.4e38)")
+        raise UserError(f"reward function {name!r} returned {_short_repr(values[bad[0]])} at index {bad[0]}: "
+                        "expected a finite number within float32's range (|x| < 3.4e38)")
     return floats
 
 
@@ -463,23 +467,37 @@ def _slow(name: str, timeout_s: float, n: int) -> str:
 async def _await_all(jobs: list[tuple[str, Callable, dict, int]], timeout_s: float) -> list:
     """Await every async reward call at once, each within timeout_s; a failure becomes its one-line UserError
     (returned in place of the values, so that every call has finished or been cancelled)."""
-    async def one(name: str, fn: Callable, kwargs: dict, n: int):
+    async def call(name: str, fn: Callable, kwargs: dict):
+        # inside the task: an exit or KeyboardInterrupt that left it would stop the event loop itself
         try:
-            return await asyncio.wait_for(fn(**kwargs), timeout_s)
-        except asyncio.TimeoutError:
-            return UserError(_slow(name, timeout_s, n))
+            return await fn(**kwargs)
+        except asyncio.CancelledError:
+            raise
         except UserError as e:
             return e
         except BaseException as e:  # noqa: BLE001  (the user's code: any exception or exit is one line)
             if isinstance(e, SystemExit):
                 return UserError(f"reward function {name!r} called {_exit_call(e)}: a reward function must return "
                                  "its values, not exit")
+            if isinstance(e, KeyboardInterrupt):
+                return UserError(f"reward function {name!r} raised KeyboardInterrupt: a reward function must "
+                                 "return its values")
             return UserError(f"reward function {name!r} raised {type(e).__name__}: {_first_line(e)}")
+
+    async def one(name: str, fn: Callable, kwargs: dict, n: int):
+        try:
+            return await asyncio.wait_for(call(name, fn, kwargs), timeout_s)
+        except asyncio.TimeoutError:
+            return UserError(_slow(name, timeout_s, n))
     return await asyncio.gather(*(one(*job) for job in jobs))
 
 
 def _pool_init() -> None:
+    """A worker leads a process group of its own, which close() ends with whatever the reward started, and
+    dies with the training process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the run on Ctrl-C; workers just end
+    os.setpgid(0, 0)
+    die_with_parent()
 
 
 def _pool_ready(_: int) -> bool:
@@ -623,7 +641,10 @@ class RewardSet:
     def _kill_pool(self) -> None:
         if self._pool is not None:
             for p in list(getattr(self._pool, "_processes", {}).values()):
-                p.kill()
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)  # the worker and what its reward started
+                except (ProcessLookupError, PermissionError):
+                    p.kill()
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
 

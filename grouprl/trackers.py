@@ -5,16 +5,20 @@ completions table: one row per prompt with its G completions, rewards and advant
 optional extras (`pip install 'grouprl[wandb]'`, `'grouprl[trackio]'`); `check` names a missing one before
 any work. W&B follows its own environment (WANDB_MODE=offline, WANDB_DIR, WANDB_API_KEY, ...), Trackio its
 own (TRACKIO_DIR: a local store by default). A resumed run continues the same tracker run: its id is kept in
-the run folder's trackers.json.
+the run folder's trackers.json (a damaged one is set aside with a warning: new tracker runs start).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import yaml
+from rich.console import Console
+from rich.markup import escape
 
 from grouprl.errors import UserError
 
@@ -22,11 +26,57 @@ EXTRAS = {"wandb": "wandb", "trackio": "trackio"}  # report_to name -> module (a
 
 
 def check(report_to: list[str]) -> None:
-    """A UserError naming the first tracker whose library is not installed."""
+    """A UserError naming the first tracker whose library is not installed, or Trackio's store when it
+    cannot be written (trackio itself only warns, and the run would end with an empty Trackio run)."""
     for name in report_to:
         if name in EXTRAS and importlib.util.find_spec(EXTRAS[name]) is None:
             raise UserError(f"report_to includes {name}, which is not installed: pip install 'grouprl[{name}]' "
                             f"(or remove it from report_to)")
+    if "trackio" in report_to:
+        store = trackio_store()
+        try:
+            store.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=store):
+                pass
+        except OSError as e:
+            raise UserError(f"report_to trackio: its store {str(store)!r} cannot be written ({e.strerror or e}); "
+                            "set TRACKIO_DIR to a writable folder, or remove trackio from report_to") from None
+
+
+def trackio_store() -> Path:
+    """The folder trackio writes to, in every mode (a Space's logs are kept there too): TRACKIO_DIR, else
+    <HF_HOME>/trackio, as trackio/utils.py decides it."""
+    from huggingface_hub.constants import HF_HOME
+
+    return Path(os.environ.get("TRACKIO_DIR") or Path(HF_HOME) / "trackio")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `path` whole or not at all: into a temporary file beside it, flushed to disk, then renamed over
+    it, so a kill or a full disk leaves the old file (or none), never a cut-short one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_ids(path: Path) -> dict[str, str] | None:
+    """The tracker run ids kept in a run folder's trackers.json ({report_to name: run id}): {} when there is
+    none, None (with a warning) when it is damaged, as a kill while it was written or an edit can leave it."""
+    if not path.is_file():
+        return {}
+    try:
+        ids = json.loads(path.read_text())
+    except (OSError, ValueError):
+        ids = None
+    if isinstance(ids, dict) and all(isinstance(v, str) for v in ids.values()):
+        return ids
+    Console(stderr=True).print(f"[yellow]warning:[/] {escape(str(path))} is damaged (expected a JSON object of "
+                               'tracker run ids, e.g. {"wandb": "1a2b3c4d"}): the trackers start new runs',
+                               highlight=False, soft_wrap=True)
+    return None
 
 
 def completions_table(step: int, rows: list[dict], group_size: int) -> tuple[list[str], list[list]]:
@@ -121,7 +171,8 @@ def open_trackers(report_to: list[str], out_dir: Path, config: dict, project: st
     """The trackers of `report_to` ('jsonl' is the log files themselves), each continuing its earlier run of
     this folder when there is one (trackers.json)."""
     ids_file = out_dir / "trackers.json"
-    ids = json.loads(ids_file.read_text()) if ids_file.is_file() else {}
+    kept = read_ids(ids_file)
+    ids = kept or {}
     out = []
     try:
         for kind in report_to:
@@ -132,6 +183,6 @@ def open_trackers(report_to: list[str], out_dir: Path, config: dict, project: st
             t.close()
         raise
     new = {kind: t.id for kind, t in zip([k for k in report_to if k in TRACKERS], out) if hasattr(t, "id")}
-    if new != ids:
-        ids_file.write_text(json.dumps(new, indent=1))
+    if new != kept:  # (a damaged file is replaced)
+        write_atomic(ids_file, json.dumps(new, indent=1))
     return out

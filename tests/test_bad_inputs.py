@@ -90,7 +90,8 @@ def matrix(files: dict[str, Path]) -> dict[str, tuple[list[str], list[str], tupl
         "JSONL not UTF-8": ([f"task.source={files['latin1_jsonl']}"], [], (str(files["latin1_jsonl"]), "line 4")),
         "empty JSONL": ([f"task.source={files['empty_jsonl']}"], [], (str(files["empty_jsonl"]), "empty")),
         "broken line 57": ([f"task.source={files['broken_jsonl']}"], [], (str(files["broken_jsonl"]), "line 57")),
-        "null prompt": ([f"task.source={files['null_prompt']}"], [], (str(files["null_prompt"]), "row 11")),
+        "null prompt": ([f"task.source={files['null_prompt']}"], [],
+                        (f"'{files['null_prompt']}' line 11", "'prompt' is null")),
         "truncated safetensors": ([f"model.name_or_path={files['truncated_model']}"], [],
                                   (str(files["truncated_model"]),)),
         "no tokenizer": ([f"model.name_or_path={files['no_tokenizer']}"], [], (str(files["no_tokenizer"]),)),
@@ -100,7 +101,7 @@ def matrix(files: dict[str, Path]) -> dict[str, tuple[list[str], list[str], tupl
         "reward 1e39": ([f"rewards=[{{name: '{r}:huge'}}]"], [], (f"{r}:huge", "float32")),
         "reward hangs": ([f"rewards=[{{name: '{r}:hangs'}}]", "rewards_timeout_s=0.5"], [],
                          (f"{r}:hangs", "0.5s", "rewards_timeout_s")),
-        "prompt too long": (["task.max_prompt_tokens=10"], [], ("row 1", "task.long_prompts")),
+        "prompt too long": (["task.max_prompt_tokens=10"], [], ("toy.jsonl' line ", "task.long_prompts")),
     }
 
 
@@ -319,3 +320,20 @@ def test_a_really_full_disk(tiny_model, toy_data, tmp_path):
     assert snapshot(moved / saved[-1][1].relative_to(out)) == kept
     res = runner.invoke(app, ["train", "--resume", str(moved)])  # on a disk with room: it finishes
     assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("bad, needle", [
+    ({"prompt": "say " + "b" * 600, "answer": "1"}, "over task.max_prompt_tokens"),  # over the tiny model's 512
+    ({"prompt": "say a 4"}, "'answer' is null"),
+    ({"prompt": [{"role": "assistant", "content": "4"}], "answer": "4"}, "expected a user turn"),
+])
+def test_a_bad_row_is_named_by_its_line_in_the_file(bad, needle, tiny_model, tmp_path):
+    """The rows are shuffled and split before their prompts are measured: the error names the line the user
+    opens (line 6, after a blank line 3, the file's 5th row), not a place in the shuffled split."""
+    lines = rows(32).splitlines()
+    lines.insert(2, "")
+    lines[5] = json.dumps(bad)
+    data = write(tmp_path / "d.jsonl", "\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    one_error_line(runner.invoke(app, ["train", *base_sets(tiny_model, data, out)]), f"'{data}' line 6", needle)
+    assert not out.exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -121,6 +122,28 @@ def test_bad_runs_fail_in_one_line(tiny_model, toy_data, toy_reward, tmp_path):
     assert res.exit_code == 2 and "run 'x'" in res.output and "grpo.beta" in res.output
 
 
+def test_files_damaged_by_a_kill_are_made_again(report_dir, tiny_model, toy_data, toy_reward):
+    """A kill while a JSON file was written leaves it cut short. compare, run again, evaluates a damaged
+    evaluation cache again (the base model's too) and resumes a finished run whose run_info.json is damaged,
+    which writes it again; the report comes out as before."""
+    before = json.loads((report_dir / "report.json").read_text())
+    run = report_dir / "runs" / "grpo" / "seed-0"
+    info = (run / "run_info.json").read_text()
+    (run / "run_info.json").write_text(info[:len(info) // 2])
+    cache = report_dir / "runs" / "ppo" / "seed-1" / "eval-step-2.json"
+    whole = json.loads(cache.read_text())
+    cache.write_text(cache.read_text()[:100])
+    (report_dir / "eval-base.json").write_text("[]")
+    report = compare(None, base_sets(tiny_model, toy_data, toy_reward), RUNS, report_dir, eval_num=4, save_every=1,
+                     seeds=SEEDS, console=Console(quiet=True))
+    assert json.loads((run / "run_info.json").read_text()) == json.loads(info)
+    assert "resumed after step 3" in " ".join((run / "train.log").read_text().split())
+    fresh = json.loads(cache.read_text())  # evaluated again: the same greedy completions (its time aside)
+    assert all(fresh[k] == whole[k] for k in ("key", "accuracy", "correct", "completions"))
+    assert json.loads((report_dir / "eval-base.json").read_text())["accuracy"] == report["base_eval"]["accuracy"]
+    assert report["base_eval"] == before["base_eval"] and report["eval_problems"] == before["eval_problems"] == 4
+
+
 def test_a_report_folder_made_with_other_settings_is_refused(report_dir, tiny_model, toy_data, toy_reward):
     sets = base_sets(tiny_model, toy_data, toy_reward) + ["optim.lr=0.5"]
     with pytest.raises(UserError, match=r"run 'grpo' .* other settings \(optim.lr\)"):
@@ -153,14 +176,12 @@ def test_report_page_in_a_headless_browser(report_dir):
     assert (report_dir / "screenshot.png").stat().st_size > 10_000
 
 
-def test_evaluation_cache_is_keyed_on_what_changes_the_result(tiny_model, toy_data, toy_reward, tmp_path,
-                                                              monkeypatch):
-    import os
-
+@pytest.fixture
+def eval_calls(monkeypatch) -> list:
+    """The held-out evaluation made a fake (no model loaded): the first problem right, the others wrong. The
+    list it returns gets (prefill, max_new_tokens, batch_size) of every evaluation made."""
     import grouprl.evaluate
     import grouprl.models
-    from grouprl.compare import evaluate_checkpoint
-    from grouprl.config import load_config
 
     calls = []
 
@@ -171,6 +192,16 @@ def test_evaluation_cache_is_keyed_on_what_changes_the_result(tiny_model, toy_da
 
     monkeypatch.setattr(grouprl.evaluate, "evaluate", fake_evaluate)
     monkeypatch.setattr(grouprl.models, "load_for_inference", lambda path, cfg: (None, None))
+    return calls
+
+
+def test_evaluation_cache_is_keyed_on_what_changes_the_result(tiny_model, toy_data, toy_reward, tmp_path, eval_calls):
+    import os
+
+    from grouprl.compare import evaluate_checkpoint
+    from grouprl.config import load_config
+
+    calls = eval_calls
     model = tmp_path / "model"  # a checkpoint of our own, to write again below
     shutil.copytree(tiny_model, model)
     cache = tmp_path / "eval.json"
@@ -211,6 +242,61 @@ def test_evaluation_cache_is_keyed_on_what_changes_the_result(tiny_model, toy_da
         assert len(calls) == 7 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
+
+
+def test_evaluation_cache_is_written_whole_and_a_damaged_one_made_again(tiny_model, toy_data, toy_reward, tmp_path,
+                                                                       eval_calls, monkeypatch):
+    """A kill while a cache was written used to leave it cut short, and every later compare died reading it.
+    Now a cache is renamed into place once whole (a kill before that leaves the old one or none), and one
+    that cannot be read or is not an evaluation of the problems asked for is evaluated again."""
+    import os
+
+    from grouprl.compare import evaluate_checkpoint
+    from grouprl.config import load_config
+
+    cfg = load_config(None, toy_config(tiny_model, toy_data, toy_reward, tmp_path / "run"))
+    cache = tmp_path / "eval-step-1.json"
+
+    def run(num=4):
+        return evaluate_checkpoint(str(tiny_model), cfg, num, cache)
+
+    def killed_at_rename(src, dst):
+        raise KeyboardInterrupt if Path(dst) == cache else AssertionError(f"unexpected rename to {dst}")
+
+    with monkeypatch.context() as m:  # killed before the rename: no cache at all
+        m.setattr(os, "replace", killed_at_rename)
+        with pytest.raises(KeyboardInterrupt):
+            run()
+    assert not cache.exists() and len(eval_calls) == 1
+    whole = run()
+    assert whole["correct"] == [1, 0, 0, 0] and json.loads(cache.read_text()) == whole and len(eval_calls) == 2
+    text = cache.read_text()
+    with monkeypatch.context() as m:  # killed while another evaluation replaces it: the old one stays whole
+        m.setattr(os, "replace", killed_at_rename)
+        with pytest.raises(KeyboardInterrupt):
+            run(num=3)
+    assert cache.read_text() == text and len(eval_calls) == 3
+    damaged = [text[:len(text) // 2], "\xff", "[]", json.dumps(whole | {"correct": [1, 0]}),
+               json.dumps({k: v for k, v in whole.items() if k != "completions"})]
+    for n, bad in enumerate(damaged):
+        cache.write_text(bad)
+        assert run() == whole and len(eval_calls) == 4 + n, bad
+        assert json.loads(cache.read_text()) == whole
+    assert run() == whole and len(eval_calls) == 3 + len(damaged)  # whole again: reused
+
+
+def test_a_damaged_run_info_is_one_line(tiny_model, toy_data, toy_reward, tmp_path):
+    from grouprl.compare import run_figures
+    from grouprl.config import load_config
+
+    cfg = load_config(None, toy_config(tiny_model, toy_data, toy_reward, tmp_path / "run"))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 1, "step_time": 1.0}) + "\n")
+    for bad in ('{"algo": "gr', "[]", '{"algo": "grpo"}'):
+        (run_dir / "run_info.json").write_text(bad)
+        with pytest.raises(UserError, match=r"run 'grpo' seed 0: '.*run_info\.json' is missing or damaged"):
+            run_figures("grpo", cfg, tmp_path, 4, lambda: None)
 
 
 def test_compare_runs_each_arm_distributed(tiny_model, toy_data, toy_reward, tmp_path):

@@ -57,7 +57,7 @@ def test_bad_messages_name_the_row(tmp_path, prompt, needle):
     f.write_text(json.dumps({"prompt": "fine", "answer": 1}) + "\n" + json.dumps({"prompt": prompt, "answer": 2}) + "\n")
     with pytest.raises(UserError) as e:
         build_task(TaskConfig(name="dataset", source=str(f)))
-    assert str(e.value).startswith(f"dataset '{f}' row 2: 'prompt'") and needle in str(e.value)
+    assert str(e.value).startswith(f"dataset file '{f}' line 2: 'prompt'") and needle in str(e.value)
 
 
 def test_messages_dataset_trains_a_step(tiny_model, toy_reward, tmp_path):
@@ -135,7 +135,7 @@ def test_verl_rows_without_ground_truth_name_the_row(tmp_path):
     rows = [{"data_source": "d", "prompt": [{"role": "user", "content": "q"}], "reward_model": {"ground_truth": "1"}},
             {"data_source": "d", "prompt": [{"role": "user", "content": "q"}], "reward_model": {"style": "rule"}}]
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(UserError, match=r"row 2: 'reward_model' has no ground_truth"):
+    with pytest.raises(UserError, match=r"v.jsonl' line 2: 'reward_model' has no ground_truth"):
         build_task(TaskConfig(name="dataset", source=str(f)))
 
 

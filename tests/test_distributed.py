@@ -358,3 +358,44 @@ def test_leaving_the_process_group_releases_the_models_an_error_still_holds_firs
                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     assert "alive at destroy: [False] initialized: False" in run.stdout, run.stdout + run.stderr[-3000:]
+
+
+def test_the_workers_die_with_their_launcher(setup, tmp_path):
+    """A SIGKILL of `grouprl train --nproc 2` (no handler can run) ends both workers at once: none trains on
+    or holds the run's lock, and the run resumes from its last checkpoint."""
+    from grouprl.checkpoint import checkpoint_step, latest_checkpoint
+
+    out = tmp_path / "out"
+    cfg = load_config(setup / "ddp-full-seqmean.yaml", [f"output_dir={out}", "steps=200", "save_every=1"])
+    save_config(cfg, tmp_path / "c.yaml")
+    proc = subprocess.Popen([sys.executable, "-m", "grouprl", "train", "--nproc", "2", "--config",
+                             str(tmp_path / "c.yaml")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    while latest_checkpoint(out) is None:  # step 1 saved
+        assert proc.poll() is None
+        time.sleep(0.1)
+    workers = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/stat")
+               if _ppid(p) == proc.pid]
+    assert len(workers) >= 2, workers
+    proc.kill()
+    proc.wait()
+    for _ in range(300):
+        alive = [w for w in workers if os.path.exists(f"/proc/{w}") and
+                 open(f"/proc/{w}/stat").read().rpartition(")")[2].split()[0] != "Z"]
+        if not alive:
+            break
+        time.sleep(0.1)
+    else:
+        for w in alive:
+            os.kill(w, signal.SIGKILL)
+        raise AssertionError(f"workers {alive} outlived their launcher")
+    step = checkpoint_step(latest_checkpoint(out))
+    rc, log, _ = grouprl_nproc("--resume", str(out), "--set", f"steps={step + 1}")  # the lock was let go
+    assert rc == 0, log[-3000:]
+
+
+def _ppid(stat: Path) -> int | None:
+    try:
+        return int(stat.read_text().rpartition(")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None

@@ -112,14 +112,14 @@ def test_bad_prompt_names_the_row(tmp_path, prompt, what):
     f = tmp_path / "d.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in [{"q": "fine", "a": 1}, {"q": prompt, "a": 2}]))
     msg = user_error(dataset_rows, str(f), "q", "a")
-    assert msg.startswith(f"dataset '{f}' row 2: 'q' {what}") and "expected the prompt text" in msg
+    assert msg.startswith(f"dataset file '{f}' line 2: 'q' {what}") and "expected the prompt text" in msg
 
 
 def test_null_answer_names_the_row(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text('{"q": "one", "a": 1}\n{"q": "two", "a": 0}\n{"q": "three", "a": null}\n')
     msg = user_error(dataset_rows, str(f), "q", "a")
-    assert msg == f"dataset '{f}' row 3: 'a' is null: expected the reference answer"
+    assert msg == f"dataset file '{f}' line 3: 'a' is null: expected the reference answer"
     # without an answer column the value is just another column for the rewards
     assert dataset_rows(str(f), "q", None)[2] == {"prompt": "three", "a": None}
 
@@ -127,17 +127,18 @@ def test_null_answer_names_the_row(tmp_path):
 def test_blank_csv_cells_name_the_row(tmp_path):
     f = tmp_path / "d.csv"
     f.write_text("prompt,answer\nhello,1\n,2\n")
-    assert user_error(dataset_rows, str(f), "prompt", "answer").startswith(f"dataset '{f}' row 2: 'prompt' is null")
+    msg = user_error(dataset_rows, str(f), "prompt", "answer")
+    assert msg.startswith(f"dataset file '{f}' record 2: 'prompt' is null")  # a record: the header is not one
     f.write_text("prompt,answer\nhello,1\nbye,\n")  # pandas reads the blank number as NaN
-    assert f"row 2: 'answer' is null" in user_error(dataset_rows, str(f), "prompt", "answer")
+    assert f"'{f}' record 2: 'answer' is null" in user_error(dataset_rows, str(f), "prompt", "answer")
 
 
 def test_gsm8k_null_question_and_answer(tmp_path):
     f = tmp_path / "g.jsonl"
     f.write_text('{"question": "q", "answer": "#### 1"}\n{"question": null, "answer": "#### 2"}\n')
-    assert user_error(gsm8k_rows, str(f)).startswith(f"dataset '{f}' row 2: 'question' is null")
+    assert user_error(gsm8k_rows, str(f)).startswith(f"dataset file '{f}' line 2: 'question' is null")
     f.write_text('{"question": "q", "answer": null}\n')
-    assert user_error(gsm8k_rows, str(f)).startswith(f"dataset '{f}' row 1: 'answer' is null")
+    assert user_error(gsm8k_rows, str(f)).startswith(f"dataset file '{f}' line 1: 'answer' is null")
 
 
 def test_data_path_is_a_directory(tmp_path):

@@ -32,6 +32,12 @@ async def hangs(prompts, completions, **kw):
 
 async def raises(prompts, completions, **kw):
     raise ValueError("judge said no\\nsecond line")
+
+async def exits(prompts, completions, **kw):
+    raise SystemExit(3)
+
+async def interrupts(prompts, completions, **kw):
+    raise KeyboardInterrupt
 '''
 
 SYNC = '''
@@ -49,6 +55,11 @@ def hangs(prompts, completions, **kw):
 
 def raises(prompts, completions, **kw):
     raise KeyError("missing")
+
+def spawns(prompts, completions, **kw):
+    import subprocess
+    child = subprocess.Popen(["sleep", "600"])
+    return [float(child.pid)] * len(completions)
 '''
 
 
@@ -127,3 +138,39 @@ def test_worker_timeout_and_error_are_one_line(files):
             rs.score(["p"], ["x"], {})
     finally:
         rs.close()
+
+
+@pytest.mark.parametrize("fn, said", [("exits", "called exit(3)"), ("interrupts", "raised KeyboardInterrupt")])
+def test_an_async_reward_that_exits_is_one_line_and_the_event_loop_lives_on(files, fn, said):
+    # a SystemExit that left its task would end the event loop's thread: the wait would run out the limit
+    rs = RewardSet([(f"{files}/a.py:{fn}", 1.0)], timeout_s=5)
+    try:
+        for _ in range(2):
+            with pytest.raises(UserError) as e:
+                rs.score(["p"], ["x"], {})
+            assert str(e.value).startswith(f"reward function '{files}/a.py:{fn}' {said}: a reward function must")
+    finally:
+        rs.close()
+
+
+def test_a_reward_workers_children_end_with_the_run(files):
+    import os
+    import signal
+
+    rs = RewardSet([(f"{files}/s.py:spawns", 1.0)], workers=1)
+    try:
+        per_fn, _ = rs.score(["p"], ["x"], {})
+    finally:
+        rs.close()
+    child = int(per_fn[0, 0])
+    for _ in range(100):  # the worker's group was sent SIGKILL: the child is gone once its parent reaps it
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        if open(f"/proc/{child}/stat").read().split()[2] == "Z":  # killed, waiting for a parent that left
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError("the reward's child process outlived the run")

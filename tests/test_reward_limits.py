@@ -5,6 +5,7 @@ import os
 import signal
 import sys
 import textwrap
+from fractions import Fraction
 import threading
 import time
 
@@ -274,6 +275,15 @@ def test_values_outside_float32_refused(bad):
         call(lambda prompts, completions, **_: [1.0, bad])
     assert str(info.value) == (f"reward function 'f' returned {bad!r} at index 1: expected a finite number "
                                "within float32's range (|x| < 3.4e38)")
+
+
+@pytest.mark.parametrize("bad", [10**400, -(10**400), Fraction(10**400, 3), np.array(10**400, dtype=object)])
+def test_numbers_past_float64_refused_in_one_line(bad):
+    # float(10**400) raises OverflowError: such a value is as out of range as inf
+    with pytest.raises(UserError) as info:
+        call(lambda prompts, completions, **_: [1.0, bad])
+    assert str(info.value).startswith("reward function 'f' returned ") and str(info.value).endswith(
+        "at index 1: expected a finite number within float32's range (|x| < 3.4e38)")
 
 
 def test_largest_float32_accepted():

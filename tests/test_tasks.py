@@ -257,7 +257,7 @@ def test_gsm8k_rows_missing_column(tmp_path):
 
 def test_gsm8k_rows_answer_without_marker(tmp_path):
     src = write_jsonl(tmp_path / "gsm.jsonl", GSM + [{"question": "q", "answer": "just 4"}])
-    with pytest.raises(UserError, match="row 3: answer must end with '#### <number>'"):  # 1-based
+    with pytest.raises(UserError, match="gsm.jsonl' line 3: answer must end with '#### <number>'"):  # 1-based
         gsm8k_rows(src)
 
 
@@ -395,3 +395,142 @@ def test_system_prompts_show_a_worked_example_not_placeholders(prompt):
 def test_build_task_gsm8k_uses_the_worked_example(tmp_path):
     task = build_task(TaskConfig(name="gsm8k", source=write_jsonl(tmp_path / "g.jsonl", _gsm_rows(5))))
     assert task.system_prompt == FORMAT_PROMPT and "3 * 6 = 18" in FORMAT_PROMPT
+
+
+# ---------------------------------------------------------------- where a bad row is
+
+
+def lines_with(bad: dict, good=lambda i: {"prompt": f"say a {i}", "answer": str(i)}, n: int = 20) -> str:
+    """n JSON Lines rows good(i), line 3 blank and `bad` on line 6: the file's 5th row, so that its row number
+    and its line number differ."""
+    lines = [json.dumps(good(i)) for i in range(n)]
+    lines.insert(2, "")
+    lines[5] = json.dumps(bad)
+    return "\n".join(lines) + "\n"
+
+
+def test_an_over_long_prompt_is_named_by_its_line_after_the_shuffle(tiny_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    from grouprl.tasks import fit_prompts, token_lengths
+
+    f = tmp_path / "d.jsonl"
+    long = "say " + "b" * 100
+    f.write_text(lines_with({"prompt": long, "answer": "1"}))
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    task = build_task(TaskConfig(name="dataset", source=str(f), num_eval=4, system_prompt="x"))
+    split = task.train if any(r["prompt"] == long for r in task.train) else task.eval
+    assert [r["prompt"] for r in split].index(long) + 1 not in (5, 6)  # moved: only its origin can name line 6
+    limit = max(token_lengths(tok, [task.chat_prompt(tok, r, "") for r in task.train + task.eval
+                                    if r["prompt"] != long]))
+    with pytest.raises(UserError) as e:
+        fit_prompts(task, tok, "", limit, "error")
+    assert str(e.value).startswith(f"dataset file '{f}' line 6 (starts 'say bbbb"), str(e.value)
+    # the rows that are kept, cut or not, still know their lines
+    dropped = fit_prompts(task, tok, "", limit, "drop")
+    assert sorted(r.origin for r in dropped.train + dropped.eval) == sorted(
+        f"dataset file '{f}' line {n}" for n in [1, 2, 4, 5] + list(range(7, 22)))
+    cut = fit_prompts(task, tok, "", limit, "truncate_left")
+    row = next(r for r in cut.train + cut.eval if r.origin == f"dataset file '{f}' line 6")
+    assert row["prompt"] != long and row["prompt"].endswith("bbb")
+
+
+def test_a_row_origin_never_reaches_the_rewards(tmp_path):
+    import pickle
+
+    from grouprl.batch import columns_of
+
+    f = tmp_path / "d.jsonl"
+    f.write_text(lines_with({"prompt": "q", "answer": "1", "level": 2}))
+    task = build_task(TaskConfig(name="dataset", source=str(f), num_eval=4))
+    assert set(columns_of(task.train)) == {"answer", "level"}  # the reward keyword arguments
+    assert all(set(r) == {"prompt", "answer", "level"} for r in task.train + task.eval)
+    row = pickle.loads(pickle.dumps(task.train[0]))  # as rows are gathered from the other ranks
+    assert row == task.train[0] and row.origin == task.train[0].origin
+
+
+def _csv(path, rows):
+    import csv
+
+    with path.open("w", newline="") as out:
+        w = csv.DictWriter(out, fieldnames=["prompt", "answer"])
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _parquet(path, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def _rows_with(bad: dict, at: int, n: int = 8) -> list[dict]:
+    """n rows {"prompt", "answer"}, the at-th (1-based) replaced by `bad`."""
+    rows = [{"prompt": f"say a {i}", "answer": str(i)} for i in range(n)]
+    rows[at - 1] = bad
+    return rows
+
+
+ROW_ERRORS = {  # case -> (file name, task name, write the file, the start of the error after the file's name)
+    "jsonl null prompt": ("d.jsonl", "dataset", lambda f: f.write_text(lines_with({"prompt": None, "answer": "1"})),
+                          "line 6: 'prompt' is null"),
+    "jsonl no answer": ("d.jsonl", "dataset", lambda f: f.write_text(lines_with({"prompt": "q"})),
+                        "line 6: 'answer' is null"),
+    "JSON Lines named .json": ("d.json", "dataset", lambda f: f.write_text(lines_with({"prompt": 7, "answer": "1"})),
+                               "line 6: 'prompt' is not text"),
+    "JSON array": ("d.json", "dataset",
+                   lambda f: f.write_text(json.dumps(_rows_with({"prompt": 7, "answer": "1"}, at=3))),
+                   "item 3: 'prompt' is not text"),
+    "csv": ("d.csv", "dataset", lambda f: _csv(f, _rows_with({"prompt": "q", "answer": ""}, at=4)),
+            "record 4: 'answer' is null"),  # the header is not a record
+    "parquet": ("d.parquet", "dataset", lambda f: _parquet(f, _rows_with({"prompt": None, "answer": "1"}, at=5)),
+                "record 5: 'prompt' is null"),
+    "GSM8K without ####": ("g.jsonl", "gsm8k", lambda f: f.write_text(lines_with(
+        {"question": "q", "answer": "just 4"}, good=lambda i: {"question": f"say {i}", "answer": f"#### {i}"})),
+        "line 6: answer must end with '#### <number>'"),
+    "verl without ground_truth": ("v.jsonl", "dataset", lambda f: f.write_text(lines_with(
+        {"prompt": [{"role": "user", "content": "q"}], "reward_model": {"style": "rule"}},
+        good=lambda i: {"prompt": [{"role": "user", "content": f"say {i}"}], "reward_model": {"ground_truth": i}})),
+        "line 6: 'reward_model' has no ground_truth"),
+}
+
+
+@pytest.mark.parametrize("case", list(ROW_ERRORS))
+def test_a_bad_row_is_named_where_the_user_finds_it(case, tmp_path):
+    name, task, write, needle = ROW_ERRORS[case]
+    f = tmp_path / name
+    write(f)
+    with pytest.raises(UserError) as e:
+        build_task(TaskConfig(name=task, source=str(f), answer_column=None if "verl" in case else "answer"))
+    assert str(e.value).startswith(f"dataset file '{f}' {needle}"), str(e.value)
+
+
+def test_a_bad_row_of_a_datasets_split_is_named_by_split_and_row(monkeypatch):
+    import datasets
+
+    asked = []
+
+    def load_dataset(name, config, split):
+        asked.append((name, config, split))
+        return datasets.Dataset.from_list(_rows_with({"prompt": None, "answer": "1"}, at=3))
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    for source, where in [("org/data:main@test", "dataset 'org/data:main' split 'test' row 3"),
+                          ("org/data", "dataset 'org/data' split 'train' row 3")]:
+        with pytest.raises(UserError) as e:
+            dataset_rows(source, "prompt", "answer")
+        assert str(e.value) == f"{where}: 'prompt' is null: expected the prompt text"  # row 3 is ds[2]
+    assert asked == [("org/data", "main", "test"), ("org/data", None, "train")]
+
+
+def test_a_built_in_task_row_is_named_by_its_split_and_place(tiny_model):
+    from transformers import AutoTokenizer
+
+    from grouprl.tasks import fit_prompts
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    task = build_task(TaskConfig(name="arithmetic", num_train=4, num_eval=2, seed=1))
+    with pytest.raises(UserError) as e:  # no file to name: the row's place in the generated train split
+        fit_prompts(task, tok, "", 10, "error")
+    assert str(e.value).startswith("train row 1 (starts "), str(e.value)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from grouprl.errors import UserError
-from grouprl.trackers import check, completions_table
+from grouprl.trackers import TRACKERS, check, completions_table, open_trackers
 from tests.test_learning import toy_config
 
 
@@ -29,14 +29,63 @@ def test_completions_table_one_row_per_prompt():
                      [7, "p2", "", 0.5, "d", 1.0, 0.0, "e", 0.0, 0.0]]
 
 
-def test_a_missing_tracker_library_is_named(monkeypatch):
+def test_a_missing_tracker_library_is_named(monkeypatch, tmp_path):
     import importlib.util
 
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(UserError, match=r"report_to includes wandb, which is not installed: pip install 'grouprl\[wandb\]'"):
         check(["jsonl", "wandb"])
     check(["jsonl", "tensorboard", "trackio"])
+
+
+def test_a_trackio_store_that_cannot_be_written_is_refused_before_training(monkeypatch, tmp_path):
+    """trackio itself only warns when it cannot write its store, and the run would end with an empty Trackio
+    run: check refuses it at start. A folder under a regular file can never be made (as root too)."""
+    import importlib.util
+
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "a-file" / "trackio"))
+    with pytest.raises(UserError, match=r"report_to trackio: its store '.*a-file/trackio' cannot be written .*"
+                                        "set TRACKIO_DIR to a writable folder, or remove trackio from report_to"):
+        check(["jsonl", "trackio"])
+    check(["jsonl", "tensorboard"])  # not asked for: not checked
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "new" / "trackio"))
+    check(["trackio"])
+    assert (tmp_path / "new" / "trackio").is_dir()
+    # not installed: that is what is named (the store is trackio's own setting)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trackio" else real(name, *a))
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "a-file" / "trackio"))
+    with pytest.raises(UserError, match="report_to includes trackio, which is not installed"):
+        check(["trackio"])
+
+
+@pytest.mark.parametrize("damaged", [b'{"wandb": "1a2', b"[]", b'{"wandb": 3}', b"\xff\xfe"],
+                         ids=["cut-short", "a-list", "not-a-string", "not-utf8"])
+def test_a_damaged_trackers_json_starts_new_tracker_runs(damaged, monkeypatch, tmp_path, capsys):
+    """trackers.json only keeps the tracker run ids a resume continues: when it is damaged (a kill while it was
+    written, an edit) the resume goes on with new tracker runs, says so in one line, and writes it again."""
+    run_ids = []
+
+    class Fake:
+        def __init__(self, out_dir, config, project, name, run_id):
+            run_ids.append(run_id)
+            self.id = run_id or "new-id"
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(TRACKERS, "wandb", Fake)
+    ids_file = tmp_path / "trackers.json"
+    ids_file.write_bytes(damaged)
+    open_trackers(["jsonl", "wandb"], tmp_path, {}, "project", "run")
+    assert run_ids == [None] and json.loads(ids_file.read_text()) == {"wandb": "new-id"}
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.startswith("warning:") and "trackers.json is damaged" in err and "start new runs" in err
+    open_trackers(["jsonl", "wandb"], tmp_path, {}, "project", "run")  # the id written is continued
+    assert run_ids == [None, "new-id"] and capsys.readouterr().err == ""
 
 
 def wandb_records(run_file: str) -> list:

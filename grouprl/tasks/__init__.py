@@ -1,8 +1,10 @@
 """Tasks: where prompts and reference answers come from, and how a prompt is put to the model.
 
 A task is two lists of rows (train, held-out), each row a dict with 'prompt' (the question text), usually
-'answer', and any other columns, which reach the reward functions as keyword arguments. `fit_prompts` checks
-every prompt against the model's context before any model is loaded, and cuts or drops those too long.
+'answer', and any other columns, which reach the reward functions as keyword arguments. Rows read from data
+are `Row`s that carry their origin (file and line, or split and row) through the shuffle and split, so that
+an error names where the user finds the row. `fit_prompts` checks every prompt against the model's context
+before any model is loaded, and cuts or drops those too long.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from transformers import PreTrainedTokenizerBase
 
 from grouprl.config import TaskConfig
 from grouprl.errors import UserError
+from grouprl.limits import time_limit
 from grouprl.tasks.arithmetic import arithmetic_splits
 from grouprl.tasks.countdown import countdown_splits
-from grouprl.tasks.data import dataset_rows, gsm8k_rows, prompt_preview
+from grouprl.tasks.data import dataset_rows, gsm8k_rows, origin_of, prompt_preview, with_columns
 
 # Each prompt shows a worked example rather than placeholders ("your working"): a small model copies what it
 # is shown, and a copied example earns no reward (the format rewards refuse a reasoning copied verbatim from
@@ -60,12 +63,27 @@ class Task:
     def chat_prompt(self, tokenizer: PreTrainedTokenizerBase, row: dict, prefill: str) -> str:
         """The text the model continues: the chat template applied to `messages`, then the prefill."""
         messages = self.messages(row)
-        try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        try:  # the template is code from the model's folder: its time and its output are bounded
+            with time_limit(TEMPLATE_LIMIT_S) as limit:
+                text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as e:  # jinja raises from inside the model's own template
             raise UserError(f"the model's chat template rejected the prompt ({type(e).__name__}: {e}); "
                             "set task.system_prompt or use a model whose template takes a system message") from None
+        if limit.expired:
+            raise UserError(f"the model's chat template took longer than {TEMPLATE_LIMIT_S:g}s to render one prompt: "
+                            "expected a template that renders the messages (fix or replace its chat_template)")
+        if len(text) > TEMPLATE_MAX_CHARS:
+            raise UserError(f"the model's chat template made a prompt of {len(text):,} characters, over "
+                            f"{TEMPLATE_MAX_CHARS:,}: expected a template that renders the messages (fix or replace "
+                            "its chat_template)")
         return text + prefill
+
+
+# Bounds on rendering a model folder's chat template (jinja in a sandbox, but with loops and string sizes
+# unbounded): one prompt's time, and its length, far above any real prompt's and below what makes the
+# tokenizer itself fail (a 300 MB prompt ends it with SIGABRT).
+TEMPLATE_LIMIT_S = 10.0
+TEMPLATE_MAX_CHARS = 2**22
 
 
 def _split(rows: list[dict], num_eval: int, seed: int) -> tuple[list[dict], list[dict]]:
@@ -129,7 +147,8 @@ def fit_prompts(task: Task, tokenizer: PreTrainedTokenizerBase, prefill: str, ma
                 long_prompts: str) -> Task:
     """A copy of the task whose every train and held-out prompt (chat template, system prompt and prefill
     included) is at most max_prompt_tokens long. A longer one, by long_prompts: 'error' raises a UserError
-    naming the split and row, 'truncate_left' keeps the end of its question, 'drop' removes the row.
+    naming the row where the user finds it (its file and line, or split and row; for a task made in code, its
+    place in the split), 'truncate_left' keeps the end of its question, 'drop' removes the row.
     max_prompt_tokens None (the model's context is unknown) leaves the task as it is."""
     if max_prompt_tokens is None:
         return task
@@ -147,8 +166,9 @@ def _fit_split(task: Task, tokenizer: PreTrainedTokenizerBase, prefill: str, lim
         return list(rows)
     if long_prompts == "error":
         i = long[0]
+        where = origin_of(rows[i], f"{split} row {i + 1}")
         more = f"; {len(long) - 1} more {split} row(s) too" if len(long) > 1 else ""
-        raise UserError(f"{split} row {i + 1} (starts {prompt_preview(rows[i]['prompt'])!r}): the prompt is {lengths[i]} tokens, "
+        raise UserError(f"{where} (starts {prompt_preview(rows[i]['prompt'])!r}): the prompt is {lengths[i]} tokens, "
                         f"over task.max_prompt_tokens={limit} (chat template, system prompt and prefill included)"
                         f"{more}: set task.long_prompts to truncate_left (keep the end of the question) or drop "
                         "(skip the row), or raise task.max_prompt_tokens")
@@ -160,7 +180,8 @@ def _fit_split(task: Task, tokenizer: PreTrainedTokenizerBase, prefill: str, lim
         return kept
     if any(isinstance(rows[i]["prompt"], list) for i in long):
         i = next(i for i in long if isinstance(rows[i]["prompt"], list))
-        raise UserError(f"{split} row {i + 1}: the chat-messages prompt is {lengths[i]} tokens, over "
+        where = origin_of(rows[i], f"{split} row {i + 1}")
+        raise UserError(f"{where}: the chat-messages prompt is {lengths[i]} tokens, over "
                         f"task.max_prompt_tokens={limit}, and truncate_left cuts text prompts only: set "
                         "task.long_prompts to drop, or raise task.max_prompt_tokens")
     cut = _truncate_left(task, tokenizer, prefill, limit, [rows[i] for i in long])
@@ -189,7 +210,7 @@ def _truncate_left(task: Task, tokenizer: PreTrainedTokenizerBase, prefill: str,
         kept = [questions[j][len(questions[j]) - budget[j]:] if budget[j] else [] for j in pending]
         texts = tokenizer.batch_decode(kept, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         for j, text in zip(pending, texts):
-            out[j] = {**rows[j], "prompt": text.lstrip("\ufffd")}  # a cut inside a multi-byte character
+            out[j] = with_columns(rows[j], prompt=text.lstrip("\ufffd"))  # a cut inside a multi-byte character
         lengths = token_lengths(tokenizer, [task.chat_prompt(tokenizer, out[j], prefill) for j in pending])
         over = [(j, n - limit) for j, n in zip(pending, lengths) if n > limit]
         assert all(budget[j] > 0 for j, _ in over), "an empty question fits, since frame < limit"

@@ -1,11 +1,16 @@
 """Loading rows from files or `datasets`: GSM8K-format data and a generic prompt-column dataset.
 
 Sources: a .jsonl/.json/.parquet/.csv path, or a `datasets` name with an optional config and split,
-'name[:config][@split]' (e.g. 'openai/gsm8k:main@train'). Rows come back as plain dicts.
+'name[:config][@split]' (e.g. 'openai/gsm8k:main@train'). Rows come back as dicts (`Row`s).
 
 JSON files are read here with `json`, one line at a time, so that a broken line is reported by its line
 number (`datasets` reports a byte position inside an Arrow batch). Text files are checked to be UTF-8 and
 every file to hold at least one row before `datasets` sees them: it fails on both without naming the cause.
+
+Every row is a `Row` that knows where it came from, so that an error about it, here or after the rows are
+shuffled and split, names the place a user can open: a JSON Lines file's line (1-based, blank lines counted),
+a JSON array's item, a CSV or parquet file's record (1-based, a CSV's header not counted), a `datasets`
+split's row (1-based: row 6 is `ds[5]`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,28 @@ from pathlib import Path
 from grouprl.errors import UserError
 
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class Row(dict):
+    """A data row: its columns, as a plain dict, and `origin`, where it came from (e.g. "dataset file
+    'd.jsonl' line 6"), for the errors that name it. An attribute and not a column, so that it never reaches
+    the reward functions (they receive every column); it goes wherever the row object goes: a shuffle, a
+    split, a pickle to another rank. A copy made with {**row} is a plain dict: copy with `with_columns`."""
+
+    def __init__(self, columns: dict, origin: str):
+        super().__init__(columns)
+        self.origin = origin
+
+
+def origin_of(row: dict, otherwise: str) -> str:
+    """Where a row came from: a `Row`'s origin, or `otherwise` for a row made in code (the built-in tasks)."""
+    return getattr(row, "origin", otherwise)
+
+
+def with_columns(row: dict, **columns) -> dict:
+    """A copy of the row with `columns` set; a `Row` keeps its origin."""
+    new = {**row, **columns}
+    return Row(new, row.origin) if isinstance(row, Row) else new
 
 
 def read_text(path: Path, source: str) -> str:
@@ -35,8 +62,9 @@ def read_text(path: Path, source: str) -> str:
                         "as UTF-8") from None
 
 
-def json_lines(text: str, source: str) -> list[dict]:
-    """One JSON object per line (blank lines skipped); UserError naming the 1-based line of a bad one."""
+def json_lines(text: str, source: str) -> list[Row]:
+    """One JSON object per line (blank lines skipped), each knowing its line; UserError naming the 1-based line
+    of a bad one."""
     rows = []
     for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit inside a JSON string
         if not line.strip():
@@ -48,11 +76,11 @@ def json_lines(text: str, source: str) -> list[dict]:
         if not isinstance(row, dict):
             raise UserError(f"dataset file {source!r} line {n}: expected a JSON object {{\"column\": value, ...}}, "
                             f"got {type(row).__name__}")
-        rows.append(row)
+        rows.append(Row(row, f"dataset file {source!r} line {n}"))
     return rows
 
 
-def json_rows(text: str, source: str) -> list[dict]:
+def json_rows(text: str, source: str) -> list[Row]:
     """A .json file: a list of objects, one object, or (as often named .json) one object per line."""
     if not text.strip():
         return []
@@ -68,13 +96,13 @@ def json_rows(text: str, source: str) -> list[dict]:
         if not isinstance(row, dict):
             raise UserError(f"dataset file {source!r} item {i + 1}: expected a JSON object {{\"column\": value, "
                             f"...}}, got {type(row).__name__}")
-    return rows
+    return [Row(row, f"dataset file {source!r} item {i + 1}") for i, row in enumerate(rows)]
 
 
-def same_columns(rows: list[dict]) -> list[dict]:
+def same_columns(rows: list[Row]) -> list[Row]:
     """Every row with every column (None where a row lacks one), as `datasets` gives them."""
     columns = list(dict.fromkeys(k for r in rows for k in r))
-    return [{k: r.get(k) for k in columns} for r in rows]
+    return [Row({k: r.get(k) for k in columns}, r.origin) for r in rows]
 
 
 def file_is_empty(path: Path, fmt: str, source: str) -> bool:
@@ -90,7 +118,7 @@ def file_is_empty(path: Path, fmt: str, source: str) -> bool:
     return sum(1 for _ in zip(range(2), records)) < 2  # a header and no row, or nothing
 
 
-def load_rows(source: str, default_split: str = "train") -> list[dict]:
+def load_rows(source: str, default_split: str = "train") -> list[Row]:
     path = Path(source).expanduser()
     if path.suffix in FILE_FORMATS or path.exists():
         if not path.is_file():
@@ -107,21 +135,23 @@ def load_rows(source: str, default_split: str = "train") -> list[dict]:
     return _load_with_datasets(source, path, default_split)
 
 
-def _load_with_datasets(source: str, path: Path, default_split: str) -> list[dict]:
+def _load_with_datasets(source: str, path: Path, default_split: str) -> list[Row]:
     import datasets
 
     datasets.disable_progress_bars()
     try:
         if path.is_file():
             ds = datasets.load_dataset(FILE_FORMATS[path.suffix], data_files=str(path), split="train")
+            where = f"dataset file {source!r} record"
         else:
-            name, _, split = source.partition("@")
-            name, _, config = name.partition(":")
+            name_config, _, split = source.partition("@")
+            name, _, config = name_config.partition(":")
             ds = datasets.load_dataset(name, config or None, split=split or default_split)
+            where = f"dataset {name_config!r} split {split or default_split!r} row"
     except Exception as e:  # datasets raises many types; the user needs the first line only
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load dataset {source!r}: {first}") from None
-    return [dict(r) for r in ds]
+    return [Row(r, f"{where} {i + 1}") for i, r in enumerate(ds)]
 
 
 def require_columns(rows: list[dict], columns: list[str], source: str) -> None:
@@ -143,12 +173,12 @@ def _missing(value) -> str | None:
     return None
 
 
-def prompt_text(value, source: str, row: int, column: str) -> str:
-    """The prompt of a row (1-based number `row`): non-empty text, or a UserError naming the row."""
+def prompt_text(value, where: str, column: str) -> str:
+    """The prompt of the row from `where` (its origin): non-empty text, or a UserError naming the row."""
     if (missing := _missing(value)) is not None:
-        raise UserError(f"dataset {source!r} row {row}: {column!r} is {missing}: expected the prompt text")
+        raise UserError(f"{where}: {column!r} is {missing}: expected the prompt text")
     if not isinstance(value, str):
-        raise UserError(f"dataset {source!r} row {row}: {column!r} is not text ({type(value).__name__} "
+        raise UserError(f"{where}: {column!r} is not text ({type(value).__name__} "
                         f"{str(value)[:40]}): expected the prompt text")
     return value
 
@@ -156,25 +186,25 @@ def prompt_text(value, source: str, row: int, column: str) -> str:
 ROLES = ("system", "user", "assistant")
 
 
-def prompt_value(value, source: str, row: int, column: str) -> str | list[dict]:
+def prompt_value(value, where: str, column: str) -> str | list[dict]:
     """A prompt cell: text, or chat messages [{"role": "system"|"user"|"assistant", "content": text}, ...] (as
     JSON, parquet and `datasets` give them: a list of dicts; numpy arrays from pandas too) ending with a user
     turn. Messages come back as plain {"role", "content"} dicts; anything else is a UserError naming the row."""
     if hasattr(value, "tolist") and not isinstance(value, str):
         value = value.tolist()
     if not isinstance(value, list):
-        return prompt_text(value, source, row, column)
-    where = f"dataset {source!r} row {row}: {column!r}"
+        return prompt_text(value, where, column)
+    cell = f"{where}: {column!r}"
     if not value:
-        raise UserError(f"{where} is an empty list: expected chat messages [{{\"role\": ..., \"content\": ...}}]")
+        raise UserError(f"{cell} is an empty list: expected chat messages [{{\"role\": ..., \"content\": ...}}]")
     out = []
     for i, m in enumerate(value):
         if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
-            raise UserError(f"{where} message {i + 1} is not {{\"role\": one of {list(ROLES)}, \"content\": text}} "
+            raise UserError(f"{cell} message {i + 1} is not {{\"role\": one of {list(ROLES)}, \"content\": text}} "
                             f"(got {str(m)[:60]})")
         out.append({"role": m["role"], "content": m["content"]})
     if out[-1]["role"] != "user":
-        raise UserError(f"{where}: the last message is {out[-1]['role']!r}: expected a user turn (the model "
+        raise UserError(f"{cell}: the last message is {out[-1]['role']!r}: expected a user turn (the model "
                         "answers it; put an answer's opening in task.prefill)")
     return out
 
@@ -185,10 +215,11 @@ def prompt_preview(prompt: str | list[dict], n: int = 30) -> str:
     return text[:n]
 
 
-def answer_text(value, source: str, row: int, column: str) -> str:
-    """The reference answer of a row as text (numbers allowed: 4 -> '4'); UserError when it is missing."""
+def answer_text(value, where: str, column: str) -> str:
+    """The reference answer of the row from `where` as text (numbers allowed: 4 -> '4'); UserError when it is
+    missing."""
     if (missing := _missing(value)) is not None:
-        raise UserError(f"dataset {source!r} row {row}: {column!r} is {missing}: expected the reference answer")
+        raise UserError(f"{where}: {column!r} is {missing}: expected the reference answer")
     return str(value)
 
 
@@ -200,18 +231,18 @@ def gsm8k_answer(solution: str) -> str:
     return m.group(1).replace(",", "").strip()
 
 
-def gsm8k_rows(source: str) -> list[dict]:
+def gsm8k_rows(source: str) -> list[Row]:
     rows = load_rows(source)
     require_columns(rows, ["question", "answer"], source)
     out = []
-    for n, r in enumerate(rows, 1):
-        solution = answer_text(r["answer"], source, n, "answer")
+    for r in rows:
+        solution = answer_text(r["answer"], r.origin, "answer")
         try:
             answer = gsm8k_answer(solution)
         except ValueError:
-            raise UserError(f"dataset {source!r} row {n}: answer must end with '#### <number>'") from None
-        out.append({"prompt": prompt_text(r["question"], source, n, "question"), "answer": answer,
-                    "solution": solution})
+            raise UserError(f"{r.origin}: answer must end with '#### <number>'") from None
+        out.append(Row({"prompt": prompt_text(r["question"], r.origin, "question"), "answer": answer,
+                        "solution": solution}, r.origin))
     return out
 
 
@@ -221,7 +252,7 @@ def is_verl_style(rows: list[dict], answer_column: str | None) -> bool:
     return bool(rows) and "reward_model" in rows[0] and (answer_column is None or answer_column not in rows[0])
 
 
-def dataset_rows(source: str, prompt_column: str, answer_column: str | None) -> list[dict]:
+def dataset_rows(source: str, prompt_column: str, answer_column: str | None) -> list[Row]:
     """Rows with 'prompt' (text or chat messages) and 'answer' when answer_column is set; every other column
     is kept for rewards. verl-style rows (`is_verl_style`) get `ground_truth` from reward_model.ground_truth
     (as stored: what a verl compute_score expects) and 'answer' as its text."""
@@ -229,18 +260,18 @@ def dataset_rows(source: str, prompt_column: str, answer_column: str | None) -> 
     verl = is_verl_style(rows, answer_column)
     require_columns(rows, [prompt_column] + ([answer_column] if answer_column and not verl else []), source)
     out = []
-    for n, r in enumerate(rows, 1):
-        row = dict(r)
-        row["prompt"] = prompt_value(row.pop(prompt_column), source, n, prompt_column)
+    for r in rows:
+        row = Row(r, r.origin)
+        row["prompt"] = prompt_value(row.pop(prompt_column), r.origin, prompt_column)
         if verl:
             rm = row.get("reward_model")
             if not isinstance(rm, dict) or _missing(rm.get("ground_truth")) is not None:
-                raise UserError(f"dataset {source!r} row {n}: 'reward_model' has no ground_truth: expected "
+                raise UserError(f"{r.origin}: 'reward_model' has no ground_truth: expected "
                                 "{\"ground_truth\": ..., \"style\": \"rule\"} (verl's layout)")
             gt = rm["ground_truth"]
             row["ground_truth"] = gt.tolist() if hasattr(gt, "tolist") else gt
-            row["answer"] = answer_text(row["ground_truth"], source, n, "reward_model.ground_truth")
+            row["answer"] = answer_text(row["ground_truth"], r.origin, "reward_model.ground_truth")
         elif answer_column:
-            row["answer"] = answer_text(row.pop(answer_column), source, n, answer_column)
+            row["answer"] = answer_text(row.pop(answer_column), r.origin, answer_column)
         out.append(row)
     return out

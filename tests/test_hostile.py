@@ -1,0 +1,141 @@
+"""Folders, files and code from a stranger (the hostile review's findings): a checkpoint, a model folder or
+a reward never runs code it was not asked to run, and what goes wrong is one line, never a traceback."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from grouprl.cli import app
+from test_bad_inputs import finished_run, one_error_line, runner, snapshot, write  # noqa: F401 (a fixture)
+
+
+class Payload:
+    """Unpickling this creates the folder `where`: the test's stand-in for any code a pickle can run."""
+
+    def __init__(self, where: Path):
+        self.where = str(where)
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (self.where,)
+
+
+def test_a_crafted_dcp_metadata_runs_no_code_on_resume(finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "final" / "dcp" / ".metadata").write_bytes(pickle.dumps(Payload(tmp_path / "pwned")))
+    before = snapshot(run)
+    one_error_line(runner.invoke(app, ["train", "--resume", str(run), "--set", "steps=4"]),
+                   f"checkpoint '{run / 'final'}' is damaged", "not checkpoint metadata")
+    assert not (tmp_path / "pwned").exists()
+    assert snapshot(run) == before
+
+
+def test_the_real_metadata_reads_through_the_restricted_unpickler(finished_run):
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    from grouprl.safe_dcp import MetadataUnpickler
+
+    with open(finished_run / "final" / "dcp" / ".metadata", "rb") as f:
+        meta = MetadataUnpickler(f).load()
+    assert isinstance(meta, Metadata) and meta.state_dict_metadata
+
+
+def test_checkpoint_values_are_read_as_weights_only(tmp_path):
+    from grouprl.safe_dcp import SafePlanner
+
+    planner = SafePlanner(flatten_state_dict=False)
+    planner.state_dict = {}
+    item = SimpleNamespace(dest_index=SimpleNamespace(fqn="lr"))
+    buf = io.BytesIO()
+    torch.save({"lr": 0.5, "betas": (0.9, 0.99)}, buf)
+    buf.seek(0)
+    planner.load_bytes(item, buf)
+    assert planner.state_dict["lr"] == {"lr": 0.5, "betas": (0.9, 0.99)}
+    buf = io.BytesIO()
+    torch.save(Payload(tmp_path / "pwned"), buf)
+    buf.seek(0)
+    with pytest.raises(pickle.UnpicklingError):
+        planner.load_bytes(item, buf)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_eval_runs_reward_code_named_by_a_model_folder_only_when_the_command_line_names_it(finished_run, tmp_path):
+    import yaml
+
+    folder = tmp_path / "downloaded"
+    shutil.copytree(finished_run / "final", folder)
+    code = write(folder / "judge.py", "from pathlib import Path\n"
+                 f"Path({str(tmp_path / 'ran')!r}).mkdir(exist_ok=True)\n"
+                 "def judge(prompts, completions, **kw):\n    return [1.0] * len(completions)\n")
+    cfg = yaml.safe_load((folder / "grouprl.yaml").read_text())
+    cfg.setdefault("eval", {})["reward"] = f"{code}:judge"
+    (folder / "grouprl.yaml").write_text(yaml.safe_dump(cfg))
+    one_error_line(runner.invoke(app, ["eval", "--model", str(folder), "--num", "1"]),
+                   "names reward code in eval.reward", f"--set eval.reward={code}:judge")
+    assert not (tmp_path / "ran").exists()
+    res = runner.invoke(app, ["eval", "--model", str(folder), "--num", "1", "--set", "eval.reward=correctness"])
+    assert res.exit_code == 0, res.output
+    assert not (tmp_path / "ran").exists()
+    res = runner.invoke(app, ["eval", "--model", str(folder), "--num", "1", "--set", f"eval.reward={code}:judge"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "ran").is_dir()
+
+
+@pytest.mark.parametrize("file, content, needle", [
+    ("trainer_state.json", None, "says step -5"),
+    ("COMPLETE", '{"step": -5, "world_size": 1}', "says step"),
+    ("COMPLETE", "not json", "COMPLETE"),
+])
+def test_a_checkpoint_whose_step_is_not_its_own_is_refused(file, content, needle, finished_run, tmp_path):
+    import json
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    path = run / "final" / file
+    if content is None:
+        content = json.dumps(json.loads(path.read_text()) | {"step": -5})
+    path.write_text(content)
+    before = snapshot(run)
+    one_error_line(runner.invoke(app, ["train", "--resume", str(run), "--set", "steps=4"]),
+                   f"'{run / 'final'}'", needle)
+    assert snapshot(run) == before
+
+
+def test_error_text_is_printed_as_it_is_never_as_markup(tiny_model, toy_data, tmp_path):
+    from test_cli import base_sets
+
+    missing = tmp_path / "x[" / "y].jsonl"
+    line = one_error_line(runner.invoke(app, ["train", *base_sets(tiny_model, toy_data, tmp_path / "a"),
+                                              "--set", f"task.source={missing}"]))
+    assert str(missing) in line
+    rewards = write(tmp_path / "r.py", "def judge(prompts, completions, **kw):\n"
+                    "    raise ValueError('[blink]no[/] [/x] [bold red]')\n")
+    line = one_error_line(runner.invoke(app, ["train", *base_sets(tiny_model, toy_data, tmp_path / "b"), "--set",
+                                              f"rewards=[{{name: '{rewards}:judge'}}]"]))
+    assert "raised ValueError: [blink]no[/] [/x] [bold red]" in line
+
+
+@pytest.mark.parametrize("template, needle", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "took longer than 0.5s"),
+    ("{{ 'x' * 5000000 }}", "5,000,000 characters"),
+])
+def test_a_chat_template_is_bounded_in_time_and_size(template, needle, tiny_model, monkeypatch):
+    import grouprl.tasks as tasks
+    from grouprl.errors import UserError
+    from grouprl.models import load_tokenizer
+
+    monkeypatch.setattr(tasks, "TEMPLATE_LIMIT_S", 0.5)
+    tok = load_tokenizer(str(tiny_model), False)
+    tok.chat_template = template
+    task = tasks.Task("t", [], [], "system", "correctness")
+    with pytest.raises(UserError, match=needle):
+        task.chat_prompt(tok, {"prompt": "q"}, "")
