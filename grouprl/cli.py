@@ -30,7 +30,15 @@ SetOpt = typer.Option(None, "--set", "-s", help="Dotted override, e.g. --set rol
 @app.callback()
 def _quiet() -> None:
     """GRPO for language models with verifiable rewards."""
+    import faulthandler
+
     from transformers.utils import logging as hf_logging
+
+    # a crash in native code (a reward's C extension, a segfault, an abort) names the Python line it was in
+    try:
+        faulthandler.enable()
+    except (ValueError, OSError):  # stderr is not a file (the CLI called from Python, with captured output)
+        pass
 
     hf_logging.disable_progress_bar()  # our own progress bar is the one to watch
 

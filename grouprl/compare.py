@@ -40,7 +40,7 @@ from grouprl.config import (TrainConfig, config_changes, load_config, parse_over
 from grouprl.errors import UserError
 from grouprl.metrics import read_metrics
 from grouprl.report import LAST, aggregate, cumulative, mean, write_report
-from grouprl.trackers import write_atomic
+from grouprl.guard import write_atomic
 from grouprl.verification import self_checks, verification_rate
 
 # Named variants: overrides on top of the base config. Unnamed settings keep the base config's values.

@@ -570,4 +570,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    from grouprl.guard import write_atomic
+
+    write_atomic(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))  # a kill leaves the old one

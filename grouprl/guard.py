@@ -3,7 +3,8 @@
 `RunLock` is an OS file lock (flock) on `<output_dir>/.lock`. The kernel drops it when the holder exits,
 however it dies, so a killed run never needs manual unlocking; a second writer is refused with the
 holder's pid. `StopSignals` turns the first SIGINT/SIGTERM into a request that the loop honours after the
-current step (it writes a checkpoint and exits 130); a second one stops at once (StopNow).
+current step (it writes a checkpoint and exits 130); a second one stops at once (StopNow). `write_atomic`
+writes a file whole or not at all; `die_with_parent` ends a worker with the process that started it.
 """
 
 from __future__ import annotations
@@ -132,6 +133,17 @@ def die_with_parent(parent: int | None = None) -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if parent is not None and os.getppid() != parent:  # it died before the prctl took hold
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `path` whole or not at all: into a temporary file beside it, flushed to disk, then renamed over
+    it, so a kill or a full disk leaves the old file (or none), never a cut-short one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def reward_files(reward_names: list[str]) -> dict[str, str]:

@@ -32,7 +32,7 @@ from grouprl.errors import Stopped, UserError
 from grouprl.evaluate import evaluate_while_training
 from grouprl.trackers import check as check_trackers
 from grouprl.grpo import GRPO
-from grouprl.guard import LOCK_FILE, RunLock, StopSignals, reward_files
+from grouprl.guard import LOCK_FILE, RunLock, StopSignals, reward_files, write_atomic
 from grouprl.learner import Learner, probe_memory
 from grouprl.rollout import Rollout
 from grouprl.logprobs import PASSES, attention
@@ -293,7 +293,7 @@ def _train_with(cfg: TrainConfig, console: Console, out: Path, start: float, loc
             "strategy": cfg.distributed.strategy if world > 1 else None}
     if is_main():
         save_config(cfg, out / "grouprl.yaml")
-        (out / "run_info.json").write_text(json.dumps(info, indent=1))
+        write_atomic(out / "run_info.json", json.dumps(info, indent=1))
     log = MetricsLog(out, cfg.report_to, cfg.model_dump(mode="json"), cfg.project, cfg.run_name) if is_main() \
         else Silent()
     about = (f"{learner.name} on {cfg.task.name} ({len(task.train)} train / {len(task.eval)} held-out problems), "

@@ -548,7 +548,11 @@ class RewardSet:
             self._pool = concurrent.futures.ProcessPoolExecutor(
                 self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_pool_init)
             # started and importing now, outside the reward time limit (a worker's start-up takes seconds)
-            list(self._pool.map(_pool_ready, range(self.workers)))
+            try:
+                list(self._pool.map(_pool_ready, range(self.workers)))
+            except concurrent.futures.process.BrokenProcessPool:
+                self._kill_pool()
+                raise UserError("the reward worker processes (reward_workers) could not start; see above") from None
         return self._pool
 
     def score(self, prompts: list[str], completions: list[str], columns: dict,

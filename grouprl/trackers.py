@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from grouprl.errors import UserError
+from grouprl.guard import write_atomic
 
 EXTRAS = {"wandb": "wandb", "trackio": "trackio"}  # report_to name -> module (and grouprl extra)
 
@@ -49,17 +50,6 @@ def trackio_store() -> Path:
     from huggingface_hub.constants import HF_HOME
 
     return Path(os.environ.get("TRACKIO_DIR") or Path(HF_HOME) / "trackio")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `path` whole or not at all: into a temporary file beside it, flushed to disk, then renamed over
-    it, so a kill or a full disk leaves the old file (or none), never a cut-short one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_ids(path: Path) -> dict[str, str] | None:

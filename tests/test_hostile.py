@@ -139,3 +139,43 @@ def test_a_chat_template_is_bounded_in_time_and_size(template, needle, tiny_mode
     task = tasks.Task("t", [], [], "system", "correctness")
     with pytest.raises(UserError, match=needle):
         task.chat_prompt(tok, {"prompt": "q"}, "")
+
+
+@pytest.mark.parametrize("crash", ["import ctypes; ctypes.string_at(0)", "import os; os.abort()"])
+def test_a_reward_that_crashes_the_process_says_where(crash, tiny_model, toy_data, tmp_path):
+    """In the training process (reward_workers: 0) a segfault or abort cannot become an error line, but the
+    crash report names the reward's file and line; in a worker it is one line."""
+    import subprocess
+    import sys
+
+    from test_cli import base_sets
+
+    rewards = write(tmp_path / "crash.py", f"def crash(prompts, completions, **kw):\n    {crash}\n")
+    sets = [*base_sets(tiny_model, toy_data, tmp_path / "a"), "--set", f"rewards=[{{name: '{rewards}:crash'}}]"]
+    p = subprocess.run([sys.executable, "-m", "grouprl", "train", *sets], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode < 0 or p.returncode > 128, p.stderr[-2000:]
+    assert "Fatal Python error" in p.stderr and f'File "{rewards}", line 2 in crash' in p.stderr, p.stderr[-2000:]
+    line = one_error_line(runner.invoke(app, ["train", *sets[:-2], "--set", f"rewards=[{{name: '{rewards}:crash'}}]",
+                                              "--set", "reward_workers=1", "--set",
+                                              f"output_dir={tmp_path / 'b'}"]), "reward worker process died")
+    assert "crash" in line
+
+
+def test_a_reward_worker_that_sends_sigterm_to_the_trainer_stops_it_with_a_checkpoint(tiny_model, toy_data,
+                                                                                       tmp_path):
+    import subprocess
+    import sys
+
+    from test_cli import base_sets
+
+    rewards = write(tmp_path / "term.py", "import os, signal\ncalls = 0\n"
+                    "def term(prompts, completions, **kw):\n    global calls\n    calls += 1\n"
+                    "    if calls == 3:  # the start-up check, step 1, step 2\n"
+                    "        os.kill(os.getppid(), signal.SIGTERM)\n    return [0.0] * len(completions)\n")
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "grouprl", "train", *base_sets(tiny_model, toy_data, out), "--set",
+                        "steps=6", "--set", f"rewards=[{{name: '{rewards}:term'}}]", "--set", "reward_workers=1"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 130, p.stderr[-2000:]
+    assert "stopped by SIGTERM after step 2" in p.stderr and (out / "checkpoints" / "step-000002" / "COMPLETE").is_file()
