@@ -106,3 +106,12 @@ def test_entropy_control_report_hand_worked(tmp_path, monkeypatch):
     assert "| none (default) | 20 | 1.50 / 0.50 | 0% / 50% | 0.55 / 1.55 | 25.0% @10, 50.0% @20 | 50.0% @20 |" in lines
     assert lines[3].startswith("| clip_cov (entropy.remedy=clip_cov entropy.cov_ratio=0.02) | 20 | 2.00 / 1.00")
     assert (tmp_path / "f.png").stat().st_size > 10_000
+
+
+def test_reward_isolation_smoke():
+    """benchmarks/reward_isolation.py times both reward sets in the training process and in a worker."""
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "reward_isolation.py"), "--completions", "4",
+                          "--steps", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    lines = [line for line in res.stdout.splitlines() if "ms per step" in line]
+    assert len(lines) == 4 and sum("reward_workers=1" in line for line in lines) == 2, res.stdout
