@@ -131,8 +131,10 @@ def train(
         if not (dist.is_initialized() and _lost_contact(e)):
             shutdown(e)
             raise
-        _fail(UserError(f"lost contact with another rank ({first_line(e)[:200]}); see that rank's output above; "
-                        f"the checkpoints written so far are intact: grouprl train --resume {out}"), 1)
+        err = UserError(f"lost contact with another rank ({first_line(e)[:200]}); see that rank's output above; "
+                        f"the checkpoints written so far are intact: grouprl train --resume {out}")
+        err.everywhere = True  # said once, by rank 0 when it is one of those left (the launcher names the lost one)
+        _fail(err, 1)
     except OSError as e:
         _fail(_io_error(e))
     except Stopped as e:
