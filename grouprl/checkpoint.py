@@ -237,7 +237,7 @@ def checkpoint_step(folder: Path) -> int:
     marker = folder / MARKER if (folder / MARKER).is_file() else folder / "trainer_state.json"
     try:
         step = json.loads(marker.read_text())["step"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         step = f"unreadable: {type(e).__name__}"
     named = STEP_DIR.fullmatch(folder.name)
     if type(step) is not int or step < 0 or (named is not None and int(named[1]) != step):

@@ -221,7 +221,7 @@ def eval_(
         if baseline is not None:
             try:
                 before = json.loads(baseline.read_text())
-            except (OSError, ValueError):
+            except (OSError, ValueError, RecursionError):
                 before = None
             if not (isinstance(before, dict) and isinstance(before.get("metrics"), dict) and "model" in before):
                 raise UserError(f"baseline {str(baseline)!r}: expected a JSON file written by `grouprl eval -o`")

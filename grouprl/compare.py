@@ -198,7 +198,7 @@ def _read_json(path: Path) -> dict | None:
     """The JSON object in `path`, or None when there is none: missing, unreadable, cut short or not an object."""
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 

@@ -8,6 +8,7 @@ invalid values are rejected on load, before any work starts, in one line naming 
 from __future__ import annotations
 
 import re
+import reprlib
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -435,13 +436,19 @@ def config_changes(old: TrainConfig, new: TrainConfig) -> list[str]:
     return sorted(walk(old.model_dump(mode="json"), new.model_dump(mode="json"), ""))
 
 
+# A value the user gave, shown in an error: shortened, and never walked whole (a YAML alias bomb is 10**9 items)
+SHORT = reprlib.Repr()
+SHORT.maxlevel, SHORT.maxlist, SHORT.maxtuple, SHORT.maxset, SHORT.maxdict = 2, 4, 4, 4, 4
+SHORT.maxstring = SHORT.maxother = 80
+
+
 def format_validation_error(err: ValidationError) -> str:
     """One line per problem: 'field.path: message (got value)'."""
     parts = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
-        got = f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""
+        got = f" (got {SHORT.repr(e['input'])})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""
         parts.append(f"{loc}: {msg}{got}" if loc else msg)  # cross-field checks name their fields themselves
     return "; ".join(parts)
 
@@ -519,7 +526,10 @@ def parse_overrides(overrides: list[str]) -> dict:
             try:
                 node[leaf] = yaml.load(raw, Loader=ConfigLoader) if raw.strip() else ""
             except yaml.YAMLError as e:
-                raise UserError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)})") from None
+                raise UserError(f"override {SHORT.repr(item)}: the value is not valid YAML "
+                                f"({_yaml_problem(e)})") from None
+            except RecursionError:
+                raise UserError(f"override {SHORT.repr(item)}: the value is nested too deep") from None
     return tree
 
 
@@ -552,6 +562,8 @@ def read_config_file(p: Path) -> dict:
         raise UserError(f"config file {str(p)!r}: {e}") from None
     except yaml.YAMLError as e:
         raise UserError(f"config file {str(p)!r} is not valid YAML: {_yaml_problem(e)}") from None
+    except RecursionError:
+        raise UserError(f"config file {str(p)!r} is nested too deep: expected sections of settings") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -567,6 +579,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         return TrainConfig.model_validate(data)
     except ValidationError as e:
         raise UserError(f"invalid config: {format_validation_error(e)}") from None
+    except RecursionError:
+        raise UserError("invalid config: a value is nested too deep") from None
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:

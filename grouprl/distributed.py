@@ -162,6 +162,8 @@ def first_line(err: BaseException) -> str:
         return (f"rank {r}: " if world_size() > 1 else "") + first_line(inner)
     if isinstance(err, OSError) and err.strerror:
         return f"{err.strerror}" + (f": {str(err.filename)!r}" if err.filename else "")
+    if str(err).startswith("Weights only load failed"):  # not torch's advice to load it unrestricted
+        return "it holds objects other than tensors and plain values, which a weights_only load refuses"
     lines = [line for line in str(err).strip().splitlines() if line.strip()]
     return lines[0] if lines else type(err).__name__
 

@@ -36,8 +36,11 @@ class RunLock:
             try:
                 self.made_folder = self.made_folder or not folder.exists()
                 folder.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # a link: ELOOP
             except OSError as e:
+                if self.path.is_symlink():
+                    raise UserError(f"{str(self.path)!r} is a symbolic link: a run folder from elsewhere may not "
+                                    "have grouprl write through it; remove the link") from None
                 raise UserError(f"output_dir {str(folder)!r} cannot be created or written ({e.strerror}): "
                                 "expected a writable folder") from None
             try:
@@ -139,11 +142,31 @@ def write_atomic(path: Path, text: str) -> None:
     """Write `path` whole or not at all: into a temporary file beside it, flushed to disk, then renamed over
     it, so a kill or a full disk leaves the old file (or none), never a cut-short one."""
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
+    with open_new(tmp) as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def open_new(path: Path):
+    """`path` opened for writing as a new file: whatever is there (a leftover, or a symbolic link a folder from
+    elsewhere planted to have us write through it) is removed first, and a link made meanwhile is refused."""
+    path.unlink(missing_ok=True)
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "w")
+
+
+RUN_FILES = ("metrics.jsonl", "completions.jsonl", "grouprl.yaml", "run_info.json", "trackers.json",
+             "checkpoints", "final", "best", "tensorboard")
+
+
+def refuse_links(out_dir: Path) -> None:
+    """A run folder whose own files or folders are symbolic links (a folder from elsewhere) would have grouprl
+    write, append or prune wherever they point: refused, naming the first."""
+    for name in RUN_FILES:
+        if (out_dir / name).is_symlink():
+            raise UserError(f"{str(out_dir / name)!r} is a symbolic link: a run folder from elsewhere may not have "
+                            "grouprl write through it; replace the link with the file or folder itself")
 
 
 def reward_files(reward_names: list[str]) -> dict[str, str]:

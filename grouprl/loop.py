@@ -32,7 +32,7 @@ from grouprl.errors import Stopped, UserError
 from grouprl.evaluate import evaluate_while_training
 from grouprl.trackers import check as check_trackers
 from grouprl.grpo import GRPO
-from grouprl.guard import LOCK_FILE, RunLock, StopSignals, reward_files, write_atomic
+from grouprl.guard import LOCK_FILE, RunLock, StopSignals, refuse_links, reward_files, write_atomic
 from grouprl.learner import Learner, probe_memory
 from grouprl.rollout import Rollout
 from grouprl.logprobs import PASSES, attention
@@ -93,7 +93,11 @@ def _resume_point(out: Path, cfg: TrainConfig, code: dict[str, str], console: Co
         if not 0 <= state["step"] == checkpoint_step(ckpt) == named:
             raise ValueError(f"trainer_state.json says step {state['step']}, its folder and marker say {named} "
                              f"and {checkpoint_step(ckpt)}")
-    except (OSError, ValueError) as e:
+        data = state.get("data")
+        if not (isinstance(data, dict) and set(data) == {"epoch", "index"}
+                and all(type(v) is int and v >= 0 for v in data.values())):
+            raise ValueError("trainer_state.json's data position is not {epoch, index}, whole numbers >= 0")
+    except (OSError, ValueError, RecursionError) as e:
         raise damaged(ckpt, e) from None
     if state["step"] > cfg.steps:
         raise UserError(f"{str(out)!r} is already at step {state['step']}: set steps to at least that to resume "
@@ -217,6 +221,8 @@ def train(cfg: TrainConfig, console: Console | None = None, resume: bool = False
 def _check_output_dir(out: Path, resume: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {str(out)!r} is a file: expected a folder (new or empty)")
+    if out.is_dir():
+        refuse_links(out)
     if not resume and out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()):
         held = any((out / f).exists() for f in ("final", "checkpoints", "metrics.jsonl", "grouprl.yaml"))
         raise UserError(f"output_dir {str(out)!r} already holds a run: choose another output_dir, or resume it with "
@@ -283,7 +289,7 @@ def _train_with(cfg: TrainConfig, console: Console, out: Path, start: float, loc
         stream = PromptStream(task.train, cfg.seed, in_order, **state["data"])
         first_step = state["step"] + 1
         history = [m for m in read_metrics(out / "metrics.jsonl") if m["step"] < first_step]
-        start -= history[-1]["elapsed"] if history else 0.0
+        start -= history[-1].get("elapsed", 0.0) if history else 0.0  # (read_metrics: numbers)
     best = best_eval(history)  # (accuracy, step) of the best evaluation so far, or None
     if resume and is_main():  # the steps after the checkpoint (or all, without one) are run again: drop their logs
         truncate_jsonl(out / "metrics.jsonl", first_step - 1)

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from grouprl.errors import UserError
+from grouprl.guard import open_new
 
 
 class MetricsLog:
@@ -107,11 +108,15 @@ def _rows(path: Path) -> list[tuple[str, dict]]:
         if not line.strip():
             continue
         try:
-            rows.append((line, json.loads(line)))
-        except ValueError:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
             if i == len(lines) - 1:
                 break  # torn last line
             raise UserError(f"{str(path)!r} line {i + 1} is not valid JSON: the log is damaged") from None
+        if not isinstance(row, dict) or type(row.get("step")) is not int:
+            raise UserError(f"{str(path)!r} line {i + 1} is not a grouprl log row (a JSON object with a whole-number "
+                            "step): the log is damaged")
+        rows.append((line, row))
     return rows
 
 
@@ -120,7 +125,14 @@ def read_jsonl(path: Path) -> list[dict]:
     return [row for _, row in _rows(path)]
 
 
-read_metrics = read_jsonl
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics log: read_jsonl, and every value a number (NaN and inf as json writes them)."""
+    rows = read_jsonl(path)
+    for i, row in enumerate(rows):
+        bad = next((k for k, v in row.items() if not (type(v) is float or type(v) is int and abs(v) < 2**63)), None)
+        if bad is not None:
+            raise UserError(f"{str(path)!r} row {i + 1}: {bad!r} is not a number: the log is damaged")
+    return rows
 
 
 def truncate_jsonl(path: Path, last_step: int) -> None:
@@ -130,7 +142,7 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
         return
     keep = [line for line, row in _rows(path) if row["step"] <= last_step]
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
+    with open_new(tmp) as f:
         f.writelines(line + "\n" for line in keep)
         f.flush()
         os.fsync(f.fileno())

@@ -123,12 +123,12 @@ def context_length(path: str, trust_remote_code: bool = False) -> int | None:
     if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
         try:  # a peft adapter: the base model's config holds the length
             base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
             raise UserError(f"cannot read the adapter config of {path!r}: {_first_line(e)}") from None
         return context_length(base, trust_remote_code) if base else None
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # any value in config.json that transformers refuses, a nesting too deep to parse
         raise UserError(f"cannot read the config of model {path!r}: {_first_line(e)}") from None
     text = config.get_text_config() if hasattr(config, "get_text_config") else config  # multimodal: the LM's
     for key in CONTEXT_LENGTH_KEYS:
@@ -146,8 +146,8 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
                         "with its vocabulary files) saved beside config.json, e.g. by tokenizer.save_pretrained")
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError) as e:  # a missing or unusable file; each is one line for the user
-        raise UserError(f"cannot load a tokenizer from {path!r}: {_first_line(e)}") from None
+    except Exception as e:  # a missing or unusable file (a model folder is data); each is one line for the user
+        raise UserError(f"cannot load a tokenizer from {path!r}: {type(e).__name__}: {_first_line(e)}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"  # generation appends on the right, so prompts are left-padded
@@ -169,8 +169,9 @@ def use_flash_attention(model: PreTrainedModel, name: str) -> None:
 def load_causal_lm(path: str, cfg: ModelConfig) -> PreTrainedModel:
     device = pick_device(cfg.device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             path, dtype=pick_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code,
+            output_loading_info=True,
             **({} if cfg.attn_implementation == "auto" else {"attn_implementation": cfg.attn_implementation}),
         )
     except (SafetensorError, pickle.UnpicklingError, EOFError) as e:  # what a cut or corrupt weights file raises
@@ -178,8 +179,12 @@ def load_causal_lm(path: str, cfg: ModelConfig) -> PreTrainedModel:
                         "download or save it again") from None
     except torch.OutOfMemoryError:
         raise
-    except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: torch.load of a broken .bin zip
-        raise UserError(f"cannot load model {path!r}: {_first_line(e)}") from None
+    except Exception as e:  # a model folder is data: any value in its files that transformers refuses is one line
+        raise UserError(f"cannot load model {path!r}: {type(e).__name__}: {_first_line(e)}") from None
+    missing = sorted(info["missing_keys"])
+    if missing:  # transformers would fill them with random weights
+        raise UserError(f"cannot load model {path!r}: its weights lack {len(missing)} tensor(s) that its config.json "
+                        f"names (first {missing[0]!r}): expected the weights saved with this config")
     model = model.to(device)
     use_flash_attention(model, cfg.attn_implementation)
     return model

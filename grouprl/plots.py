@@ -14,12 +14,20 @@ def _rows(run_dir: Path) -> list[dict]:
     rows = read_metrics(run_dir / "metrics.jsonl")
     if not rows:
         raise UserError(f"{str(run_dir / 'metrics.jsonl')!r} holds no step yet: nothing to plot")
-    bad = next((i for i, r in enumerate(rows) if not (isinstance(r, dict) and isinstance(r.get("step"), int)
-                                                       and isinstance(r.get("reward"), (int, float)))), None)
+    bad = next((i for i, r in enumerate(rows) if "reward" not in r), None)  # (read_metrics: a step, numbers)
     if bad is not None:
         raise UserError(f"{str(run_dir / 'metrics.jsonl')!r} row {bad + 1} is not a grouprl metrics row (a step "
                         "and a reward)")
     return rows
+
+
+def _algo(run_dir: Path) -> str:
+    """The run's algorithm as its grouprl.yaml names it ('grpo' when it names none it can be read for)."""
+    try:
+        algo = yaml.safe_load((run_dir / "grouprl.yaml").read_text()).get("algo")
+    except (OSError, ValueError, AttributeError, RecursionError, yaml.YAMLError):
+        algo = None
+    return algo if algo in ("grpo", "ppo") else "grpo"
 
 
 def plot_rewards(run_dir: Path, out: Path, window: int = 5, others: list[Path] | None = None) -> Path:
@@ -29,9 +37,16 @@ def plot_rewards(run_dir: Path, out: Path, window: int = 5, others: list[Path] |
     import matplotlib
 
     matplotlib.use("Agg")
+    runs = [(run_dir, _rows(run_dir))] + [(d, _rows(d)) for d in others or []]
+    with matplotlib.rc_context({"text.parse_math": False}):  # a '$' in a name or path is text, not TeX
+        return _draw(run_dir, runs, out, window, others)
+
+
+def _draw(run_dir: Path, runs: list[tuple[Path, list[dict]]], out: Path, window: int,
+          others: list[Path] | None) -> Path:
+    """The figure of plot_rewards."""
     import matplotlib.pyplot as plt
 
-    runs = [(run_dir, _rows(run_dir))] + [(d, _rows(d)) for d in others or []]
     keys = sorted(k for k in runs[0][1][0] if k.startswith("reward/"))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     acc_ax = None
@@ -64,10 +79,7 @@ def plot_rewards(run_dir: Path, out: Path, window: int = 5, others: list[Path] |
     ax2.set_ylabel(f"mean per function ({window}-step mean)")
     ax2.legend(fontsize="x-small" if others else "medium")
     ax2.grid(alpha=0.3)
-    algo = "grpo"
-    if (run_dir / "grouprl.yaml").is_file():
-        algo = yaml.safe_load((run_dir / "grouprl.yaml").read_text()).get("algo", "grpo")
-    fig.suptitle(f"{algo.upper()}: {run_dir}" + "".join(f" vs {d}" for d in others or []))
+    fig.suptitle(f"{_algo(run_dir).upper()}: {run_dir}" + "".join(f" vs {d}" for d in others or []))
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

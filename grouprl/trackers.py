@@ -59,7 +59,7 @@ def read_ids(path: Path) -> dict[str, str] | None:
         return {}
     try:
         ids = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         ids = None
     if isinstance(ids, dict) and all(isinstance(v, str) for v in ids.values()):
         return ids

@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,6 +39,15 @@ def test_a_crafted_dcp_metadata_runs_no_code_on_resume(finished_run, tmp_path):
                    f"checkpoint '{run / 'final'}' is damaged", "not checkpoint metadata")
     assert not (tmp_path / "pwned").exists()
     assert snapshot(run) == before
+
+
+def test_a_crafted_rng_state_runs_no_code_and_gives_no_advice_to_run_it(finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    torch.save(Payload(tmp_path / "pwned"), run / "final" / "rng.pt")
+    line = one_error_line(runner.invoke(app, ["train", "--resume", str(run), "--set", "steps=4"]), "is damaged",
+                          "weights_only load refuses")
+    assert "weights_only` set to `False`" not in line and not (tmp_path / "pwned").exists()
 
 
 def test_the_real_metadata_reads_through_the_restricted_unpickler(finished_run):
@@ -145,9 +156,6 @@ def test_a_chat_template_is_bounded_in_time_and_size(template, needle, tiny_mode
 def test_a_reward_that_crashes_the_process_says_where(crash, tiny_model, toy_data, tmp_path):
     """In the training process (reward_workers: 0) a segfault or abort cannot become an error line, but the
     crash report names the reward's file and line; in a worker it is one line."""
-    import subprocess
-    import sys
-
     from test_cli import base_sets
 
     rewards = write(tmp_path / "crash.py", f"def crash(prompts, completions, **kw):\n    {crash}\n")
@@ -164,9 +172,6 @@ def test_a_reward_that_crashes_the_process_says_where(crash, tiny_model, toy_dat
 
 def test_a_reward_worker_that_sends_sigterm_to_the_trainer_stops_it_with_a_checkpoint(tiny_model, toy_data,
                                                                                        tmp_path):
-    import subprocess
-    import sys
-
     from test_cli import base_sets
 
     rewards = write(tmp_path / "term.py", "import os, signal\ncalls = 0\n"
@@ -179,3 +184,103 @@ def test_a_reward_worker_that_sends_sigterm_to_the_trainer_stops_it_with_a_check
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 130, p.stderr[-2000:]
     assert "stopped by SIGTERM after step 2" in p.stderr and (out / "checkpoints" / "step-000002" / "COMPLETE").is_file()
+
+
+@pytest.mark.parametrize("link", [".lock", "completions.jsonl.tmp", "grouprl.yaml.tmp", "run_info.json.tmp",
+                                  "metrics.jsonl", "completions.jsonl", "checkpoints"])
+def test_a_run_folder_cannot_have_grouprl_write_through_its_links(link, finished_run, tmp_path):
+    import os
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    victim = write(tmp_path / "victim.txt", "my precious thesis\n")
+    target = run / link
+    if target.is_dir():
+        shutil.move(target, tmp_path / "elsewhere")
+        os.symlink(tmp_path / "elsewhere", target)
+    elif target.exists():
+        shutil.move(target, victim)
+        os.symlink(victim, target)
+    else:
+        os.symlink(victim, target)
+    before = victim.read_text()
+    res = runner.invoke(app, ["train", "--resume", str(run), "--set", "steps=3"])
+    assert victim.read_text() == before
+    if link.endswith(".tmp"):  # a leftover is removed, never written through
+        assert res.exit_code == 0, res.output
+        assert not (run / link).is_symlink() and not (run / link.removesuffix(".tmp")).is_symlink()
+    else:
+        one_error_line(res, "is a symbolic link")
+
+
+def test_a_yaml_alias_bomb_and_deep_nesting_are_one_line(tmp_path):
+    bomb = "rewards:\n  - &a0 [lol,lol,lol,lol,lol,lol,lol,lol,lol]\n" + "".join(
+        f"  - &a{i} [{','.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 10))
+    one_error_line(runner.invoke(app, ["train", "--config", str(write(tmp_path / "bomb.yaml", bomb))]), "rewards")
+    one_error_line(runner.invoke(app, ["train", "--config", str(write(tmp_path / "deep.yaml",
+                                                                      "steps: " + "[" * 5000 + "]" * 5000))]),
+                   "nested too deep")
+    one_error_line(runner.invoke(app, ["train", "--set", "steps=" + "[" * 3000 + "]" * 3000]), "nested too deep")
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"num_hidden_layers": 3}, "lack"),  # weights for 2 layers: the third would be random
+    ({"num_attention_heads": 0}, "cannot"),
+    ({"hidden_size": "64"}, "cannot"),
+])
+def test_a_model_folder_config_that_does_not_fit_its_weights_is_one_line(change, needle, finished_run, tmp_path):
+    import json
+
+    folder = tmp_path / "m"
+    shutil.copytree(finished_run / "final", folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 2
+    (folder / "config.json").write_text(json.dumps(cfg | change))
+    # in a process of its own: transformers' load report logs to the stderr it first saw
+    p = subprocess.run([sys.executable, "-m", "grouprl", "eval", "--model", str(folder), "--num", "1"],
+                       capture_output=True, text=True, timeout=300)
+    lines = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert str(folder) in lines[0] and needle in lines[0], lines
+
+
+@pytest.mark.parametrize("file, edit, needle", [
+    ("metrics.jsonl", lambda t: '{"x": 1}\n' + t, "line 1 is not a grouprl log row"),
+    ("metrics.jsonl", lambda t: t.replace('"reward": ', '"reward": "x", "r": ', 1), "'reward' is not a number"),
+    ("completions.jsonl", lambda t: t + '{"step": "9"}\n' + t.splitlines()[0] + "\n", "is not a grouprl log row"),
+])
+def test_hand_edited_logs_stop_a_resume_with_one_line(file, edit, needle, finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / file).write_text(edit((run / file).read_text()))
+    before = snapshot(run)
+    one_error_line(runner.invoke(app, ["train", "--resume", str(run), "--set", "steps=4"]), file, needle)
+    assert snapshot(run) == before
+
+
+def test_a_data_position_that_is_not_one_is_a_damaged_checkpoint(finished_run, tmp_path):
+    import json
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    path = run / "final" / "trainer_state.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"data": {"evil": 1}}))
+    one_error_line(runner.invoke(app, ["train", "--resume", str(run), "--set", "steps=4"]), "is damaged",
+                   "data position")
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda t: t.replace('"reward": ', '"reward/c": "x", "reward": ', 1), "'reward/c' is not a number"),
+    (lambda t: t.replace('"step": 1,', f'"step": {10**400},', 1), "'step' is not a number"),
+    (lambda t: t.replace('"reward": ', '"reward/$\\\\foo{$": 0.5, "reward": '), None),  # mathtext: drawn as text
+])
+def test_plot_of_a_hostile_log_is_one_line_or_a_plot(edit, needle, finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "metrics.jsonl").write_text(edit((run / "metrics.jsonl").read_text()))
+    (run / "grouprl.yaml").write_text("- a\n- b\n")
+    res = runner.invoke(app, ["plot", str(run)])
+    if needle is None:
+        assert res.exit_code == 0 and (run / "rewards.png").is_file(), res.output
+    else:
+        one_error_line(res, needle)

@@ -73,6 +73,8 @@ def json_lines(text: str, source: str) -> list[Row]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"dataset file {source!r} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise UserError(f"dataset file {source!r} line {n}: nested too deep to read") from None
         if not isinstance(row, dict):
             raise UserError(f"dataset file {source!r} line {n}: expected a JSON object {{\"column\": value, ...}}, "
                             f"got {type(row).__name__}")
@@ -86,6 +88,8 @@ def json_rows(text: str, source: str) -> list[Row]:
         return []
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise UserError(f"dataset file {source!r}: nested too deep to read") from None
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # a first complete value, then more: JSON Lines
             return json_lines(text, source)
