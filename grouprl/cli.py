@@ -70,6 +70,36 @@ def _ignore_stop_signals() -> None:
         signal.signal(s, signal.SIG_IGN)
 
 
+class _Tolerant:
+    """stdout that a closed pipe (`grouprl train | head`, or a reward that closes sys.stdout) cannot stop:
+    the run goes on, with its progress in its logs, and nothing more is written there."""
+
+    def __init__(self, stream):
+        self._stream, self.lost = stream, False
+
+    def _try(self, method: str, *args):
+        if not self.lost:
+            try:
+                return getattr(self._stream, method)(*args)
+            except (BrokenPipeError, ValueError):  # ValueError: a closed file
+                self.lost = True
+                try:  # the interpreter's own flush at exit would complain of the same pipe
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+                except (OSError, ValueError):
+                    pass
+        return None
+
+    def write(self, text: str) -> int:
+        self._try("write", text)
+        return len(text)
+
+    def flush(self) -> None:
+        self._try("flush")
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def _io_error(e: OSError) -> UserError:
     """A failed read or write (a full disk, a folder that vanished) as one line naming the file."""
     where = f" {str(e.filename)!r}" if e.filename else ""
@@ -102,9 +132,11 @@ def train(
     """Train a policy with GRPO or PPO; writes metrics, completions and checkpoints to output_dir.
     Ctrl-C (or SIGTERM) stops after the current step with a checkpoint (exit 130); a second one at once."""
     out = "OUTPUT_DIR"
+    sys.stdout = _Tolerant(sys.stdout)
     if nproc > 1:
         _launch(nproc, sys.argv[sys.argv.index("train"):] if "train" in sys.argv else None,
                 config or (resume / "grouprl.yaml" if resume is not None else None), set_)
+    import torch
     import torch.distributed as dist
 
     from grouprl.distributed import first_line, shutdown
@@ -127,7 +159,11 @@ def train(
         shutdown()
     except UserError as e:
         _fail(e)
-    except RuntimeError as e:  # another rank died, or hung past distributed.timeout_s
+    except RuntimeError as e:  # another rank died, or hung past distributed.timeout_s; or out of memory
+        if isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e):
+            _fail(UserError(f"out of memory ({first_line(e)[:200]}): lower rollout.prompts_per_step, group_size "
+                            "or max_new_tokens (or set max_tokens_per_micro_batch); the checkpoints written so far "
+                            f"are intact: grouprl train --resume {out}"))
         if not (dist.is_initialized() and _lost_contact(e)):
             shutdown(e)
             raise

@@ -447,6 +447,7 @@ def format_validation_error(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
+        loc = loc if loc.isprintable() else ascii(loc)  # a zero-width space in a key is shown, not hidden
         msg = e["msg"].removeprefix("Value error, ")
         got = f" (got {SHORT.repr(e['input'])})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""
         parts.append(f"{loc}: {msg}{got}" if loc else msg)  # cross-field checks name their fields themselves
@@ -509,8 +510,8 @@ def parse_overrides(overrides: list[str]) -> dict:
     tree: dict = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"override {item!r}: expected key.path=value, e.g. rollout.group_size=8")
+        if not sep or not all(part.strip() for part in key.split(".")):
+            raise UserError(f"override {SHORT.repr(item)}: expected key.path=value, e.g. rollout.group_size=8")
         node = tree
         *parents, leaf = key.strip().split(".")
         for p in parents:

@@ -22,17 +22,21 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import copy
 import functools
 import importlib.util
 import inspect
+import itertools
 import math
 import multiprocessing
 import threading
 import numbers
 import os
 import re
+import reprlib
 import signal
-from collections.abc import Iterable, Iterator, Mapping, Set
+from collections.abc import Iterable, Mapping, Set, Sized
 from pathlib import Path
 from typing import Any, Callable
 
@@ -341,7 +345,8 @@ def _load_user_function(spec_text: str, name: str) -> Callable:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     try:
-        spec.loader.exec_module(module)
+        with kept_process_state():
+            spec.loader.exec_module(module)
     except KeyboardInterrupt:
         raise  # the user's Ctrl-C
     except SystemExit as e:
@@ -365,6 +370,31 @@ def _exit_call(e: SystemExit) -> str:
     return "exit()" if e.code is None else f"exit({e.code!r})"
 
 
+@contextlib.contextmanager
+def kept_process_state():
+    """What user code in this process may change and the run relies on, put back after it: the stop
+    handlers of SIGINT and SIGTERM (a reward that ignores or resets them would take away the saving stop)
+    and torch's grad mode (a reward model's `torch.set_grad_enabled(False)` would break the update)."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} \
+        if threading.current_thread() is threading.main_thread() else {}
+    grad = torch.is_grad_enabled()
+    try:
+        yield
+    finally:
+        torch.set_grad_enabled(grad)
+        for s, handler in handlers.items():
+            if signal.getsignal(s) is not handler and handler is not None:
+                signal.signal(s, handler)
+
+
+def fresh(prompts: list[str], completions: list[str], columns: dict) -> dict:
+    """The arguments of one reward call as copies: a function that changes what it was given (sorts the
+    completions, edits a dict in a column) changes neither the logs, nor the other functions' arguments, nor
+    the data set."""
+    cells = {k: [copy.deepcopy(x) for x in v] if isinstance(v, list) else copy.deepcopy(v) for k, v in columns.items()}
+    return {"prompts": list(prompts), "completions": list(completions), **cells}  # (each cell its own copy)
+
+
 def call_reward(name: str, fn: RewardFn, prompts: list[str], completions: list[str], columns: dict,
                 timeout_s: float | None = None) -> list[float]:
     """Call one reward function and check what it returns. Raises UserError naming the function.
@@ -374,20 +404,14 @@ def call_reward(name: str, fn: RewardFn, prompts: list[str], completions: list[s
     0-d tensors. With `timeout_s`, a call that runs longer is stopped (`time_limit`) and reported; one that
     cannot be stopped ends the process limits.WATCHDOG_GRACE_S later (`watchdog`). A Ctrl-C (KeyboardInterrupt)
     passes through unchanged: stopping the run is the training loop's business."""
-    values = _call(name, fn, prompts, completions, columns, timeout_s)
-    return _checked(name, values, len(completions))
-
-
-def _call(name: str, fn: RewardFn, prompts: list[str], completions: list[str], columns: dict,
-          timeout_s: float | None) -> Any:
     slow = _slow(name, timeout_s, len(completions)) if timeout_s is not None else ""
     try:
         with watchdog(None if timeout_s is None else timeout_s + limits.WATCHDOG_GRACE_S, slow), \
-                time_limit(timeout_s) as limit:
-            values = fn(prompts=prompts, completions=completions, **columns)
-            if isinstance(values, Iterator):
-                values = list(values)  # a generator runs the user's code only now: inside the limits
-    except (StopNow, Timeout):
+                time_limit(timeout_s) as limit, kept_process_state():
+            values = fn(**fresh(prompts, completions, columns))
+            # what it returned is the user's code too (a generator, a __float__): checked inside the limits
+            values = _checked(name, values, len(completions))
+    except (StopNow, Timeout, UserError):
         raise  # the user's second Ctrl-C in a training run; an enclosing time limit's timeout, for its owner
     except KeyboardInterrupt:
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
@@ -416,8 +440,12 @@ def _number(v: Any) -> float | None:
         return math.inf if v > 0 else -math.inf
 
 
+SHORT = reprlib.Repr()
+SHORT.maxlevel, SHORT.maxlist, SHORT.maxtuple, SHORT.maxstring, SHORT.maxother = 2, 3, 3, 40, 40
+
+
 def _short_repr(v: Any) -> str:
-    text = " ".join(repr(v).split())
+    text = " ".join((repr(v[:41]) if isinstance(v, str) else SHORT.repr(v)).split())  # never all of a huge value
     return text if len(text) <= 40 else text[:37] + "..."
 
 
@@ -426,12 +454,15 @@ def _checked(name: str, values: Any, n: int) -> list[float]:
     try:
         if isinstance(values, (str, bytes, Mapping, Set)) or not isinstance(values, Iterable):
             raise TypeError
-        values = list(values)
+        size = len(values) if isinstance(values, Sized) else None  # range(10**18): refused before it is listed
+        values = list(values) if size == n else list(itertools.islice(values, n + 1)) if size is None else values
     except TypeError:  # also a 0-d array, which has __iter__ but cannot be iterated
         raise UserError(f"reward function {name!r} must return a list of numbers, one per completion; got "
                         f"a {type(values).__name__}") from None
-    if len(values) != n:
-        raise UserError(f"reward function {name!r} returned {len(values)} values for {n} completions")
+    if len(values) != n:  # an endless iterator stops at n + 1
+        more = "more than " if size is None and len(values) > n else ""
+        raise UserError(f"reward function {name!r} returned {more}{len(values) if not more else n} values for "
+                        f"{n} completions")
     floats = [_number(v) for v in values]
     for i, (v, f) in enumerate(zip(values, floats)):
         if f is None:
@@ -470,7 +501,7 @@ async def _await_all(jobs: list[tuple[str, Callable, dict, int]], timeout_s: flo
     async def call(name: str, fn: Callable, kwargs: dict):
         # inside the task: an exit or KeyboardInterrupt that left it would stop the event loop itself
         try:
-            return await fn(**kwargs)
+            return await fn(**fresh(kwargs.pop("prompts"), kwargs.pop("completions"), kwargs))
         except asyncio.CancelledError:
             raise
         except UserError as e:
@@ -583,7 +614,10 @@ class RewardSet:
                 for k, got in zip(asynchronous, self._wait_async(pending, asynchronous, n)):
                     if isinstance(got, UserError):
                         raise got
-                    values[k] = _checked(self.names[k], got, n)
+                    with time_limit(self.timeout_s) as limit:  # its result's __iter__, __float__: user code
+                        values[k] = _checked(self.names[k], got, n)
+                    if limit.expired:
+                        raise UserError(_slow(self.names[k], self.timeout_s, n))
         finally:
             if pending is not None:
                 pending.cancel()

@@ -284,3 +284,51 @@ def test_plot_of_a_hostile_log_is_one_line_or_a_plot(edit, needle, finished_run,
         assert res.exit_code == 0 and (run / "rewards.png").is_file(), res.output
     else:
         one_error_line(res, needle)
+
+
+@pytest.mark.parametrize("answer, needle", [
+    (["1", "2"], "is list"), ({"x": 1}, "is dict"), (True, "is bool"), ("Infinity", "is float inf"),
+])
+def test_an_answer_that_is_not_text_or_a_finite_number_is_refused(answer, needle, tmp_path):
+    import json
+
+    from grouprl.errors import UserError
+    from grouprl.tasks.data import dataset_rows
+
+    line = json.dumps({"prompt": "q", "answer": answer}) if answer != "Infinity" else \
+        '{"prompt": "q", "answer": Infinity}'
+    data = write(tmp_path / "d.jsonl", '{"prompt": "p", "answer": 4}\n' + line + "\n")
+    with pytest.raises(UserError, match=f"line 2: 'answer' {needle}"):
+        dataset_rows(str(data), "prompt", "answer")
+
+
+def test_a_key_twice_in_a_data_row_is_refused(tmp_path):
+    from grouprl.errors import UserError
+    from grouprl.tasks.data import dataset_rows
+
+    data = write(tmp_path / "d.jsonl",
+                 '{"prompt": "p", "answer": "1"}\n{"prompt": "f", "answer": "1", "answer": "2"}\n')
+    with pytest.raises(UserError, match="line 2: key 'answer' appears twice"):
+        dataset_rows(str(data), "prompt", "answer")
+
+
+def test_a_csv_field_past_the_csv_modules_limit_is_read(tmp_path):
+    from grouprl.tasks.data import dataset_rows
+
+    data = write(tmp_path / "d.csv", "prompt,answer\n" + f'"{"y" * 200_000}",1\n' + "q,2\n")
+    rows = dataset_rows(str(data), "prompt", "answer")
+    assert [len(r["prompt"]) for r in rows] == [200_000, 1]
+
+
+def test_a_closed_stdout_does_not_stop_the_run(tiny_model, toy_data, tmp_path):
+    """`grouprl train ... | head -1`: the pipe closes after the first line; the run trains on and saves."""
+    from test_cli import base_sets
+
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "grouprl", "train", *base_sets(tiny_model, toy_data, out), "--set",
+                          "steps=3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.stdout.readline()
+    p.stdout.close()
+    stderr = p.stderr.read()
+    assert p.wait(timeout=300) == 0, stderr[-2000:]
+    assert (out / "final" / "COMPLETE").is_file() and "Error" not in stderr, stderr[-2000:]

@@ -346,3 +346,69 @@ def test_enclosing_alarm_that_returns_still_leaves_our_limit(alarm_untouched):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+# ---------------------------------------------------------------- what a reward returns or changes
+
+
+class Endless:
+    def __iter__(self):
+        while True:
+            yield 0.0
+
+
+class SlowFloat(float):
+    def __float__(self):
+        time.sleep(60)
+        return 0.0
+
+
+@pytest.mark.parametrize("values, message", [
+    (Endless(), "returned more than 2 values for 2 completions"),
+    (range(10**18), "returned 1000000000000000000 values for 2 completions"),
+    ([SlowFloat(0.0)] * 2, "took longer than 0.3s"),
+])
+def test_what_a_reward_returns_is_checked_within_its_limits(values, message):
+    with pytest.raises(UserError, match=message):
+        call(lambda prompts, completions, **_: values, timeout_s=0.3)
+
+
+def test_a_reward_cannot_change_its_arguments_for_anyone_else():
+    from grouprl.rewards import RewardSet
+
+    def meddles(prompts, completions, answer, meta, **_):
+        completions[:] = ["HACKED"] * len(completions)
+        answer[:] = ["7"] * len(answer)
+        for m in meta:
+            m["seen"] = m.get("seen", 0) + 1
+        return [float(m["seen"]) for m in meta]
+
+    def sees(prompts, completions, answer, meta, **_):
+        return [float(c == "HACKED" or a == "7" or "seen" in m) for c, a, m in zip(completions, answer, meta)]
+
+    rs = RewardSet([("tag_count", 1.0)])
+    rs.fns, rs.names, rs.weights = [meddles, sees], ["meddles", "sees"], torch.ones(2)
+    completions, shared = ["a", "b"], {"id": 1}  # one row's dict, shared by its group's completions
+    columns = {"answer": ["1", "1"], "meta": [shared, shared]}
+    for _ in range(2):
+        per_fn, _ = rs.score(["p", "p"], completions, columns)
+        assert per_fn.tolist() == [[1.0, 0.0], [1.0, 0.0]]  # every call sees the data as it is
+    assert completions == ["a", "b"] and columns["answer"] == ["1", "1"] and shared == {"id": 1}
+
+
+def test_a_reward_cannot_take_away_the_stop_handlers_or_grad_mode():
+    handler = lambda signum, frame: None  # noqa: E731  (the training loop's stop handler, say)
+    before = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        def resets(prompts, completions, **_):
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            torch.set_grad_enabled(False)
+            return [0.0] * len(completions)
+
+        call(resets)
+        assert signal.getsignal(signal.SIGINT) is handler and signal.getsignal(signal.SIGTERM) is handler
+        assert torch.is_grad_enabled()
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)

@@ -73,9 +73,9 @@ class Task:
             raise UserError(f"the model's chat template took longer than {TEMPLATE_LIMIT_S:g}s to render one prompt: "
                             "expected a template that renders the messages (fix or replace its chat_template)")
         if len(text) > TEMPLATE_MAX_CHARS:
-            raise UserError(f"the model's chat template made a prompt of {len(text):,} characters, over "
-                            f"{TEMPLATE_MAX_CHARS:,}: expected a template that renders the messages (fix or replace "
-                            "its chat_template)")
+            raise UserError(f"{origin_of(row, 'a row')}: its prompt through the model's chat template is "
+                            f"{len(text):,} characters, over {TEMPLATE_MAX_CHARS:,}: expected a shorter prompt, "
+                            "or a template that renders the messages (fix or replace its chat_template)")
         return text + prefill
 
 

@@ -16,8 +16,10 @@ split's row (1-based: row 6 is `ds[5]`).
 from __future__ import annotations
 
 import csv
+import decimal
 import json
 import math
+import numbers
 import re
 from pathlib import Path
 
@@ -62,6 +64,18 @@ def read_text(path: Path, source: str) -> str:
                         "as UTF-8") from None
 
 
+class DuplicateKey(ValueError):
+    """A key given twice in one JSON object: json keeps the last silently (a YAML config refuses it too)."""
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) < len(keys):
+        twice = next(k for k in keys if keys.count(k) > 1)
+        raise DuplicateKey(f"key {twice!r} appears twice in one object: keep one")
+    return dict(pairs)
+
+
 def json_lines(text: str, source: str) -> list[Row]:
     """One JSON object per line (blank lines skipped), each knowing its line; UserError naming the 1-based line
     of a bad one."""
@@ -70,7 +84,9 @@ def json_lines(text: str, source: str) -> list[Row]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(line, object_pairs_hook=_unique_keys)
+        except DuplicateKey as e:
+            raise UserError(f"dataset file {source!r} line {n}: {e}") from None
         except json.JSONDecodeError as e:
             raise UserError(f"dataset file {source!r} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
         except RecursionError:
@@ -87,7 +103,9 @@ def json_rows(text: str, source: str) -> list[Row]:
     if not text.strip():
         return []
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_unique_keys)
+    except DuplicateKey as e:
+        raise UserError(f"dataset file {source!r}: {e}") from None
     except RecursionError:
         raise UserError(f"dataset file {source!r}: nested too deep to read") from None
     except json.JSONDecodeError as e:
@@ -119,7 +137,10 @@ def file_is_empty(path: Path, fmt: str, source: str) -> bool:
         except Exception:  # not parquet at all: `datasets` reports it
             return False
     records = csv.reader(line for line in read_text(path, source).splitlines() if line.strip())
-    return sum(1 for _ in zip(range(2), records)) < 2  # a header and no row, or nothing
+    try:
+        return sum(1 for _ in zip(range(2), records)) < 2  # a header and no row, or nothing
+    except csv.Error:  # a field past the csv module's limit: a row all the same, which `datasets` reads
+        return False
 
 
 def load_rows(source: str, default_split: str = "train") -> list[Row]:
@@ -220,10 +241,14 @@ def prompt_preview(prompt: str | list[dict], n: int = 30) -> str:
 
 
 def answer_text(value, where: str, column: str) -> str:
-    """The reference answer of the row from `where` as text (numbers allowed: 4 -> '4'); UserError when it is
-    missing."""
+    """The reference answer of the row from `where` as text (a finite number allowed: 4 -> '4'); UserError
+    when it is missing, or a list, a mapping, a boolean or an infinite number (whose text no answer matches)."""
     if (missing := _missing(value)) is not None:
         raise UserError(f"{where}: {column!r} is {missing}: expected the reference answer")
+    number = isinstance(value, (numbers.Real, decimal.Decimal)) and not isinstance(value, bool)
+    if not (isinstance(value, str) or number) or number and not math.isfinite(value):
+        raise UserError(f"{where}: {column!r} is {type(value).__name__} {str(value)[:40]}: expected the reference "
+                        "answer as text or a finite number")
     return str(value)
 
 
