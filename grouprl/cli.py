@@ -315,6 +315,7 @@ def eval_(
         try:
             output.write_text(json.dumps({"model": model, "metrics": metrics, "samples": samples}, indent=1))
         except OSError as e:
+            e.filename = e.filename or str(output)  # a failed write (a full disk) does not say which file
             _fail(_io_error(e))
 
 

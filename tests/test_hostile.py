@@ -332,3 +332,12 @@ def test_a_closed_stdout_does_not_stop_the_run(tiny_model, toy_data, tmp_path):
     stderr = p.stderr.read()
     assert p.wait(timeout=300) == 0, stderr[-2000:]
     assert (out / "final" / "COMPLETE").is_file() and "Error" not in stderr, stderr[-2000:]
+
+
+def test_a_csv_that_datasets_cannot_parse_names_the_cause(tmp_path):
+    from grouprl.errors import UserError
+    from grouprl.tasks.data import dataset_rows
+
+    data = write(tmp_path / "d.csv", 'prompt,answer\n"unterminated,1\nq,2\n')
+    with pytest.raises(UserError, match="EOF inside string"):  # not "An error occurred while generating ..."
+        dataset_rows(str(data), "prompt", "answer")

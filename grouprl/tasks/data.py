@@ -164,6 +164,7 @@ def _load_with_datasets(source: str, path: Path, default_split: str) -> list[Row
     import datasets
 
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()  # its own log line of a failure would precede ours
     try:
         if path.is_file():
             ds = datasets.load_dataset(FILE_FORMATS[path.suffix], data_files=str(path), split="train")
@@ -173,7 +174,9 @@ def _load_with_datasets(source: str, path: Path, default_split: str) -> list[Row
             name, _, config = name_config.partition(":")
             ds = datasets.load_dataset(name, config or None, split=split or default_split)
             where = f"dataset {name_config!r} split {split or default_split!r} row"
-    except Exception as e:  # datasets raises many types; the user needs the first line only
+    except Exception as e:  # datasets raises many types; the user needs the first line of the cause
+        while e.__cause__ is not None and isinstance(e.__cause__, Exception):  # "An error occurred while ..."
+            e = e.__cause__
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load dataset {source!r}: {first}") from None
     return [Row(r, f"{where} {i + 1}") for i, r in enumerate(ds)]
