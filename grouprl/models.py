@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import pickle
+import re
 import shutil
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -166,8 +167,37 @@ def use_flash_attention(model: PreTrainedModel, name: str) -> None:
         model.set_attn_implementation("flash_attention_2")
 
 
+LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")  # model.layers.3.mlp..., transformer.h.3...
+
+
+def check_layers(path: str) -> None:
+    """A local model folder whose config.json names more layers than its weights hold is refused before
+    transformers builds them (it would fill them with random weights, millions of them if config.json says
+    so); read from the safetensors headers alone."""
+    folder = Path(path)
+    index, single = folder / "model.safetensors.index.json", folder / "model.safetensors"
+    try:
+        layers = json.loads((folder / "config.json").read_text()).get("num_hidden_layers")
+        if index.is_file():
+            names = list(json.loads(index.read_text())["weight_map"])
+        elif single.is_file():
+            from safetensors import safe_open
+
+            with safe_open(single, "pt") as f:
+                names = list(f.keys())
+        else:
+            return
+    except Exception:  # noqa: BLE001  (a file transformers will name in its own error)
+        return
+    held = {int(m[1]) for n in names if (m := LAYER_INDEX.search(n))}
+    if type(layers) is int and held and layers > max(held) + 1:
+        raise UserError(f"cannot load model {path!r}: its config.json names {layers} layers and its weights hold "
+                        f"{max(held) + 1}: expected the weights saved with this config")
+
+
 def load_causal_lm(path: str, cfg: ModelConfig) -> PreTrainedModel:
     device = pick_device(cfg.device)
+    check_layers(path)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             path, dtype=pick_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code,

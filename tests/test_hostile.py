@@ -224,7 +224,9 @@ def test_a_yaml_alias_bomb_and_deep_nesting_are_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("change, needle", [
-    ({"num_hidden_layers": 3}, "lack"),  # weights for 2 layers: the third would be random
+    ({"num_hidden_layers": 3}, "names 3 layers and its weights hold 2"),  # the third would be random
+    ({"num_hidden_layers": 3_000_000}, "names 3000000 layers"),  # refused before transformers builds them
+    ({"tie_word_embeddings": False}, "lack 1 tensor(s)"),  # lm_head.weight: random
     ({"num_attention_heads": 0}, "cannot"),
     ({"hidden_size": "64"}, "cannot"),
 ])
