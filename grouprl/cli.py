@@ -276,7 +276,8 @@ def eval_(
             if reward_files([cfg.eval.reward or ""]) and not named:
                 raise UserError(f"{str(ckpt_cfg)!r} names reward code in eval.reward ({cfg.eval.reward!r}); code "
                                 "named in a model folder runs only when the command line names it: pass --set "
-                                f"eval.reward={cfg.eval.reward} to run it, or --set eval.reward=correctness for the built-in one")
+                                f"eval.reward={cfg.eval.reward} to run it, or --set eval.reward=correctness for "
+                                "the built-in one")
         else:
             cfg = load_config(config, sets)
         cfg.model.trust_remote_code = cfg.model.trust_remote_code or trust_remote_code

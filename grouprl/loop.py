@@ -286,6 +286,9 @@ def _train_with(cfg: TrainConfig, console: Console, out: Path, start: float, loc
     first_step = 1
     if ckpt is not None:
         state = together(lambda: _restore(ckpt, learner))
+        if state["data"]["index"] > len(task.train):  # (a checkpoint of this data cannot be past its end)
+            together(lambda: _refuse([str(damaged(ckpt, ValueError(
+                f"its data position {state['data']['index']} is past the {len(task.train)} training rows")))]))
         stream = PromptStream(task.train, cfg.seed, in_order, **state["data"])
         first_step = state["step"] + 1
         history = [m for m in read_metrics(out / "metrics.jsonl") if m["step"] < first_step]
@@ -357,7 +360,8 @@ def _train_with(cfg: TrainConfig, console: Console, out: Path, start: float, loc
                                                  adv.tolist(), batch.per_fn.tolist())
                     ], cfg.rollout.group_size)
                 fn_means = " ".join(f"{n}={m[f'reward/{n}']:.2f}" for n in rewards.names)
-                bar.console.print(f"step {step:>4}  reward {m['reward']:.3f}  {escape(fn_means)}  {learner.console(m)}  "
+                fn_means = escape(fn_means)  # reward names are the user's: 'x[1].py:f' is not markup
+                bar.console.print(f"step {step:>4}  reward {m['reward']:.3f}  {fn_means}  {learner.console(m)}  "
                                   f"len {m['completion_len']:.0f}  flat {batch.zero_std_frac:.2f}  "
                                   f"{m['step_time']:.1f}s "
                                   f"({m['gen_tokens_per_s']:.0f} tok/s)")

@@ -391,8 +391,9 @@ def fresh(prompts: list[str], completions: list[str], columns: dict) -> dict:
     """The arguments of one reward call as copies: a function that changes what it was given (sorts the
     completions, edits a dict in a column) changes neither the logs, nor the other functions' arguments, nor
     the data set."""
-    cells = {k: [copy.deepcopy(x) for x in v] if isinstance(v, list) else copy.deepcopy(v) for k, v in columns.items()}
-    return {"prompts": list(prompts), "completions": list(completions), **cells}  # (each cell its own copy)
+    cells = {k: [copy.deepcopy(x) for x in v] if isinstance(v, list) else copy.deepcopy(v)  # each cell its own
+             for k, v in columns.items()}
+    return {"prompts": list(prompts), "completions": list(completions), **cells}
 
 
 def call_reward(name: str, fn: RewardFn, prompts: list[str], completions: list[str], columns: dict,
@@ -501,7 +502,8 @@ async def _await_all(jobs: list[tuple[str, Callable, dict, int]], timeout_s: flo
     async def call(name: str, fn: Callable, kwargs: dict):
         # inside the task: an exit or KeyboardInterrupt that left it would stop the event loop itself
         try:
-            return await fn(**fresh(kwargs.pop("prompts"), kwargs.pop("completions"), kwargs))
+            columns = {a: v for a, v in kwargs.items() if a not in ("prompts", "completions")}
+            return await fn(**fresh(kwargs["prompts"], kwargs["completions"], columns))
         except asyncio.CancelledError:
             raise
         except UserError as e:

@@ -183,7 +183,8 @@ def test_a_reward_worker_that_sends_sigterm_to_the_trainer_stops_it_with_a_check
                         "steps=6", "--set", f"rewards=[{{name: '{rewards}:term'}}]", "--set", "reward_workers=1"],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 130, p.stderr[-2000:]
-    assert "stopped by SIGTERM after step 2" in p.stderr and (out / "checkpoints" / "step-000002" / "COMPLETE").is_file()
+    assert "stopped by SIGTERM after step 2" in p.stderr
+    assert (out / "checkpoints" / "step-000002" / "COMPLETE").is_file()
 
 
 @pytest.mark.parametrize("link", [".lock", "completions.jsonl.tmp", "grouprl.yaml.tmp", "run_info.json.tmp",
@@ -343,3 +344,14 @@ def test_a_csv_that_datasets_cannot_parse_names_the_cause(tmp_path):
     data = write(tmp_path / "d.csv", 'prompt,answer\n"unterminated,1\nq,2\n')
     with pytest.raises(UserError, match="EOF inside string"):  # not "An error occurred while generating ..."
         dataset_rows(str(data), "prompt", "answer")
+
+
+def test_a_data_position_past_the_data_is_a_damaged_checkpoint(finished_run, tmp_path):
+    import json
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    path = run / "final" / "trainer_state.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"data": {"epoch": 0, "index": 10**9}}))
+    one_error_line(runner.invoke(app, ["train", "--resume", str(run), "--set", "steps=4"]), "is damaged",
+                   "past the")
