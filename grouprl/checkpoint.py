@@ -164,6 +164,8 @@ def _save(path: Path, model: torch.nn.Module, tokenizer, cfg: TrainConfig, state
     tmp = path.with_name(path.name + ".tmp")
 
     def start() -> None:
+        if tmp.is_symlink() or tmp.is_file():  # a stray file (or link) where the write goes
+            tmp.unlink()
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     on_main(start)
@@ -270,8 +272,12 @@ def clean_leftovers(out_dir: Path) -> list[Path]:
     candidates = [*(out_dir / "checkpoints").glob("*"), *out_dir.glob("final*"), *out_dir.glob("best*")]
     # '.tmp' before '.old': a kill between the two renames leaves both complete, and '.tmp' is the newer
     for p in sorted(candidates, key=lambda p: (p.name.endswith(".old"), p.name)):
-        if not p.is_dir() or not LEFTOVER.fullmatch(p.name) or "." not in p.name:
+        if not LEFTOVER.fullmatch(p.name) or "." not in p.name:
             continue  # not ours, or a checkpoint under its final name (only ever renamed there complete)
+        if p.is_symlink() or not p.is_dir():  # a stray file where a write goes: never a checkpoint
+            p.unlink()
+            removed.append(p)
+            continue
         base = p.with_name(p.name.rpartition(".")[0])
         if not base.exists() and is_complete(p):
             p.rename(base)

@@ -353,6 +353,8 @@ def compare(
         print(out / "index.html")
     except UserError as e:
         _fail(e)
+    except OSError as e:
+        _fail(_io_error(e))
     except KeyboardInterrupt:
         _ignore_stop_signals()
         _fail(UserError(f"stopped; the run in progress saved a checkpoint: run the same compare again to continue "
@@ -402,6 +404,8 @@ def model_import(force: bool = typer.Option(False, help="Re-import even if the c
         print(import_embedded(force=force))
     except UserError as e:
         _fail(e)
+    except OSError as e:  # the cache folder (GROUPRL_CACHE) cannot be written
+        _fail(_io_error(e))
 
 
 def main() -> None:  # pragma: no cover

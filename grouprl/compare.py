@@ -22,6 +22,7 @@ run; a run is evaluated at its last checkpoint within the budget, whose time and
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import statistics
 import subprocess
@@ -40,7 +41,7 @@ from grouprl.config import (TrainConfig, config_changes, load_config, parse_over
 from grouprl.errors import UserError
 from grouprl.metrics import read_metrics
 from grouprl.report import LAST, aggregate, cumulative, mean, write_report
-from grouprl.guard import write_atomic
+from grouprl.guard import RunLock, write_atomic
 from grouprl.verification import self_checks, verification_rate
 
 # Named variants: overrides on top of the base config. Unnamed settings keep the base config's values.
@@ -73,7 +74,10 @@ class RunSpec:
         if not rest and name not in PRESETS:
             raise UserError(f"--run {text!r}: {name!r} is not a preset ({', '.join(PRESETS)}); "
                             "give overrides as 'name:key=value ...'")
-        overrides = PRESETS.get(name, []) + shlex.split(rest)
+        try:
+            overrides = PRESETS.get(name, []) + shlex.split(rest)
+        except ValueError as e:  # "No closing quotation"
+            raise UserError(f"--run {text!r}: {e}: expected 'name:key=value key=value'") from None
         parse_overrides(overrides)  # a malformed key=value fails here, naming it
         return RunSpec(name, overrides)
 
@@ -256,7 +260,8 @@ def _valid_eval(cached: dict | None, key: dict) -> bool:
     if cached is None or cached.get("key") != key:
         return False
     per_problem = [cached.get("correct"), cached.get("completions")]
-    return (all(isinstance(cached.get(k), (int, float)) for k in ("accuracy", "format_rate"))
+    rates = [cached.get(k) for k in ("accuracy", "format_rate")]
+    return (all(isinstance(r, (int, float)) and math.isfinite(r) for r in rates)
             and all(isinstance(v, list) and len(v) == key["problems"] for v in per_problem)
             and all(c in (0, 1) for c in per_problem[0]) and all(isinstance(c, str) for c in per_problem[1]))
 
@@ -416,6 +421,13 @@ def compare(config: Path | None, sets: list[str], run_texts: list[str], out: Pat
             if nproc > 1 and (problems := world_problems(cfg, nproc, cfg.distributed.strategy)):
                 raise UserError(f"run {name!r} cannot run on {nproc} processes: {problems[0]}")
     out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out):  # one compare per report folder: a second one is refused with the holder's pid
+        return _compare(cfgs, specs, seeds, out, eval_num, save_every, console, nproc)
+
+
+def _compare(cfgs: dict, specs: list, seeds: list[int], out: Path, eval_num: int, save_every: int, console: Console,
+             nproc: int) -> dict:
+    """The runs in order, then the evaluations and the report (see compare)."""
     order = [(seed, name, cfgs[name][seed]) for seed in seeds for name in cfgs]
     total_steps = sum(c.steps for _, _, c in order)
     # every checkpoint (the last step saves only final), final, and the base model

@@ -16,6 +16,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from grouprl.distributed import gather_results, gathered, shard
+from grouprl.errors import UserError
 from grouprl.rewards import RewardSet, answer_anywhere, extract_answer, strict_format
 from grouprl.rollout import generate
 from grouprl.tasks import Task
@@ -38,6 +39,9 @@ def evaluate(
     """Returns (metrics, samples). Metrics: format_rate, accuracy, answer_anywhere, mean_length_chars and,
     when k > 1, pass@k and maj@k over k samples at `temperature`. engine: what samples (engines.pick).
     correctness: the reward (any reward name, 1 = right) whose mean is the accuracy; default the task's."""
+    if k > batch_size:  # one problem's k samples are drawn at once
+        raise UserError(f"eval k={k} is more than eval.batch_size={batch_size}, the completions sampled at once: "
+                        f"raise eval.batch_size to at least {k} (memory permitting) or lower k")
     scorer = RewardSet([(correctness or task.correctness, 1.0)])
     try:
         return _evaluate(model, tokenizer, task, rows, prefill, max_new_tokens, k, temperature, batch_size, on_batch,

@@ -355,3 +355,35 @@ def test_a_data_position_past_the_data_is_a_damaged_checkpoint(finished_run, tmp
     path.write_text(json.dumps(json.loads(path.read_text()) | {"data": {"epoch": 0, "index": 10**9}}))
     one_error_line(runner.invoke(app, ["train", "--resume", str(run), "--set", "steps=4"]), "is damaged",
                    "past the")
+
+
+def test_compare_refuses_a_busy_or_impossible_report_folder_and_a_broken_run_text(tmp_path):
+    from grouprl.compare import RunSpec, _valid_eval
+    from grouprl.errors import UserError
+    from grouprl.guard import RunLock
+
+    busy = tmp_path / "busy"
+    with RunLock(busy):
+        one_error_line(runner.invoke(app, ["compare", "--out", str(busy)]), "in use by another grouprl process")
+    one_error_line(runner.invoke(app, ["compare", "--out", str(write(tmp_path / "a_file", "x"))]), "a_file")
+    with pytest.raises(UserError, match="No closing quotation"):
+        RunSpec.parse("a:grpo.beta='0.1")
+    key = {"problems": 1}
+    good = {"key": key, "accuracy": 1.0, "format_rate": 1.0, "correct": [1], "completions": ["x"]}
+    assert _valid_eval(good, key) and not _valid_eval(good | {"accuracy": float("nan")}, key)
+
+
+def test_a_stray_file_where_a_checkpoint_is_written_is_cleared(finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    shutil.rmtree(run / "final")
+    write(run / "checkpoints" / "step-000002.tmp", "stray")
+    write(run / "checkpoints" / "step-abc", "not ours")
+    res = runner.invoke(app, ["train", "--resume", str(run), "--set", "steps=3"])
+    assert res.exit_code == 0, res.output
+    assert (run / "final" / "COMPLETE").is_file() and (run / "checkpoints" / "step-abc").is_file()
+
+
+def test_eval_k_past_the_batch_it_is_drawn_in_is_one_line(finished_run):
+    one_error_line(runner.invoke(app, ["eval", "--model", str(finished_run / "final"), "--num", "1", "--k", "100000"]),
+                   "eval k=100000 is more than eval.batch_size=4")
