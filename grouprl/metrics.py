@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from grouprl.errors import UserError
-from grouprl.guard import open_new
+from grouprl.guard import write_atomic
 
 
 class MetricsLog:
@@ -140,10 +140,4 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
     a torn last line goes too. Rewritten through a temporary file, so a kill here loses nothing."""
     if not path.is_file():
         return
-    keep = [line for line, row in _rows(path) if row["step"] <= last_step]
-    tmp = path.with_name(path.name + ".tmp")
-    with open_new(tmp) as f:
-        f.writelines(line + "\n" for line in keep)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    write_atomic(path, "".join(line + "\n" for line, row in _rows(path) if row["step"] <= last_step))
