@@ -69,10 +69,12 @@ class TaskConfig(Section):
     name: Literal["arithmetic", "countdown", "gsm8k", "dataset"] = Field(
         "arithmetic",
         description="arithmetic: seeded synthetic word problems; countdown: reach a target with + - * /; "
-        "gsm8k: question/answer '#### N' data; dataset: any JSONL/parquet/datasets source with a prompt column.",
+        "gsm8k: question/answer '#### N' data; dataset: any JSONL/JSON/parquet/CSV/datasets source with a prompt "
+        "column.",
     )
     source: str | None = Field(
-        None, description="gsm8k/dataset: a .jsonl/.json/.parquet path or a `datasets` name (name[:config])."
+        None, description="gsm8k/dataset: a .jsonl/.json/.parquet/.csv path or a `datasets` name "
+        "(name[:config][@split], e.g. openai/gsm8k:main@train)."
     )
     eval_source: str | None = Field(None, description="Held-out data for gsm8k/dataset (default: split off source).")
     prompt_column: str = Field("prompt", description="dataset: the column holding the prompt: text, or chat messages "

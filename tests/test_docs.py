@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -154,26 +155,30 @@ def quick_start() -> str:
 
 
 def test_the_readme_quick_start_runs_as_written(tiny_model, tmp_path, monkeypatch):
-    """The files the quick start shows, written where it says, and its commands run in that folder; only the
-    model (the tiny one) and the run's size are changed, on the command line."""
+    """The quick start's files are examples/quickstart/'s, and its commands run in a copy of that folder; only
+    the model (the tiny one) and the run's length are changed, on the command line."""
     section = quick_start()
     blocks = FENCE.findall(section)
-    files = {"my_data.jsonl": next(body for lang, body in blocks if lang == "jsonl")}
-    files |= {body.split("\n")[0].removeprefix("# ").strip(): body for lang, body in blocks
-              if lang in ("python", "yaml") and body.startswith("# ")}
-    assert set(files) == {"my_data.jsonl", "my_reward.py", "my_task.yaml"}
-    for name, body in files.items():
-        (tmp_path / name).write_text(body)
-    monkeypatch.chdir(tmp_path)
+    example = ROOT / "examples" / "quickstart"
+    shown = {body.split("\n")[0].removeprefix("# ").strip(): body for lang, body in blocks
+             if lang in ("python", "yaml") and body.startswith("# ")}
+    assert set(shown) == {"my_reward.py", "my_task.yaml"}
+    for name, body in shown.items():
+        assert (example / name).read_text() == body, f"README's {name} differs from examples/quickstart/{name}"
+    rows = next(body for lang, body in blocks if lang == "jsonl")
+    assert (example / "my_data.jsonl").read_text().startswith(rows)
+    shutil.copytree(example, tmp_path / "quickstart")
+    monkeypatch.chdir(tmp_path / "quickstart")
     small = ["--set", f"model.name_or_path={tiny_model}", "--set", "steps=2", "--set", "rollout.max_new_tokens=4"]
     ran = []
     lines = [line for lang, body in blocks if lang == "bash" for line in body.splitlines()]
+    assert any(line.startswith("cd examples/quickstart") for line in lines)
     for argv in [shlex.split(line, comments=True) for line in lines if line.startswith("grouprl ")]:
         result = runner.invoke(app, argv[1:] + (small if argv[1] == "train" else []))
         assert result.exit_code == 0, (argv, result.output)
         ran.append(argv[1])
-    assert ran[:3] == ["train", "eval", "plot"], ran
-    run = tmp_path / "runs" / "my-task"
+    assert ran == ["train", "eval", "plot"], ran
+    run = tmp_path / "quickstart" / "runs" / "my-task"
     assert (run / "final").is_dir() and (run / "rewards.png").is_file()
     logged = (run / "metrics.jsonl").read_text()
     assert '"reward/my_reward.py:brief"' in logged and '"reward/correctness"' in logged
