@@ -43,7 +43,7 @@ def default_text(field) -> str:
         return "required"
     else:
         value = field.default
-    return f"`{json.dumps(to_jsonable_python(value))}`" if value is not None else "`null`"
+    return f"`{json.dumps(to_jsonable_python(value))}`"
 
 
 def slug(heading: str) -> str:

@@ -21,7 +21,6 @@ from grouprl.reference import reference_markdown, slug
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
-TOP_PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]  # written by hand (not reports)
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 runner = CliRunner()
