@@ -103,7 +103,7 @@ def trl_child(cfg, total: int) -> dict:
     torch.manual_seed(cfg.seed)  # as grouprl's loop does before loading: the same LoRA initialisation
     task = build_task(cfg.task)
     rewards = RewardSet([(r.name, r.weight) for r in cfg.rewards], timeout_s=cfg.rewards_timeout_s)
-    task = _check_inputs(cfg, task, rewards, Console(quiet=True))  # grouprl's prompt-length fitting
+    task, _ = _check_inputs(cfg, task, rewards, Console(quiet=True))  # grouprl's prompt-length fitting
     policy, tok = load_policy(cfg.model)
     in_order = cfg.task.name == "arithmetic" and cfg.task.curriculum
     rows = PromptStream(task.train, cfg.seed, in_order).take(ro.prompts_per_step * total)  # grouprl's order

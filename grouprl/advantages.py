@@ -94,29 +94,44 @@ def zero_std_groups(rewards: Tensor, group_size: int) -> Tensor:
     return (r == r[:, :1]).all(1)
 
 
-def kl_shaped_rewards(score: Tensor, logp: Tensor, ref_logp: Tensor | None, mask: Tensor, kl_coef: float) -> Tensor:
+def kl_shaped_rewards(score: Tensor, logp: Tensor, ref_logp: Tensor | None, mask: Tensor, kl_coef: float,
+                      turn_rewards: Tensor | None = None) -> Tensor:
     """Per-token PPO rewards (N, T): r_t = -kl_coef * (logp - ref_logp)_t (the k1 KL estimate, Ziegler et al.
-    2019 / InstructGPT), plus the sequence score (N,) on the last completion token. Zero past the end."""
+    2019 / InstructGPT), plus the sequence score (N,) on the last token the model sampled. Zero past the end
+    and on the environment's tokens (mask 0). turn_rewards (N, T): an episode's per-turn rewards, each already
+    on the last model token of its turn, added as they are."""
     rewards = torch.zeros_like(mask)
     if ref_logp is not None and kl_coef:
         rewards = -kl_coef * (logp - ref_logp) * mask
-    last = (mask.sum(1).long() - 1).clamp(min=0)  # (N,) index of the last completion token
+    if turn_rewards is not None:
+        rewards = rewards + turn_rewards * mask
+    last = last_token(mask)  # (N,)
     return rewards.index_put((torch.arange(len(score)), last), score.to(rewards.dtype), accumulate=True)
 
 
+def last_token(mask: Tensor) -> Tensor:
+    """(N,) the column of each row's last masked-in token (0 for a row with none)."""
+    cols = torch.arange(mask.shape[1], device=mask.device)
+    return (mask.bool() * (cols + 1)).amax(1).sub(1).clamp(min=0)
+
+
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
-    """Generalised advantage estimation (Schulman et al. 2016), per token, right to left:
-    delta_t = r_t + gamma V_{t+1} - V_t,  A_t = delta_t + gamma lam A_{t+1},  R_t = A_t + V_t,
-    with V and A taken as 0 after the last completion token. rewards, values, mask: (N, T).
-    Returns (advantages, returns), both (N, T) and zero outside the mask."""
+    """Generalised advantage estimation (Schulman et al. 2016), per token, right to left, over the tokens in
+    the mask only: with t_1 < t_2 < ... the masked-in positions of a row,
+    delta_k = r_{t_k} + gamma V_{t_k+1} - V_{t_k},  A_k = delta_k + gamma lam A_{k+1},  R_k = A_k + V_{t_k},
+    with V and A taken as 0 after the last one. A token outside the mask (an environment's reply between
+    the model's turns, or padding) is neither a state nor an action: it is skipped. rewards, values, mask:
+    (N, T). Returns (advantages, returns), both (N, T) and zero outside the mask."""
     rewards, values = rewards * mask, values * mask
     adv = torch.zeros_like(rewards)
     next_value = next_adv = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):
+        inside = mask[:, t] > 0
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]
-        next_value = values[:, t]
-        adv[:, t] = next_adv
+        a = (delta + gamma * lam * next_adv) * mask[:, t]
+        next_adv = torch.where(inside, a, next_adv)
+        next_value = torch.where(inside, values[:, t], next_value)
+        adv[:, t] = a
     return adv, (adv + values) * mask
 
 

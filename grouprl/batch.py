@@ -13,6 +13,7 @@ import torch
 from grouprl.advantages import zero_std_groups
 from grouprl.config import TrainConfig
 from grouprl.distributed import gather_results, gathered, shard, world_size
+from grouprl.episodes import Episode, Setup
 from grouprl.rewards import RewardSet
 from grouprl.rollout import Rollout, concat, generate, select
 from grouprl.tasks import Task
@@ -59,6 +60,7 @@ class Scored:
     score_seconds: float = 0.0
     generated_tokens: float = 0.0
     sample_passes: float = 0.0  # token-passes of sampling: the prompts' prefill and one per generated token
+    episodes: list | None = None  # one episodes.Episode per sequence, with an environment
 
 
 def columns_of(rows: list[dict]) -> dict:
@@ -66,14 +68,17 @@ def columns_of(rows: list[dict]) -> dict:
     return {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"}
 
 
-def check_rewards(rewards: RewardSet, task: Task, tokenizer, prefill: str) -> None:
+def check_rewards(rewards: RewardSet, task: Task, tokenizer, prefill: str, episodes: bool = False) -> None:
     """Call every reward on two training rows before any work, so a broken function fails fast. The probe
-    completions are neutral text (not the answer format), which every reward must be able to score."""
+    completions are neutral text (not the answer format), which every reward must be able to score; with
+    `episodes`, each comes with an empty episode record."""
     rows = (task.train * 2)[:2]
     prompts = [task.chat_prompt(tokenizer, r, prefill) for r in rows]
     completions = [prefill + "ok", prefill]
     ids = [tokenizer(c[len(prefill):], add_special_tokens=False)["input_ids"] for c in completions]
-    rewards.score(prompts, completions, columns_of(rows), ids)
+    extra = {"episode": [Episode(messages=[{"role": "assistant", "content": c}]).record() for c in completions]} \
+        if episodes else {}
+    rewards.score(prompts, completions, columns_of(rows) | extra, ids)
 
 
 def sampling_seed(seed: int, step: int, round_: int, prompt: int) -> int:
@@ -84,37 +89,47 @@ def sampling_seed(seed: int, step: int, round_: int, prompt: int) -> int:
 
 def _to(r: Rollout, device) -> Rollout:
     tensors = {k: getattr(r, k).to(device) for k in ("input_ids", "attention_mask", "completion_mask", "truncated",
-                                                     "logprobs") if getattr(r, k) is not None}
+                                                     "logprobs", "turn_rewards") if getattr(r, k) is not None}
     return r._replace(**tensors)
 
 
 def _sample_slice(policy, tokenizer, task: Task, rewards: RewardSet, rows: list[dict], cfg: TrainConfig,
-                  seeds: list[int], device: torch.device) -> Scored:
-    """G completions for each of `rows` (this rank's slice of a round), scored; under torchrun the tensors are
-    moved to the CPU to be gathered."""
+                  seeds: list[int], device: torch.device, env: Setup | None) -> Scored:
+    """G completions (episodes, with an environment) for each of `rows` (this rank's slice of a round), scored;
+    under torchrun the tensors are moved to the CPU to be gathered."""
     ro = cfg.rollout
-    prompts = [task.chat_prompt(tokenizer, r, cfg.task.prefill) for r in rows]
     t0 = time.perf_counter()
+    envs = None
+    if env is not None:  # G environments per row; the first one's reset may give the group its prompt
+        envs, rows = env.start(rows, ro.group_size)
+    prompts = [task.chat_prompt(tokenizer, r, cfg.task.prefill) for r in rows]
     rollout = generate(policy, tokenizer, prompts, group_size=ro.group_size, max_new_tokens=ro.max_new_tokens,
                        temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k, prefill=cfg.task.prefill,
-                       seeds=seeds, device=device, engine=ro.engine,
-                       static_cache=ro.static_cache, compile=ro.compile)
+                       seeds=seeds, device=device, engine=ro.engine, static_cache=ro.static_cache, compile=ro.compile,
+                       envs=envs, chat=env and env.chat, limits=env and env.limits)
+    episodes = None
+    if envs is not None:
+        rollout, episodes = rollout
     t1 = time.perf_counter()
     seq_rows = [rows[i] for i in rollout.prompt_index]
     seq_prompts = [prompts[i] for i in rollout.prompt_index]
     ids = [row[:n].tolist() for row, n in zip(rollout.input_ids[:, rollout.prompt_len:].cpu(),
-                                              rollout.lengths.long().tolist())]
-    per_fn, total = rewards.score(seq_prompts, rollout.completions, columns_of(seq_rows), ids)
+                                              rollout.spans.long().tolist())]
+    extra = {"episode": [e.record() for e in episodes]} if episodes is not None else {}
+    per_fn, total = rewards.score(seq_prompts, rollout.completions, columns_of(seq_rows) | extra, ids)
+    if rollout.turn_rewards is not None:  # as weighted in the total (PPO puts each on its own turn)
+        rollout = rollout._replace(turn_rewards=rollout.turn_rewards * rewards.weight_of("env"))
     gatherable = _to(rollout, "cpu") if world_size() > 1 else rollout  # pickled for the other ranks
     prompt_tokens = rollout.attention_mask[::ro.group_size, :rollout.prompt_len].sum().item()
     generated = rollout.lengths.sum().item()
+    prefilled = sum(e.prefilled for e in episodes) if episodes is not None else 0
     return Scored(gatherable, seq_rows, seq_prompts, per_fn, total, 0.0, gen_seconds=t1 - t0,
                   score_seconds=time.perf_counter() - t1, generated_tokens=generated,
-                  sample_passes=rollout.prefills * prompt_tokens + generated)
+                  sample_passes=rollout.prefills * prompt_tokens + prefilled + generated, episodes=episodes)
 
 
 def _sample_round(policy, tokenizer, task: Task, rewards: RewardSet, rows: list[dict], cfg: TrainConfig,
-                  seeds: list[int], device: torch.device) -> Scored:
+                  seeds: list[int], device: torch.device, env: Setup | None) -> Scored:
     """The whole round on every rank: each rank samples and scores its contiguous slice of `rows`, then all
     slices are gathered in rank order. A rank's error becomes the same UserError on every rank."""
     lo, hi = shard(len(rows))
@@ -122,7 +137,7 @@ def _sample_round(policy, tokenizer, task: Task, rewards: RewardSet, rows: list[
     def my_slice() -> Scored | None:
         with gathered(policy) as model:  # a collective under FSDP2: every rank enters, with or without rows
             if hi > lo:
-                return _sample_slice(model, tokenizer, task, rewards, rows[lo:hi], cfg, seeds[lo:hi], device)
+                return _sample_slice(model, tokenizer, task, rewards, rows[lo:hi], cfg, seeds[lo:hi], device, env)
         return None
 
     done = [p for p in gather_results(my_slice) if p is not None]
@@ -132,17 +147,19 @@ def _sample_round(policy, tokenizer, task: Task, rewards: RewardSet, rows: list[
         per_fn=torch.cat([p.per_fn for p in done]), total=torch.cat([p.total for p in done]), zero_std_frac=0.0,
         gen_seconds=max(p.gen_seconds for p in done), score_seconds=max(p.score_seconds for p in done),
         generated_tokens=sum(p.generated_tokens for p in done), sample_passes=sum(p.sample_passes for p in done),
+        episodes=None if done[0].episodes is None else [e for p in done for e in p.episodes],
     )
 
 
 def sample_and_score(policy, tokenizer, task: Task, rewards: RewardSet, stream: PromptStream, cfg: TrainConfig,
-                     step: int, device: torch.device, resample_flat: bool = False, max_rounds: int = 1) -> Scored:
+                     step: int, device: torch.device, resample_flat: bool = False, max_rounds: int = 1,
+                     env: Setup | None = None) -> Scored:
     """Generate G completions for prompts_per_step prompts and score them. With resample_flat (dynamic
     sampling), groups whose rewards are all equal are dropped and more prompts are sampled, up to
     max_rounds generation rounds. Under torchrun every rank returns the same whole batch (see distributed.py);
     the prompts are shared out and the counts that decide a refill are those of the whole batch.
     device: where the batch goes (the model's compute device; under FSDP2 CPU offload its sharded weights
-    are elsewhere)."""
+    are elsewhere). env: the environment of multi-turn episodes (episodes.setup), or None."""
     ro, g = cfg.rollout, cfg.rollout.group_size
     kept: list[Scored] = []
     groups_seen = groups_flat = 0
@@ -151,7 +168,7 @@ def sample_and_score(policy, tokenizer, task: Task, rewards: RewardSet, stream: 
     for round_ in range(max_rounds if resample_flat else 1):
         rows = stream.take(ro.prompts_per_step - n_kept if resample_flat else ro.prompts_per_step)
         seeds = [sampling_seed(cfg.seed, step, round_, i) for i in range(len(rows))]
-        got = _sample_round(policy, tokenizer, task, rewards, rows, cfg, seeds, device)
+        got = _sample_round(policy, tokenizer, task, rewards, rows, cfg, seeds, device, env)
         t_gen += got.gen_seconds
         t_score += got.score_seconds
         tokens += got.generated_tokens
@@ -163,7 +180,8 @@ def sample_and_score(policy, tokenizer, task: Task, rewards: RewardSet, stream: 
         if keep.any():
             idx = keep.nonzero().flatten()
             kept.append(Scored(select(got.rollout, keep), [got.rows[i] for i in idx], [got.prompts[i] for i in idx],
-                               got.per_fn[keep], got.total[keep], 0.0))
+                               got.per_fn[keep], got.total[keep], 0.0,
+                               episodes=None if got.episodes is None else [got.episodes[i] for i in idx]))
             n_kept += int(keep.sum()) // g
         if n_kept >= ro.prompts_per_step:
             break
@@ -177,4 +195,5 @@ def sample_and_score(policy, tokenizer, task: Task, rewards: RewardSet, stream: 
         total=torch.cat([k.total for k in kept]),
         zero_std_frac=groups_flat / max(groups_seen, 1),
         gen_seconds=t_gen, score_seconds=t_score, generated_tokens=tokens, sample_passes=passes,
+        episodes=None if kept[0].episodes is None else [e for k in kept for e in k.episodes],
     )

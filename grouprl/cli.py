@@ -278,6 +278,11 @@ def eval_(
                                 "named in a model folder runs only when the command line names it: pass --set "
                                 f"eval.reward={cfg.eval.reward} to run it, or --set eval.reward=correctness for "
                                 "the built-in one")
+            named = [s for s in sets if s.replace(" ", "").startswith("env.name=")]
+            if reward_files([cfg.env.name or ""]) and not named:
+                raise UserError(f"{str(ckpt_cfg)!r} names environment code in env.name ({cfg.env.name!r}); code "
+                                "named in a model folder runs only when the command line names it: pass --set "
+                                f"env.name={cfg.env.name} to run it, or --set env.name=null for single turns")
         else:
             cfg = load_config(config, sets)
         cfg.model.trust_remote_code = cfg.model.trust_remote_code or trust_remote_code
@@ -288,11 +293,16 @@ def eval_(
         task = build_task(cfg.task)
         rows = task.eval[: num or cfg.eval.num_problems]
         net, tok = load_for_inference(model, cfg.model)
+        env = None
+        if cfg.env.name:  # episodes, as the run trained them
+            from grouprl.episodes import limits_of, setup
+
+            env, task = setup(cfg.env.name, limits_of(cfg.env), tok, task)
         torch.manual_seed(cfg.seed)
         metrics, samples = evaluate(
             net, tok, task, rows, prefill=cfg.task.prefill,
             max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, k=k or cfg.eval.k,
-            temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size, correctness=cfg.eval.reward,
+            temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size, correctness=cfg.eval.reward, env=env,
         )
     except UserError as e:
         _fail(e)

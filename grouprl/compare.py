@@ -41,7 +41,7 @@ from grouprl.config import (TrainConfig, config_changes, load_config, parse_over
 from grouprl.errors import UserError
 from grouprl.metrics import read_metrics
 from grouprl.report import LAST, aggregate, cumulative, mean, write_report
-from grouprl.guard import RunLock, write_atomic
+from grouprl.guard import RunLock, reward_files, write_atomic
 from grouprl.verification import self_checks, verification_rate
 
 # Named variants: overrides on top of the base config. Unnamed settings keep the base config's values.
@@ -289,23 +289,29 @@ def evaluate_checkpoint(model: str, cfg: TrainConfig, num: int, cache: Path) -> 
         "task": cfg.task.model_dump_json(), "problems": len(rows), "max_new_tokens": max_new_tokens,
         "batch_size": cfg.eval.batch_size, "dtype": cfg.model.dtype, "device": cfg.model.device, "version": 2,
         **({"reward": cfg.eval.reward} if cfg.eval.reward else {}),  # absent when unset: older caches stay valid
+        **({"env": [cfg.env.model_dump_json(), reward_files([cfg.env.name])]} if cfg.env.name else {}),
     }))
     cached = _read_json(cache)
     if _valid_eval(cached, key):
         return cached
     import torch
 
+    from grouprl.episodes import limits_of, setup, shown
     from grouprl.evaluate import evaluate
     from grouprl.models import load_for_inference
 
     if cfg.threads:  # as its training did: two-thread evaluations beside one-thread runs oversubscribe the cores
         torch.set_num_threads(cfg.threads)
     net, tok = load_for_inference(model, cfg.model)
+    env = None
+    if cfg.env.name:  # episodes: the report shows each one whole, turn by turn
+        env, task = setup(cfg.env.name, limits_of(cfg.env), tok, task)
     torch.manual_seed(cfg.seed)
     metrics, samples = evaluate(net, tok, task, rows, prefill=cfg.task.prefill, max_new_tokens=max_new_tokens,
-                                batch_size=cfg.eval.batch_size, correctness=cfg.eval.reward)
+                                batch_size=cfg.eval.batch_size, correctness=cfg.eval.reward, env=env)
     result = {"model": model, "problems": len(rows), **metrics,
-              "correct": [int(s["correct"] > 0) for s in samples], "completions": [s["completion"] for s in samples],
+              "correct": [int(s["correct"] > 0) for s in samples],
+              "completions": [shown(s["episode"]) if "episode" in s else s["completion"] for s in samples],
               "key": key}
     write_atomic(cache, json.dumps(result, indent=1))
     return result

@@ -149,6 +149,21 @@ AdvantageName = Literal["zscore", "mean", "rloo", "rank", "batch_std"]
 AggregationName = Literal["seq_mean_token_mean", "token_mean", "constant"]
 
 
+class EnvConfig(Section):
+    name: str | None = Field(
+        None, description="Episodes of several turns with an environment: a built-in (calculator: an arithmetic tool; "
+        "guess: a number game answered higher/lower) or 'path/to/file.py:Class' (docs/environments.md). None: "
+        "every episode is one turn. rollout.max_new_tokens then bounds all of an episode's tokens after the prompt.")
+    max_turns: int = Field(4, ge=1, description="Model turns per episode at most; one that would go on is truncated.")
+    max_tool_calls: int = Field(8, ge=1, description="Tool calls per episode at most; a turn that would pass it ends "
+                                "the episode, truncated, without running its calls.")
+    max_reply_tokens: int = Field(256, ge=1, description="Tokens of one tool result or text reply at most (its "
+                                  "content); a longer one is cut, marked '[cut]' and counted (replies_cut).")
+    tool_timeout_s: float = Field(5.0, gt=0, description="Longest time one tool call may take (past it the model "
+                                  "reads an error, counted as a timeout), and one call of the environment's reset, "
+                                  "step or reward (past it the episode ends, counted as failed).")
+
+
 class GRPOConfig(Section):
     advantage: AdvantageName = Field(
         "zscore",
@@ -341,6 +356,7 @@ class TrainConfig(Section):
         description="Reward functions and weights; the reward is their weighted sum.",
     )
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Sampling.")
+    env: EnvConfig = Field(default_factory=EnvConfig, description="The environment of multi-turn episodes.")
     grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="GRPO objective (algo: grpo).")
     ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO objective and critic (algo: ppo).")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer.")
@@ -390,6 +406,8 @@ class TrainConfig(Section):
             names = "grpo.mu > 1 or grpo.minibatches > 1" if self.algo == "grpo" else "ppo.epochs > 1 or ppo.minibatches > 1"
             raise ValueError(f"entropy.remedy=kl_cov needs off-policy passes ({names}): on the one on-policy pass "
                              "rho = 1 and its |log rho| penalty has no gradient; use clip_cov")
+        if not self.env.name and (any(r.name == "env" for r in self.rewards) or self.eval.reward == "env"):
+            raise ValueError("'env' is the environment's reward (in rewards or eval.reward) and needs env.name")
         if self.grpo.ref_refresh_steps and self.model.lora.enabled:
             raise ValueError("grpo.ref_refresh_steps needs full fine-tuning: under LoRA the reference is the frozen base")
         return self
@@ -402,6 +420,8 @@ RESUMABLE_CHANGES = {"reward_workers", "memory_probe", "steps", "save_every", "e
 def world_problems(cfg: TrainConfig, world: int, strategy: str) -> list[str]:
     """What cannot run at this world size and strategy (one line each; empty: fine)."""
     out = []
+    if cfg.env.name and world > 1:
+        out.append(f"env.name={cfg.env.name!r}: episodes with an environment run in one process for now (no torchrun)")
     minibatches = cfg.grpo.minibatches if cfg.algo == "grpo" else cfg.ppo.minibatches
     if cfg.rollout.prompts_per_step % world:
         out.append(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be divisible by the world size "

@@ -16,6 +16,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from grouprl.distributed import gather_results, gathered, shard
+from grouprl.episodes import Setup
 from grouprl.errors import UserError
 from grouprl.rewards import RewardSet, answer_anywhere, extract_answer, strict_format
 from grouprl.rollout import generate
@@ -35,38 +36,57 @@ def evaluate(
     on_batch: Callable[[int], None] | None = None,
     engine: str = "auto",
     correctness: str | None = None,
+    env: Setup | None = None,
 ) -> tuple[dict, list[dict]]:
     """Returns (metrics, samples). Metrics: format_rate, accuracy, answer_anywhere, mean_length_chars and,
     when k > 1, pass@k and maj@k over k samples at `temperature`. engine: what samples (engines.pick).
-    correctness: the reward (any reward name, 1 = right) whose mean is the accuracy; default the task's."""
+    correctness: the reward (any reward name, 1 = right) whose mean is the accuracy; default the task's.
+    env: run episodes with this environment (episodes.setup, whose task this is); the completion scored is
+    each episode's last model turn, and turns and tool_calls (greedy means) are added."""
     if k > batch_size:  # one problem's k samples are drawn at once
         raise UserError(f"eval k={k} is more than eval.batch_size={batch_size}, the completions sampled at once: "
                         f"raise eval.batch_size to at least {k} (memory permitting) or lower k")
     scorer = RewardSet([(correctness or task.correctness, 1.0)])
     try:
         return _evaluate(model, tokenizer, task, rows, prefill, max_new_tokens, k, temperature, batch_size, on_batch,
-                         engine, scorer)
+                         engine, scorer, env)
     finally:
         scorer.close()
 
 
 def _evaluate(model, tokenizer, task, rows, prefill, max_new_tokens, k, temperature, batch_size, on_batch, engine,
-              scorer: RewardSet) -> tuple[dict, list[dict]]:
+              scorer: RewardSet, env: Setup | None) -> tuple[dict, list[dict]]:
     def call_reward(_name, _fn, prompts, completions, columns):
         return scorer.score(prompts, completions, columns)[0][:, 0].tolist()
+
+    def sample(batch: list[dict], group_size: int, **kw) -> tuple[list[dict], list[str], list[str], list | None]:
+        """(rows, prompts, completions, episodes or None) of G samples per row (episodes, with an environment,
+        whose reset may have given a row its prompt)."""
+        envs = episodes = None
+        if env is not None:
+            envs, batch = env.start(batch, group_size)
+        texts = [task.chat_prompt(tokenizer, r, prefill) for r in batch]
+        out = generate(model, tokenizer, texts, group_size=group_size, max_new_tokens=max_new_tokens, prefill=prefill,
+                       engine=engine, envs=envs, chat=env and env.chat, limits=env and env.limits, **kw)
+        if env is not None:
+            out, episodes = out
+        if on_batch:
+            on_batch(len(out.completions))
+        return batch, [t for t in texts for _ in range(group_size)], out.completions, episodes
+
     correct_fn = None
-    prompts = [task.chat_prompt(tokenizer, r, prefill) for r in rows]
     columns = {key: [r.get(key) for r in rows] for key in rows[0] if key != "prompt"}
     start = time.perf_counter()
     greedy: list[str] = []
+    prompts: list[str] = []
+    episodes: list = []
+    shown: list[dict] = []
     for s in range(0, len(rows), batch_size):
-        out = generate(model, tokenizer, prompts[s:s + batch_size], group_size=1,
-                       max_new_tokens=max_new_tokens, greedy=True, prefill=prefill, engine=engine)
-        greedy += out.completions
-        if on_batch:
-            on_batch(len(out.completions))
+        used, texts, completions, eps = sample(rows[s:s + batch_size], 1, greedy=True)
+        shown, prompts, greedy, episodes = shown + used, prompts + texts, greedy + completions, episodes + (eps or [])
     fmt = strict_format(prompts, greedy)
-    right = call_reward(task.correctness, correct_fn, prompts, greedy, columns)
+    records = {"episode": [e.record() for e in episodes]} if episodes else {}
+    right = call_reward(task.correctness, correct_fn, prompts, greedy, columns | records)
     anywhere = answer_anywhere(prompts, greedy, [str(r.get("answer", "")) for r in rows])
     n = len(rows)
     metrics = {
@@ -77,34 +97,37 @@ def _evaluate(model, tokenizer, task, rows, prefill, max_new_tokens, k, temperat
         "mean_length_chars": sum(len(c) for c in greedy) / n,
     }
     samples = [{"prompt": r["prompt"], "answer": r.get("answer"), "completion": c, "format": f, "correct": a}
-               for r, c, f, a in zip(rows, greedy, fmt, right)]
+               for r, c, f, a in zip(shown, greedy, fmt, right)]
+    if episodes:
+        metrics |= {"turns": sum(e.turns for e in episodes) / n, "tool_calls": sum(e.tool_calls for e in episodes) / n}
+        for sample_, e in zip(samples, episodes):
+            sample_ |= {"episode": e.messages, "turns": e.turns, "tool_calls": e.tool_calls, "truncated": e.truncated}
     if k > 1:
         hits, majority = 0, 0
         per_batch = max(1, batch_size // k)
         for s in range(0, n, per_batch):
             batch = rows[s:s + per_batch]
-            out = generate(model, tokenizer, prompts[s:s + per_batch], group_size=k, max_new_tokens=max_new_tokens,
-                           temperature=temperature, prefill=prefill, engine=engine)
+            _, rep_prompts, completions, eps = sample(batch, k, temperature=temperature)
             cols = {key: [v for v in vals[s:s + per_batch] for _ in range(k)] for key, vals in columns.items()}
-            rep_prompts = [p for p in prompts[s:s + per_batch] for _ in range(k)]
-            ok = call_reward(task.correctness, correct_fn, rep_prompts, out.completions, cols)
+            if eps:
+                cols["episode"] = [e.record() for e in eps]
+            ok = call_reward(task.correctness, correct_fn, rep_prompts, completions, cols)
             for j in range(len(batch)):
-                group = out.completions[j * k:(j + 1) * k]
+                group = completions[j * k:(j + 1) * k]
                 hits += any(ok[j * k:(j + 1) * k])
                 votes = Counter(a for a in (extract_answer(c) for c in group) if a)
                 if votes:
                     top = votes.most_common(1)[0][0]
                     idx = next(i for i, c in enumerate(group) if extract_answer(c) == top)
                     majority += bool(ok[j * k + idx])
-            if on_batch:
-                on_batch(len(out.completions))
         metrics[f"pass@{k}"] = hits / n
         metrics[f"maj@{k}"] = majority / n
     metrics["seconds"] = time.perf_counter() - start
     return metrics, samples
 
 
-def evaluate_while_training(policy, tokenizer, task: Task, cfg, step: int, device: torch.device) -> dict:
+def evaluate_while_training(policy, tokenizer, task: Task, cfg, step: int, device: torch.device,
+                            env: Setup | None = None) -> dict:
     """The held-out evaluation of `eval_every`: the first eval.num_problems held-out rows, greedy (and pass@k /
     maj@k when eval.k > 1), on the training engine. Under torchrun each rank evaluates a contiguous share and
     the metrics (means over problems) are combined weighted by problems: every rank returns the same dict.
@@ -122,7 +145,7 @@ def evaluate_while_training(policy, tokenizer, task: Task, cfg, step: int, devic
                 return evaluate(model, tokenizer, task, rows[lo:hi], prefill=cfg.task.prefill,
                                 max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, k=cfg.eval.k,
                                 temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size,
-                                engine=cfg.rollout.engine, correctness=cfg.eval.reward)[0]
+                                engine=cfg.rollout.engine, correctness=cfg.eval.reward, env=env)[0]
         return None
 
     return combine([m for m in gather_results(my_share) if m is not None])

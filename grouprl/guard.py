@@ -170,7 +170,7 @@ def refuse_links(out_dir: Path) -> None:
 
 
 def reward_files(reward_names: list[str]) -> dict[str, str]:
-    """{file: sha256 of its content} of the user reward files a run imports ('path/file.py:function'), so
+    """{file: sha256 of its content} of the user reward (and environment) files a run imports ('path/file.py:name'), so
     that a resume can say which code it is about to run and whether it changed since the run started."""
     import hashlib
 

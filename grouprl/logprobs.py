@@ -275,7 +275,7 @@ def trimmed(rollout: Rollout, rows: Tensor) -> Rollout:
     c = max(1, int(att[:, p:].sum(1).max()))
     return rollout._replace(input_ids=rollout.input_ids[rows, p0:p + c], attention_mask=att[:, p0:p + c],
                             completion_mask=rollout.completion_mask[rows, :c], truncated=rollout.truncated[rows],
-                            completions=[], prompt_index=[], logprobs=None)
+                            completions=[], prompt_index=[], logprobs=None, turn_rewards=None)
 
 
 def widen(out: TokenLogprobs, width: int) -> TokenLogprobs:

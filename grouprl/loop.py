@@ -29,6 +29,7 @@ from grouprl.config import (RESUMABLE_CHANGES, TrainConfig, config_changes, load
 from grouprl.distributed import (agree, any_rank, first_line, gather_objects, init, is_fsdp, is_main, load_trained, pick_strategy,
                                  rank, sum_floats, unwrap, world_size)
 from grouprl.errors import Stopped, UserError
+from grouprl.episodes import Setup, limits_of, setup as episodes_setup
 from grouprl.evaluate import evaluate_while_training
 from grouprl.trackers import check as check_trackers
 from grouprl.grpo import GRPO
@@ -170,12 +171,18 @@ def _restore(ckpt: Path, learner: Learner) -> dict:
     return state
 
 
-def _check_inputs(cfg: TrainConfig, task: Task, rewards: RewardSet, console: Console) -> Task:
-    """Everything about the data and the rewards that can be checked with the tokenizer alone, before any
-    model is loaded: prompt lengths (every row; returns the task with over-long prompts cut or dropped when
-    so configured), the batch size against the data, and one call of every reward function."""
+def _check_inputs(cfg: TrainConfig, task: Task, rewards: RewardSet, console: Console) -> tuple[Task, Setup | None]:
+    """Everything about the data, the environment and the rewards that can be checked with the tokenizer
+    alone, before any model is loaded: the environment on a training row and the chat template across turns,
+    prompt lengths (every row; returns the task with over-long prompts cut or dropped when so configured, and
+    its tools), the batch size against the data, and one call of every reward function."""
     path = resolve_model_path(cfg.model.name_or_path)
     tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
+    env = None
+    if cfg.env.name:
+        env, task = episodes_setup(cfg.env.name, limits_of(cfg.env), tokenizer, task)
+        for fallback in env.chat.fallbacks:
+            console.print(f"environment {cfg.env.name}: {fallback}")
     limit = cfg.task.max_prompt_tokens or default_max_prompt_tokens(
         context_length(path, cfg.model.trust_remote_code), cfg.rollout.max_new_tokens)
     fitted = fit_prompts(task, tokenizer, cfg.task.prefill, limit, cfg.task.long_prompts)
@@ -186,12 +193,13 @@ def _check_inputs(cfg: TrainConfig, task: Task, rewards: RewardSet, console: Con
     if cfg.rollout.prompts_per_step > len(task.train):
         raise UserError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} is more than the "
                         f"{len(task.train)} training prompts: lower it or add data")
-    reserved = sorted({"prompts", "completions", "completion_ids"} & set(task.train[0]))
+    reserved = sorted(({"prompts", "completions", "completion_ids"} | ({"episode"} if env else set()))
+                      & set(task.train[0]))
     if reserved:
         raise UserError(f"the data has column(s) {reserved}, names that reward functions receive as arguments: "
                         "rename them")
-    check_rewards(rewards, task, tokenizer, cfg.task.prefill)
-    return task
+    check_rewards(rewards, task, tokenizer, cfg.task.prefill, episodes=env is not None)
+    return task, env
 
 
 def train(cfg: TrainConfig, console: Console | None = None, resume: bool = False) -> TrainResult:
@@ -247,7 +255,7 @@ def together(fn, main_only: bool = False):
 
 def _train(cfg: TrainConfig, console: Console, out: Path, start: float, locks: list[RunLock], stop: StopSignals,
            resume: bool) -> TrainResult:
-    code = reward_files([r.name for r in cfg.rewards])  # hashed before any of it is imported
+    code = reward_files([r.name for r in cfg.rewards] + [cfg.env.name or ""])  # hashed before any is imported
     ckpt = together(lambda: _resume_point(out, cfg, code, console), main_only=True) if resume else None
     world = world_size()
     together(lambda: _refuse(world_problems(cfg, world, cfg.distributed.strategy)))
@@ -257,8 +265,10 @@ def _train(cfg: TrainConfig, console: Console, out: Path, start: float, locks: l
     torch.manual_seed(cfg.seed)  # the same on every rank: LoRA and value heads start identical
 
     task = build_task(cfg.task)
-    rewards = RewardSet([(r.name, r.weight) for r in cfg.rewards], timeout_s=cfg.rewards_timeout_s,
-                        workers=cfg.reward_workers)
+    specs = [(r.name, r.weight) for r in cfg.rewards]
+    if cfg.env.name and "env" not in [n for n, _ in specs]:
+        specs.append(("env", 1.0))  # the environment's own reward
+    rewards = RewardSet(specs, timeout_s=cfg.rewards_timeout_s, workers=cfg.reward_workers)
     try:
         return _train_with(cfg, console, out, start, locks, stop, resume, code, ckpt, world, task, rewards)
     finally:
@@ -267,7 +277,7 @@ def _train(cfg: TrainConfig, console: Console, out: Path, start: float, locks: l
 
 def _train_with(cfg: TrainConfig, console: Console, out: Path, start: float, locks: list[RunLock], stop: StopSignals,
                 resume: bool, code, ckpt, world: int, task: Task, rewards: RewardSet) -> TrainResult:
-    task = together(lambda: _check_inputs(cfg, task, rewards, console))
+    task, env = together(lambda: _check_inputs(cfg, task, rewards, console))
     together(lambda: check_trackers(cfg.report_to), main_only=True)
     if not resume:  # (a resume took it before anything else)
         together(lambda: locks.append(RunLock(out).acquire()), main_only=True)
@@ -336,7 +346,7 @@ def _train_with(cfg: TrainConfig, console: Console, out: Path, start: float, loc
                 t0 = time.perf_counter()
                 PASSES.reset()
                 batch = sample_and_score(policy, tokenizer, task, rewards, stream, cfg, step, device,
-                                         learner.resamples_flat_groups, learner.max_sampling_rounds)
+                                         learner.resamples_flat_groups, learner.max_sampling_rounds, env)
                 t1 = time.perf_counter()
                 upd, adv = learner.update(batch.rollout, batch.total, step)
                 t2 = time.perf_counter()
@@ -347,17 +357,21 @@ def _train_with(cfg: TrainConfig, console: Console, out: Path, start: float, loc
                 m |= {"peak_mem_gib": peaks[0]} | ({"peak_mem_gib_max": max(peaks)} if world > 1 else {})
                 evaluated = cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps)
                 if evaluated:
-                    ev = evaluate_while_training(policy, tokenizer, task, cfg, step, device)
+                    ev = evaluate_while_training(policy, tokenizer, task, cfg, step, device, env)
                     m |= {f"eval/{k}": v for k, v in ev.items() if k not in ("problems", "seconds")}
                     m |= {"eval_time": ev["seconds"], "elapsed": time.perf_counter() - start}
                 history.append({"step": step, **m})
                 log.log(step, m)
                 if step % cfg.log_completions_every == 0:
+                    eps = batch.episodes or [None] * len(batch.rows)
                     log.log_completions(step, [
                         {"prompt": r["prompt"], "answer": r.get("answer"), "completion": c, "reward": t,
-                         "advantage": a, **{n: v for n, v in zip(rewards.names, f)}}
-                        for r, c, t, a, f in zip(batch.rows, batch.rollout.completions, batch.total.tolist(),
-                                                 adv.tolist(), batch.per_fn.tolist())
+                         "advantage": a, **{n: v for n, v in zip(rewards.names, f)},
+                         **({"episode": e.messages, "turns": e.turns, "tool_calls": e.tool_calls,
+                             "turn_rewards": e.turn_rewards, "truncated": e.truncated, "failed": e.failed}
+                            if e is not None else {})}
+                        for r, c, t, a, f, e in zip(batch.rows, batch.rollout.completions, batch.total.tolist(),
+                                                    adv.tolist(), batch.per_fn.tolist(), eps)
                     ], cfg.rollout.group_size)
                 fn_means = " ".join(f"{n}={m[f'reward/{n}']:.2f}" for n in rewards.names)
                 fn_means = escape(fn_means)  # reward names are the user's: 'x[1].py:f' is not markup
@@ -459,7 +473,21 @@ def step_metrics(batch: Scored, names: list[str], update: dict[str, float]) -> d
         "gen_time": batch.gen_seconds, "score_time": batch.score_seconds,
         "gen_tokens_per_s": batch.generated_tokens / max(batch.gen_seconds, 1e-9),
         "passes_sample": batch.sample_passes,  # token-passes (see logprobs.TokenPasses): sampling's, all ranks
-    }
+    } | (episode_metrics(batch.episodes) if batch.episodes is not None else {})
+
+
+def episode_metrics(episodes: list) -> dict[str, float]:
+    """Per step, with an environment: turns, tool calls and tokens per turn (means over episodes), tool errors
+    by kind, replies cut and failed episodes (counts)."""
+    from grouprl.envs.calls import ERRORS
+
+    n, turns = len(episodes), sum(e.turns for e in episodes)
+    return {"episode/turns": turns / n, "episode/tool_calls": sum(e.tool_calls for e in episodes) / n,
+            "episode/tokens_per_turn": sum(sum(e.turn_tokens) for e in episodes) / max(turns, 1),
+            "episode/replies_cut": float(sum(e.replies_cut for e in episodes)),
+            "episode/failed": float(sum(e.failed is not None for e in episodes)),
+            "episode/env_reward": sum(e.reward for e in episodes) / n,
+            **{f"tool_errors/{k}": float(sum(e.errors[k] for e in episodes)) for k in ERRORS}}
 
 
 def summary_table(result: TrainResult, names: list[str], learner: Learner) -> Table:

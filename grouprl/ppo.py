@@ -109,7 +109,10 @@ def ppo_update(
     prep_time = time.perf_counter() - t0
 
     # 2-3. KL-shaped rewards, GAE, whitening
-    rewards = kl_shaped_rewards(score, old_logp, ref_logp, mask, kl_coef)  # (N, C)
+    turns = rollout.turn_rewards  # episodes: per-turn rewards at their turns, the rest of the score at the end
+    if turns is not None:
+        score = score - turns.sum(1).to(score.device)
+    rewards = kl_shaped_rewards(score, old_logp, ref_logp, mask, kl_coef, turns)  # (N, C)
     adv, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)  # (N, C) each
     if cfg.whiten_advantages:
         adv = whiten(adv, mask)

@@ -25,7 +25,6 @@ import concurrent.futures
 import contextlib
 import copy
 import functools
-import importlib.util
 import inspect
 import itertools
 import math
@@ -37,7 +36,6 @@ import re
 import reprlib
 import signal
 from collections.abc import Iterable, Mapping, Set, Sized
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -47,6 +45,7 @@ from grouprl.errors import StopNow, UserError
 from grouprl.guard import die_with_parent
 from grouprl.limits import Timeout, time_limit, watchdog
 from grouprl.tasks.countdown import check as countdown_check
+from grouprl.userfile import load_attribute
 
 RewardFn = Callable[..., list[float]]
 
@@ -240,7 +239,14 @@ def countdown(
     return out
 
 
+def env(prompts: list[str], completions: list[str], episode: list[dict], **_: Any) -> list[float]:
+    """The environment's reward of each episode: its outcome reward plus its per-turn rewards (episodes.py).
+    Added with weight 1 to a run with an environment unless the rewards list names it."""
+    return [e["reward"] for e in episode]
+
+
 BUILTIN: dict[str, RewardFn] = {
+    "env": env,
     "strict_format": strict_format,
     "soft_format": soft_format,
     "tag_count": tag_count,
@@ -338,23 +344,7 @@ def _load_user_function(spec_text: str, name: str) -> Callable:
     if not sep or not path.endswith(".py"):
         raise UserError(f"reward {name!r}: expected one of {sorted(BUILTIN)}, 'rm:<reward model>', "
                         "'path/to/file.py:function' or 'verl:path/to/file.py:compute_score'")
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise UserError(f"reward file {path!r} not found (from reward {name!r})")
-    spec = importlib.util.spec_from_file_location(f"grouprl_user_reward_{file.stem}", file)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    try:
-        with kept_process_state():
-            spec.loader.exec_module(module)
-    except KeyboardInterrupt:
-        raise  # the user's Ctrl-C
-    except SystemExit as e:
-        raise UserError(f"reward file {path!r} called {_exit_call(e)} while being imported: a reward file must "
-                        "only define functions") from None
-    except BaseException as e:
-        raise UserError(f"reward file {path!r} failed to import: {type(e).__name__}: {_first_line(e)}") from None
-    fn = getattr(module, func, None)
+    fn = load_attribute(path, func, "reward", name)
     if not callable(fn):
         raise UserError(f"reward file {path!r} has no function {func!r}")
     return fn
@@ -587,6 +577,10 @@ class RewardSet:
                 self._kill_pool()
                 raise UserError("the reward worker processes (reward_workers) could not start; see above") from None
         return self._pool
+
+    def weight_of(self, name: str) -> float:
+        """The weight of the reward function `name` in the sum (0 when it is not one of them)."""
+        return float(self.weights[self.names.index(name)]) if name in self.names else 0.0
 
     def score(self, prompts: list[str], completions: list[str], columns: dict,
               completion_ids: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:

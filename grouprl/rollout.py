@@ -1,7 +1,9 @@
 """Sampling completions into a typed Rollout; the engine that samples is chosen in grouprl/engines.
 
 Layout of one batch of N = B * G sequences: row i answers prompt i // G. Prompts are left-padded to P
-tokens, completions right-padded to C tokens, so every completion starts at column P.
+tokens, completions right-padded to C tokens, so every completion starts at column P. In an episode of
+several turns (episodes.py) the completion holds the model's turns and the environment's replies between
+them: attention_mask is 1 on all of them, completion_mask (the loss mask) only on the tokens the model sampled.
 """
 
 from __future__ import annotations
@@ -20,15 +22,16 @@ from grouprl.distributed import is_fsdp
 
 class Rollout(NamedTuple):
     input_ids: Tensor  # (N, P + C) prompt tokens (left-padded) then completion tokens (right-padded)
-    attention_mask: Tensor  # (N, P + C) 1 on real prompt tokens and on completion tokens through EOS
-    completion_mask: Tensor  # (N, C) float: 1.0 on completion tokens through the first EOS
-    truncated: Tensor  # (N,) bool: no EOS within max_new_tokens
-    completions: list[str]  # N completion texts, the prefill included, special tokens removed
+    attention_mask: Tensor  # (N, P + C) 1 on real prompt tokens and on completion tokens through the end
+    completion_mask: Tensor  # (N, C) float, the loss mask: 1.0 on the tokens the model sampled, through its EOS
+    truncated: Tensor  # (N,) bool: no EOS within max_new_tokens (episodes: stopped by a limit)
+    completions: list[str]  # N completion texts (episodes: the last model turn's), prefill included, no special tokens
     prompt_index: list[int]  # N: index of the prompt (in the list given) each row answers
     group_size: int  # G: rows i*G .. i*G + G - 1 answer the same prompt
     temperature: float  # the sampling temperature, which the trainer's logprobs apply too
     logprobs: Tensor | None = None  # (N, C) the engine's own log-prob of each sampled token, when asked for
     prefills: int = 1  # forwards of each prompt that sampling ran (G when every completion prefilled its own)
+    turn_rewards: Tensor | None = None  # (N, C) episodes: each turn's reward on the turn's last model token
 
     @property
     def prompt_len(self) -> int:
@@ -40,8 +43,13 @@ class Rollout(NamedTuple):
 
     @property
     def lengths(self) -> Tensor:
-        """(N,) tokens per completion through EOS."""
+        """(N,) tokens the model sampled per completion, through EOS."""
         return self.completion_mask.sum(1)
+
+    @property
+    def spans(self) -> Tensor:
+        """(N,) tokens per completion through its end, the environment's replies included."""
+        return self.attention_mask[:, self.prompt_len:].sum(1)
 
 
 def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -86,6 +94,18 @@ def lora_merged(model: PreTrainedModel):
             base.weight.data = original
 
 
+@contextmanager
+def sampling(model: PreTrainedModel):
+    """The model as it samples: in eval mode, with a LoRA adapter merged on the CPU (lora_merged)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with lora_merged(model):
+            yield
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def generate(
     model: PreTrainedModel,
@@ -105,12 +125,20 @@ def generate(
     with_logprobs: bool = False,
     static_cache: bool = False,
     compile: bool = False,
-) -> Rollout:
+    envs: list | None = None,
+    chat=None,
+    limits=None,
+) -> Rollout | tuple[Rollout, list]:
     """Sample `group_size` completions for each chat-formatted prompt (which ends with `prefill`); with
     `seeds` (one per prompt), each group's draws come from its own generator (grouprl engine). device: where
     the model computes (default: where its first parameter is). engine: a name from engines.ENGINES or
     'auto' (see engines.pick); with_logprobs keeps the engine's own log-probs in Rollout.logprobs;
-    static_cache and compile are the hf engine's options."""
+    static_cache and compile are the hf engine's options.
+
+    Every completion is an episode (episodes.run); without `envs` each ends after its first turn. With
+    `envs` (one environment per row, N = len(prompts) * group_size), `chat` (an episodes.ChatFormat) and
+    `limits` (episodes.Limits), episodes go on over several turns, max_new_tokens bounds all of their
+    tokens, and (rollout, episodes) is returned."""
     device = device or next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     params = engines.SamplingParams(
@@ -118,27 +146,27 @@ def generate(
         pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy,
         seeds=None if seeds is None else tuple(seeds), with_logprobs=with_logprobs, static_cache=static_cache,
         compile=compile)
-    was_training = model.training
-    model.eval()
-    try:
-        with lora_merged(model):
-            out = engines.sample(engines.pick(engine, device), model, enc.input_ids, enc.attention_mask, params)
-    finally:
-        model.train(was_training)
-    completion_mask, truncated = completion_mask_from_ids(out.completion_ids, list(params.eos))
-    texts = tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
-    return Rollout(
-        input_ids=torch.cat([enc.input_ids.repeat_interleave(group_size, 0), out.completion_ids], 1),
-        attention_mask=torch.cat([enc.attention_mask.repeat_interleave(group_size, 0), completion_mask.long()], 1),
-        completion_mask=completion_mask,
-        truncated=truncated,
-        completions=[prefill + t for t in texts],
+    engine = engines.pick(engine, device)
+    from grouprl import episodes
+
+    with sampling(model):  # the first turn, then (with environments) the next ones: one loop for both
+        first = engines.sample(engine, model, enc.input_ids, enc.attention_mask, params)
+        cols, eps = episodes.run(model, tokenizer, enc.input_ids, enc.attention_mask, first, params, engine,
+                                 envs or [None] * (len(prompts) * group_size), chat, limits, prefill)
+    rollout = Rollout(
+        input_ids=torch.cat([enc.input_ids.repeat_interleave(group_size, 0), cols["ids"]], 1),
+        attention_mask=torch.cat([enc.attention_mask.repeat_interleave(group_size, 0), cols["attention"]], 1),
+        completion_mask=cols["mask"],
+        truncated=cols["truncated"],
+        completions=[next(m["content"] for m in reversed(e.messages) if m["role"] == "assistant") for e in eps],
         prompt_index=[i // group_size for i in range(len(prompts) * group_size)],
         group_size=group_size,
         temperature=temperature,
-        logprobs=out.logprobs,
-        prefills=out.prefills,
+        logprobs=cols["logp"] if with_logprobs else None,
+        prefills=first.prefills,
+        turn_rewards=cols["turn_rewards"] if envs is not None else None,
     )
+    return (rollout, eps) if envs is not None else rollout
 
 
 def concat(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
@@ -170,6 +198,8 @@ def concat(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
         logprobs=None if any(r.logprobs is None for r in rollouts) else torch.cat(
             [torch.nn.functional.pad(r.logprobs, (0, c - r.completion_len)) for r in rollouts]),
         prefills=rollouts[0].prefills,
+        turn_rewards=None if any(r.turn_rewards is None for r in rollouts) else torch.cat(
+            [torch.nn.functional.pad(r.turn_rewards, (0, c - r.completion_len)) for r in rollouts]),
     )
 
 
@@ -188,4 +218,5 @@ def select(r: Rollout, rows: Tensor) -> Rollout:
         temperature=r.temperature,
         logprobs=None if r.logprobs is None else r.logprobs[idx],
         prefills=r.prefills,
+        turn_rewards=None if r.turn_rewards is None else r.turn_rewards[idx],
     )

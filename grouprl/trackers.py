@@ -72,7 +72,9 @@ def read_ids(path: Path) -> dict[str, str] | None:
 def completions_table(step: int, rows: list[dict], group_size: int) -> tuple[list[str], list[list]]:
     """(columns, rows) of the completions table: per prompt its answer, mean reward and, for j = 1..G,
     completion_j, reward_j, advantage_j. rows: one dict per sequence (prompt, answer, completion, reward,
-    advantage), G in a row per prompt."""
+    advantage, and with an environment the episode's messages), G in a row per prompt."""
+    from grouprl.episodes import shown
+
     g = group_size
     columns = ["step", "prompt", "answer", "mean_reward"] + [
         f"{k}_{j}" for j in range(1, g + 1) for k in ("completion", "reward", "advantage")]
@@ -84,8 +86,8 @@ def completions_table(step: int, rows: list[dict], group_size: int) -> tuple[lis
             prompt = "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
         cells: list = [step, prompt, "" if group[0].get("answer") is None else str(group[0]["answer"]),
                        sum(r["reward"] for r in group) / len(group)]
-        for r in group:
-            cells += [r["completion"], r["reward"], r["advantage"]]
+        for r in group:  # an episode: every turn, its role first (the model's turns are 'assistant')
+            cells += [shown(r["episode"]) if "episode" in r else r["completion"], r["reward"], r["advantage"]]
         table.append(cells)
     return columns, table
 

@@ -46,22 +46,26 @@ CHAT_TEMPLATE = (
 )
 
 
-def make_tiny_model(path: Path, layers: int = 2, hidden: int = 64, seed: int = 0) -> Path:
+TOOL_CHARS = list('{}":_()*[]|\'!')  # what tool calls and their results need, beyond CHARS
+
+
+def make_tiny_model(path: Path, layers: int = 2, hidden: int = 64, seed: int = 0, tools: bool = False) -> Path:
+    """tools: a vocabulary that can write tool calls (TOOL_CHARS) and a <|tool|> role token."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    special = ["<pad>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>", "<unk>"]
-    vocab = {t: i for i, t in enumerate(special + CHARS)}
+    special = ["<pad>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>", "<unk>"] + (["<|tool|>"] if tools else [])
+    vocab = {t: i for i, t in enumerate(special + CHARS + (TOOL_CHARS if tools else []))}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     tk.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<|end|>", unk_token="<unk>")
-    tok.add_special_tokens({"additional_special_tokens": special[2:5]})
+    tok.add_special_tokens({"additional_special_tokens": special[2:5] + special[6:]})
     tok.chat_template = CHAT_TEMPLATE
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=512, pad_token_id=0, eos_token_id=vocab["<|end|>"],
+                      max_position_embeddings=2048 if tools else 512, pad_token_id=0, eos_token_id=vocab["<|end|>"],
                       bos_token_id=None, tie_word_embeddings=True)
     model = LlamaForCausalLM(cfg)
     model.generation_config.eos_token_id = vocab["<|end|>"]
@@ -93,6 +97,12 @@ def read_dcp(folder: Path) -> dict:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tool_model(tmp_path_factory) -> Path:
+    """The tiny model with a vocabulary for tool calls and a tool role."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-tools") / "model", tools=True)
 
 
 def write_toy_data(path: Path) -> Path:

@@ -16,17 +16,21 @@ PROMPTS = ["<|user|>say a 1<|end|><|assistant|>", "<|user|>a longer prompt than 
            "<|user|>12+7=?<|end|><|assistant|>"]
 
 
-@pytest.fixture(scope="module")
-def model_and_tok(tiny_model):
-    """The tiny model made less uniform, with EOS likely enough that rows end at different steps."""
-    torch.manual_seed(2)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
-    tok = load_tokenizer(str(tiny_model))
+def less_uniform(path, seed: int, eos_boost: float):
+    """A tiny model with noise added to its weights and its EOS logit raised, so rows end at different steps."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = load_tokenizer(str(path))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.3)
-        model.lm_head.weight[eos_ids(model, tok)[0]] += 0.5
+        model.lm_head.weight[eos_ids(model, tok)[0]] += eos_boost
     return model, tok
+
+
+@pytest.fixture(scope="module")
+def model_and_tok(tiny_model):
+    return less_uniform(tiny_model, seed=2, eos_boost=0.5)
 
 
 def _same(a, b):

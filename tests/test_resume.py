@@ -21,6 +21,8 @@ CASES = {
     "grpo": {"grpo.mu": 2, "grpo.minibatches": 2, "grpo.beta": 0.01},  # randperm, pi_old, a reference
     "ppo": {"algo": "ppo", "ppo.epochs": 2, "ppo.minibatches": 2, "ppo.kl_target": 0.5, "ppo.kl_horizon": 50},
     "ppo-lora": {"algo": "ppo", "model.lora.enabled": "true", "model.lora.r": 4, "optim.lr": 1e-2},  # adapters
+    "grpo-episodes": {"env.name": "guess", "env.max_turns": 3, "rollout.max_new_tokens": 48, "task.prefill": "50",
+                      "grpo.mu": 2},  # turns sampled from their own seeds
 }
 
 
@@ -49,7 +51,10 @@ def test_stopped_and_resumed_equals_uninterrupted(algo, tiny_model, toy_data, to
     resumed = train(load_config(None, small(tiny_model, toy_data, toy_reward, out, algo, 4)), quiet, resume=True)
 
     ppo = algo.startswith("ppo")
-    keys = ["reward", "loss", "kl", "clip_frac", "completion_len"] + (["value_loss", "kl_coef"] if ppo else [])
+    keys = ["reward", "loss", "kl", "clip_frac", "completion_len"] + (["value_loss", "kl_coef"] if ppo else []) \
+        + (["episode/turns", "reward/env"] if "episodes" in algo else [])
+    if "episodes" in algo:
+        assert max(h["episode/turns"] for h in straight.history) > 1
     assert [h["step"] for h in resumed.history] == [1, 2, 3, 4]
     for a, b in zip(straight.history, resumed.history):
         assert {k: a[k] for k in keys} == {k: b[k] for k in keys}, a["step"]

@@ -335,7 +335,7 @@ def test_load_reward_builtin():
     for name, fn in BUILTIN.items():
         assert load_reward(name) is fn
     assert set(BUILTIN) == {"strict_format", "soft_format", "tag_count", "correctness", "answer_anywhere", "number",
-                            "countdown"}
+                            "countdown", "env"}
 
 
 def test_load_reward_from_file(tmp_path):
@@ -499,6 +499,7 @@ def test_tag_count_voids_credit_for_a_copied_or_empty_answer():
 @pytest.mark.parametrize("completion", ["ok", ""])
 def test_builtins_give_nothing_for_neutral_text(completion):
     # the loop probes every reward with neutral text before training: no built-in may reward it
-    columns = {"answer": ["5"], "numbers": [[2, 3, 4]], "target": [14]}
+    columns = {"answer": ["5"], "numbers": [[2, 3, 4]], "target": [14],
+               "episode": [{"reward": 0.0}]}  # (the probe's empty episode, with an environment)
     for name, fn in BUILTIN.items():
         assert fn(["What is 2 + 3?"], [completion], **columns) == [0.0], name

@@ -49,34 +49,69 @@ class Task:
     system_prompt: str
     correctness: str  # name of the built-in reward that decides whether an answer is right
     messages_system: str | None = None  # a system turn put before chat-messages prompts that have none
+    tools: list[dict] | None = None  # the environment's tools (JSON schemas), shown to the model
+    tools_native: bool = False  # the chat template renders `tools`; else they are described in the system turn
 
     def messages(self, row: dict) -> list[dict]:
         """The chat turns of a row: the task's system prompt and the question; or, for a prompt that is chat
-        messages, those messages (with task.system_prompt first when it is set and they have no system turn)."""
+        messages, those messages (with task.system_prompt first when it is set and they have no system turn).
+        Tools the chat template cannot render are described at the end of the system turn (TOOLS_PROMPT)."""
         prompt = row["prompt"]
         if isinstance(prompt, list):
             head = [{"role": "system", "content": self.messages_system}] \
                 if self.messages_system and prompt[0]["role"] != "system" else []
-            return head + prompt
-        return [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": prompt}]
+            messages = head + prompt
+        else:
+            messages = [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": prompt}]
+        if self.tools and not self.tools_native:
+            described = tools_prompt(self.tools)
+            if messages[0]["role"] == "system":
+                messages = [{"role": "system", "content": f"{messages[0]['content']}\n\n{described}"}, *messages[1:]]
+            else:
+                messages = [{"role": "system", "content": described}, *messages]
+        return messages
 
     def chat_prompt(self, tokenizer: PreTrainedTokenizerBase, row: dict, prefill: str) -> str:
         """The text the model continues: the chat template applied to `messages`, then the prefill."""
-        messages = self.messages(row)
-        try:  # the template is code from the model's folder: its time and its output are bounded
-            with time_limit(TEMPLATE_LIMIT_S) as limit:
-                text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as e:  # jinja raises from inside the model's own template
-            raise UserError(f"the model's chat template rejected the prompt ({type(e).__name__}: {e}); "
-                            "set task.system_prompt or use a model whose template takes a system message") from None
-        if limit.expired:
-            raise UserError(f"the model's chat template took longer than {TEMPLATE_LIMIT_S:g}s to render one prompt: "
-                            "expected a template that renders the messages (fix or replace its chat_template)")
+        text = render(tokenizer, self.messages(row), tools=self.tools if self.tools_native else None)
         if len(text) > TEMPLATE_MAX_CHARS:
             raise UserError(f"{origin_of(row, 'a row')}: its prompt through the model's chat template is "
                             f"{len(text):,} characters, over {TEMPLATE_MAX_CHARS:,}: expected a shorter prompt, "
                             "or a template that renders the messages (fix or replace its chat_template)")
         return text + prefill
+
+
+def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], tools: list[dict] | None = None,
+           add_generation_prompt: bool = True,
+           hint: str = "set task.system_prompt or use a model whose template takes a system message") -> str:
+    """The chat template applied to messages (and tools). The template is code from the model's folder: its
+    time is bounded, and its errors become one line, ending with `hint`."""
+    extra = {"tools": tools} if tools else {}
+    try:
+        with time_limit(TEMPLATE_LIMIT_S) as limit:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                 **extra)
+    except Exception as e:  # jinja raises from inside the model's own template
+        raise UserError(f"the model's chat template rejected the prompt ({type(e).__name__}: {e}); {hint}") from None
+    if limit.expired:
+        raise UserError(f"the model's chat template took longer than {TEMPLATE_LIMIT_S:g}s to render one prompt: "
+                        "expected a template that renders the messages (fix or replace its chat_template)")
+    return text
+
+
+# How tools are shown to a model whose chat template does not render them: in the system turn, with the
+# call in the Hermes form (what Qwen's and most tool templates use, so a model trained here reads familiar text)
+TOOLS_PROMPT = (
+    "You can call these tools:\n<tools>\n{tools}\n</tools>\nTo call one, write\n<tool_call>\n"
+    '{{"name": "<tool>", "arguments": {{<its arguments as JSON>}}}}\n</tool_call>\nand stop: its result comes back '
+    "in a message of its own. When you have what you need, give your answer."
+)
+
+
+def tools_prompt(tools: list[dict]) -> str:
+    import json
+
+    return TOOLS_PROMPT.format(tools="\n".join(json.dumps(t) for t in tools))
 
 
 # Bounds on rendering a model folder's chat template (jinja in a sandbox, but with loops and string sizes
