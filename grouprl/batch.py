@@ -13,9 +13,9 @@ import torch
 from grouprl.advantages import zero_std_groups
 from grouprl.config import TrainConfig
 from grouprl.distributed import gather_results, gathered, shard, world_size
-from grouprl.episodes import Episode, Setup
+from grouprl.episodes import Episode, Setup, sample as sample_episodes
 from grouprl.rewards import RewardSet
-from grouprl.rollout import Rollout, concat, generate, select
+from grouprl.rollout import Rollout, concat, select
 from grouprl.tasks import Task
 
 
@@ -99,17 +99,10 @@ def _sample_slice(policy, tokenizer, task: Task, rewards: RewardSet, rows: list[
     under torchrun the tensors are moved to the CPU to be gathered."""
     ro = cfg.rollout
     t0 = time.perf_counter()
-    envs = None
-    if env is not None:  # G environments per row; the first one's reset may give the group its prompt
-        envs, rows = env.start(rows, ro.group_size)
-    prompts = [task.chat_prompt(tokenizer, r, cfg.task.prefill) for r in rows]
-    rollout = generate(policy, tokenizer, prompts, group_size=ro.group_size, max_new_tokens=ro.max_new_tokens,
-                       temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k, prefill=cfg.task.prefill,
-                       seeds=seeds, device=device, engine=ro.engine, static_cache=ro.static_cache, compile=ro.compile,
-                       envs=envs, chat=env and env.chat, limits=env and env.limits)
-    episodes = None
-    if envs is not None:
-        rollout, episodes = rollout
+    rows, prompts, rollout, episodes = sample_episodes(
+        policy, tokenizer, task, rows, ro.group_size, cfg.task.prefill, env, max_new_tokens=ro.max_new_tokens,
+        temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k, seeds=seeds, device=device, engine=ro.engine,
+        static_cache=ro.static_cache, compile=ro.compile)
     t1 = time.perf_counter()
     seq_rows = [rows[i] for i in rollout.prompt_index]
     seq_prompts = [prompts[i] for i in rollout.prompt_index]

@@ -295,9 +295,9 @@ def eval_(
         net, tok = load_for_inference(model, cfg.model)
         env = None
         if cfg.env.name:  # episodes, as the run trained them
-            from grouprl.episodes import limits_of, setup
+            from grouprl.episodes import setup
 
-            env, task = setup(cfg.env.name, limits_of(cfg.env), tok, task)
+            env, task = setup(cfg.env, tok, task)
         torch.manual_seed(cfg.seed)
         metrics, samples = evaluate(
             net, tok, task, rows, prefill=cfg.task.prefill,

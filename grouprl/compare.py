@@ -296,7 +296,7 @@ def evaluate_checkpoint(model: str, cfg: TrainConfig, num: int, cache: Path) -> 
         return cached
     import torch
 
-    from grouprl.episodes import limits_of, setup, shown
+    from grouprl.episodes import setup, shown
     from grouprl.evaluate import evaluate
     from grouprl.models import load_for_inference
 
@@ -305,7 +305,7 @@ def evaluate_checkpoint(model: str, cfg: TrainConfig, num: int, cache: Path) -> 
     net, tok = load_for_inference(model, cfg.model)
     env = None
     if cfg.env.name:  # episodes: the report shows each one whole, turn by turn
-        env, task = setup(cfg.env.name, limits_of(cfg.env), tok, task)
+        env, task = setup(cfg.env, tok, task)
     torch.manual_seed(cfg.seed)
     metrics, samples = evaluate(net, tok, task, rows, prefill=cfg.task.prefill, max_new_tokens=max_new_tokens,
                                 batch_size=cfg.eval.batch_size, correctness=cfg.eval.reward, env=env)

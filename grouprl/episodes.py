@@ -62,6 +62,11 @@ class Episode:
     def turns(self) -> int:
         return len(self.turn_tokens)
 
+    def summary(self) -> dict:
+        """What the completions log and an evaluation's samples keep of it."""
+        return {"episode": self.messages, "turns": self.turns, "tool_calls": self.tool_calls,
+                "turn_rewards": self.turn_rewards, "truncated": self.truncated, "failed": self.failed}
+
     def record(self) -> dict:
         """What a reward function receives as `episode` (plain data, so it pickles to reward workers)."""
         return {"messages": self.messages, "turns": self.turns, "tool_calls": self.tool_calls,
@@ -135,7 +140,7 @@ class ChatFormat:
 
     def message(self, role: str, content: str) -> dict:
         """A reply message: role 'tool' (a result, in the form the template takes) or 'user'."""
-        if role == "tool" and self.tool_role == "tool_response" or role == "tool_response":
+        if role == "tool_response" or (role == "tool" and self.tool_role == "tool_response"):
             return {"role": "user", "content": f"<tool_response>\n{content}\n</tool_response>"}
         return {"role": role, "content": content}
 
@@ -167,12 +172,11 @@ class ChatFormat:
 
 @dataclass
 class Setup:
-    """A run's environment, checked: its class, the chat format of its turns, the limits, its tools' schemas."""
+    """A run's environment, checked: its class, the chat format of its turns, the limits."""
     name: str
     cls: type
     chat: ChatFormat
     limits: Limits
-    tools: list[dict]
 
     def start(self, rows: list[dict], group_size: int) -> tuple[list, list[dict]]:
         """G new environments per row (one per episode), reset on it, and the rows with the prompt their
@@ -209,15 +213,13 @@ class StartFailed:
     reason: str
 
 
-def limits_of(cfg) -> Limits:
-    """The Limits of an EnvConfig."""
-    return Limits(cfg.max_turns, cfg.max_tool_calls, cfg.max_reply_tokens, cfg.tool_timeout_s)
-
-
-def setup(name: str, limits: Limits, tokenizer, task: Task) -> tuple[Setup, Task]:
-    """Load the environment, check it on the first training row (constructor, reset, tools) and the chat
-    template across turns, before any model is loaded; every problem is one UserError naming the
-    environment. Returns the setup and the task with the tools shown to the model."""
+def setup(cfg, tokenizer, task: Task) -> tuple[Setup, Task]:
+    """The environment of an EnvConfig (whose name is set), loaded and checked on the first training row
+    (constructor, reset, tools), with the chat template checked across turns: before any model is loaded
+    in training, every problem one UserError naming the environment. Returns the setup and the task with
+    the tools shown to the model."""
+    name = cfg.name
+    limits = Limits(cfg.max_turns, cfg.max_tool_calls, cfg.max_reply_tokens, cfg.tool_timeout_s)
     cls = load_env(name)
     try:
         probe = cls()
@@ -236,7 +238,24 @@ def setup(name: str, limits: Limits, tokenizer, task: Task) -> tuple[Setup, Task
     native = bool(tools) and render(tokenizer, plain, tools=tools) != render(tokenizer, plain)  # does it show them?
     task = dataclasses.replace(task, tools=tools or None, tools_native=native)
     chat = ChatFormat(tokenizer, [{"role": "system", "content": "S"}], tools if native else None, has_tools=bool(tools))
-    return Setup(name, cls, chat, limits, tools), task
+    return Setup(name, cls, chat, limits), task
+
+
+def sample(model, tokenizer, task: Task, rows: list[dict], group_size: int, prefill: str, env: Setup | None,
+           **generate_kw) -> tuple[list[dict], list[str], object, list[Episode] | None]:
+    """G samples of each row through `rollout.generate`: episodes with `env` (G new environments per row,
+    whose reset may give a row its prompt), single turns without. Returns the rows as shown, their chat
+    prompts (one per row), the Rollout, and the episodes (None without an environment)."""
+    from grouprl.rollout import generate
+
+    envs = None
+    if env is not None:
+        envs, rows = env.start(rows, group_size)
+    prompts = [task.chat_prompt(tokenizer, r, prefill) for r in rows]
+    out = generate(model, tokenizer, prompts, group_size=group_size, prefill=prefill, envs=envs,
+                   chat=env and env.chat, limits=env and env.limits, **generate_kw)
+    rollout, episodes = out if env is not None else (out, None)
+    return rows, prompts, rollout, episodes
 
 
 # ---------------------------------------------------------------- the episode loop

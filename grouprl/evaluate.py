@@ -16,10 +16,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from grouprl.distributed import gather_results, gathered, shard
-from grouprl.episodes import Setup
+from grouprl.episodes import Setup, sample as sample_episodes
 from grouprl.errors import UserError
 from grouprl.rewards import RewardSet, answer_anywhere, extract_answer, strict_format
-from grouprl.rollout import generate
 from grouprl.tasks import Task
 
 def evaluate(
@@ -61,18 +60,12 @@ def _evaluate(model, tokenizer, task, rows, prefill, max_new_tokens, k, temperat
 
     def sample(batch: list[dict], group_size: int, **kw) -> tuple[list[dict], list[str], list[str], list | None]:
         """(rows, prompts, completions, episodes or None) of G samples per row (episodes, with an environment,
-        whose reset may have given a row its prompt)."""
-        envs = episodes = None
-        if env is not None:
-            envs, batch = env.start(batch, group_size)
-        texts = [task.chat_prompt(tokenizer, r, prefill) for r in batch]
-        out = generate(model, tokenizer, texts, group_size=group_size, max_new_tokens=max_new_tokens, prefill=prefill,
-                       engine=engine, envs=envs, chat=env and env.chat, limits=env and env.limits, **kw)
-        if env is not None:
-            out, episodes = out
+        whose reset may have given a row its prompt); one prompt per sample."""
+        used, texts, out, episodes = sample_episodes(model, tokenizer, task, batch, group_size, prefill, env,
+                                                     max_new_tokens=max_new_tokens, engine=engine, **kw)
         if on_batch:
             on_batch(len(out.completions))
-        return batch, [t for t in texts for _ in range(group_size)], out.completions, episodes
+        return used, [t for t in texts for _ in range(group_size)], out.completions, episodes
 
     correct_fn = None
     columns = {key: [r.get(key) for r in rows] for key in rows[0] if key != "prompt"}
@@ -101,7 +94,7 @@ def _evaluate(model, tokenizer, task, rows, prefill, max_new_tokens, k, temperat
     if episodes:
         metrics |= {"turns": sum(e.turns for e in episodes) / n, "tool_calls": sum(e.tool_calls for e in episodes) / n}
         for sample_, e in zip(samples, episodes):
-            sample_ |= {"episode": e.messages, "turns": e.turns, "tool_calls": e.tool_calls, "truncated": e.truncated}
+            sample_ |= e.summary()
     if k > 1:
         hits, majority = 0, 0
         per_batch = max(1, batch_size // k)

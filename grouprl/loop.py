@@ -29,7 +29,7 @@ from grouprl.config import (RESUMABLE_CHANGES, TrainConfig, config_changes, load
 from grouprl.distributed import (agree, any_rank, first_line, gather_objects, init, is_fsdp, is_main, load_trained, pick_strategy,
                                  rank, sum_floats, unwrap, world_size)
 from grouprl.errors import Stopped, UserError
-from grouprl.episodes import Setup, limits_of, setup as episodes_setup
+from grouprl.episodes import Setup, setup as episodes_setup
 from grouprl.evaluate import evaluate_while_training
 from grouprl.trackers import check as check_trackers
 from grouprl.grpo import GRPO
@@ -180,7 +180,7 @@ def _check_inputs(cfg: TrainConfig, task: Task, rewards: RewardSet, console: Con
     tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
     env = None
     if cfg.env.name:
-        env, task = episodes_setup(cfg.env.name, limits_of(cfg.env), tokenizer, task)
+        env, task = episodes_setup(cfg.env, tokenizer, task)
         for fallback in env.chat.fallbacks:
             console.print(f"environment {cfg.env.name}: {fallback}")
     limit = cfg.task.max_prompt_tokens or default_max_prompt_tokens(
@@ -367,9 +367,7 @@ def _train_with(cfg: TrainConfig, console: Console, out: Path, start: float, loc
                     log.log_completions(step, [
                         {"prompt": r["prompt"], "answer": r.get("answer"), "completion": c, "reward": t,
                          "advantage": a, **{n: v for n, v in zip(rewards.names, f)},
-                         **({"episode": e.messages, "turns": e.turns, "tool_calls": e.tool_calls,
-                             "turn_rewards": e.turn_rewards, "truncated": e.truncated, "failed": e.failed}
-                            if e is not None else {})}
+                         **(e.summary() if e is not None else {})}
                         for r, c, t, a, f, e in zip(batch.rows, batch.rollout.completions, batch.total.tolist(),
                                                     adv.tolist(), batch.per_fn.tolist(), eps)
                     ], cfg.rollout.group_size)

@@ -393,7 +393,7 @@ class Picky(Environment):
 
 def test_an_environment_that_fails_to_start_ends_its_episode_truncated(tool_lm, tool_tok, monkeypatch):
     scripted(monkeypatch, tool_tok, ["x<|end|>"])
-    setup = Setup("picky", Picky, ChatFormat(tool_tok, SYSTEM), Limits(), [])
+    setup = Setup("picky", Picky, ChatFormat(tool_tok, SYSTEM), Limits())
     envs, rows = setup.start([{"prompt": "say a 1"}, {"prompt": "say a 2"}], group_size=2)
     assert [isinstance(e, StartFailed) for e in envs] == [False, False, True, True]
     texts = [Task("t", [], [], "S", "correctness").chat_prompt(tool_tok, r, "") for r in rows]
@@ -413,7 +413,7 @@ class Random(Environment):
 
 
 def test_a_group_whose_resets_disagree_is_not_trained_on_a_prompt_it_never_saw(tool_tok):
-    setup = Setup("random", Random, ChatFormat(tool_tok, SYSTEM), Limits(), [])
+    setup = Setup("random", Random, ChatFormat(tool_tok, SYSTEM), Limits())
     envs, _ = setup.start([{"prompt": "p"}], group_size=3)
     assert not isinstance(envs[0], StartFailed)
     assert all(isinstance(e, StartFailed) and "another prompt than the first of its group" in e.reason
