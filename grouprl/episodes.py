@@ -118,10 +118,11 @@ class ChatFormat:
         if problem:
             raise UserError(f"the model's chat template cannot take a reply after an assistant turn ({problem}): "
                             "expected one that renders user messages after it")
-        if (has_tools or tools) and self._check_reply("tool"):
+        problem = self._check_reply("tool") if has_tools or tools else None
+        if problem:
             self.tool_role = "tool_response"
             if self._check_reply("tool_response"):
-                raise UserError(f"the model's chat template cannot take a tool result ({self._check_reply('tool')})")
+                raise UserError(f"the model's chat template cannot take a tool result ({problem})")
             self.fallbacks.append("tool results are sent as user messages in <tool_response> tags (the template has "
                                   "no tool role)")
         after = self._render(self.head + [{"role": "assistant", "content": A1}, self.message("user", RESULT)], True)

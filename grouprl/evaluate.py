@@ -76,7 +76,10 @@ def _evaluate(model, tokenizer, task, rows, prefill, max_new_tokens, k, temperat
     shown: list[dict] = []
     for s in range(0, len(rows), batch_size):
         used, texts, completions, eps = sample(rows[s:s + batch_size], 1, greedy=True)
-        shown, prompts, greedy, episodes = shown + used, prompts + texts, greedy + completions, episodes + (eps or [])
+        shown += used
+        prompts += texts
+        greedy += completions
+        episodes += eps or []
     fmt = strict_format(prompts, greedy)
     records = {"episode": [e.record() for e in episodes]} if episodes else {}
     right = call_reward(task.correctness, correct_fn, prompts, greedy, columns | records)
