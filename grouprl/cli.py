@@ -122,7 +122,7 @@ def _inherited_config(folder: Path, trust_remote_code: bool):
 def train(
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
-    algo: Optional[str] = typer.Option(None, help="grpo or ppo (shorthand for --set algo=...)."),
+    algo: Optional[str] = typer.Option(None, help="grpo, ppo or sft (shorthand for --set algo=...)."),
     resume: Optional[Path] = typer.Option(
         None, help="Continue the run in this output_dir from its latest checkpoint, with its saved config "
         "(--set may change e.g. steps)."),
@@ -184,6 +184,20 @@ def train(
     except Exception as e:  # a bug: its traceback, after leaving the process group (see distributed.shutdown)
         shutdown(e)
         raise
+
+
+@app.command()
+def sft(
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    resume: Optional[Path] = typer.Option(
+        None, help="Continue the run in this output_dir from its latest checkpoint, with its saved config."),
+    trust_remote_code: bool = TrustOpt,
+) -> None:
+    """Supervised fine-tuning on conversations (sft.source), the warm-up before RL: loss on the assistant's
+    turns only, laid out as the episode loop lays out episodes. The same as `grouprl train --algo sft`;
+    start RL from its output with --set model.name_or_path=<output_dir>/final."""
+    train(config=config, set_=set_, algo="sft", resume=resume, trust_remote_code=trust_remote_code, nproc=1)
 
 
 def _lost_contact(err: RuntimeError) -> bool:

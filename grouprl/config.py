@@ -164,6 +164,21 @@ class EnvConfig(Section):
                                   "step or reward (past it the episode ends, counted as failed).")
 
 
+class SFTConfig(Section):
+    source: str | None = Field(
+        None, description="algo: sft (`grouprl sft`): the conversations to train on, a .jsonl/.json/.parquet/.csv file "
+        "or a `datasets` name (name[:config][@split]): chat messages per row in sft.messages_column ([{role, content}, "
+        "...]; roles system, user, assistant, tool; an assistant message may carry tool_calls), or TRL's prompt and "
+        "completion columns. The loss is on the assistant's turns only.")
+    eval_source: str | None = Field(None, description="Held-out conversations: their loss (eval/loss) every eval_every "
+                                    "steps and after the last.")
+    messages_column: str = Field("messages", description="The column that holds each row's chat messages.")
+    batch_size: int = Field(8, ge=1, description="Conversations per optimizer step.")
+    micro_batch_size: int = Field(8, ge=1, description="Conversations per forward/backward (gradient accumulation).")
+    max_tokens: int | None = Field(None, ge=1, description="Longest conversation in tokens; longer ones are dropped, "
+                                   "and counted. Default: the model's context length.")
+
+
 class GRPOConfig(Section):
     advantage: AdvantageName = Field(
         "zscore",
@@ -302,8 +317,9 @@ class DistributedConfig(Section):
 
 
 class TrainConfig(Section):
-    algo: Literal["grpo", "ppo"] = Field(
-        "grpo", description="grpo: group-relative advantages, policy only; ppo: GAE over a learned critic."
+    algo: Literal["grpo", "ppo", "sft"] = Field(
+        "grpo", description="grpo: group-relative advantages, policy only; ppo: GAE over a learned critic; sft: "
+        "supervised fine-tuning on conversations (sft.source), the warm-up before RL (`grouprl sft`)."
     )
     steps: int = Field(40, ge=1, description="Training steps (one rollout batch each).")
     seed: int = Field(0, ge=0, lt=2**63, description="Seed of sampling, shuffling and initialisation (0 <= seed < 2^63).")
@@ -359,6 +375,7 @@ class TrainConfig(Section):
     env: EnvConfig = Field(default_factory=EnvConfig, description="The environment of multi-turn episodes.")
     grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="GRPO objective (algo: grpo).")
     ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO objective and critic (algo: ppo).")
+    sft: SFTConfig = Field(default_factory=SFTConfig, description="Supervised fine-tuning (algo: sft).")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer.")
     entropy: EntropyConfig = Field(default_factory=EntropyConfig, description="Entropy control (GRPO and PPO).")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
@@ -370,7 +387,9 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        if self.task.name in ("gsm8k", "dataset") and not self.task.source:
+        if self.algo == "sft" and not self.sft.source:
+            raise ValueError("algo=sft needs sft.source (the conversations to train on)")
+        if self.algo != "sft" and self.task.name in ("gsm8k", "dataset") and not self.task.source:
             raise ValueError(f"task.source is required for task.name={self.task.name!r}")
         minibatches = self.grpo.minibatches if self.algo == "grpo" else self.ppo.minibatches
         if self.rollout.prompts_per_step % minibatches:
@@ -448,7 +467,7 @@ def world_problems(cfg: TrainConfig, world: int, strategy: str) -> list[str]:
 def config_changes(old: TrainConfig, new: TrainConfig) -> list[str]:
     """Dotted names of the fields that differ, outside those a resumed run may change (RESUMABLE_CHANGES) and
     the section of the algorithm that neither run uses (a GRPO run's ppo.*: it cannot change its training)."""
-    skip = RESUMABLE_CHANGES | ({"grpo", "ppo"} - {old.algo} if old.algo == new.algo else set())
+    skip = RESUMABLE_CHANGES | ({"grpo", "ppo", "sft"} - {old.algo} if old.algo == new.algo else set())
 
     def walk(a, b, prefix: str) -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):

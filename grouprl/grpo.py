@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -18,7 +17,7 @@ from grouprl.advantages import ADVANTAGES
 from grouprl.config import EntropyConfig, GRPOConfig, TrainConfig
 from grouprl.distributed import wrap
 from grouprl.entropy import select_tokens
-from grouprl.learner import run_minibatches, sequence_logprobs, shuffle_seed
+from grouprl.learner import PolicyOnly, run_minibatches, sequence_logprobs, shuffle_seed
 from grouprl.logprobs import attention, forward_groups, pick_layout
 from grouprl.losses import EntropyControl, Normaliser, grpo_loss
 from grouprl.microbatch import Budget
@@ -113,7 +112,7 @@ def grpo_update(
     )
 
 
-class GRPO:
+class GRPO(PolicyOnly):
     """GRPO for the training loop: advantages, the reference (when beta > 0) and the optimizer."""
 
     name = "GRPO"
@@ -168,22 +167,9 @@ class GRPO:
             return "update skipped (non-finite)" if m.get("nonfinite_steps") else "no update (no signal)"
         return f"kl {m['kl']:.4f}  clip {m['clip_frac']:.3f}  ent {m['entropy']:.2f}"
 
-    def trained(self) -> dict:
-        return {"policy": (self.policy, self.optim)}
-
-    def state(self) -> dict:
-        return {"micro_batch_tokens": self.budget.tokens}
-
-    def export(self, folder: Path) -> None:
-        pass
-
     def load(self, state: dict) -> None:
         """After the trained weights and optimizer are restored: a reference refreshed every K steps was
-        refreshed at exactly this step (see resume_problem); a token budget that out-of-memory errors lowered."""
-        self.budget.tokens = state.get("micro_batch_tokens", self.budget.tokens)
+        refreshed at exactly this step (see resume_problem)."""
+        super().load(state)
         if self.reference is not None and self.cfg.grpo.ref_refresh_steps:
             self.reference.refresh(self.policy)
-
-    def load_legacy(self, folder: Path, optim_state: dict) -> None:
-        """A checkpoint written before sharded state (optimizer.pt; the policy's weights are loaded by the loop)."""
-        self.optim.load_state_dict(optim_state)

@@ -66,6 +66,31 @@ class Learner(Protocol):
         """Resume from a checkpoint written before sharded state (optimizer.pt and the HF-layout files)."""
 
 
+class PolicyOnly:
+    """What a learner that trains the policy alone (GRPO, SFT) saves and restores: the policy with its
+    optimizer, and the micro-batches' token budget (which out-of-memory errors may have lowered)."""
+
+    policy: torch.nn.Module
+    optim: Optim
+    budget: Budget
+
+    def trained(self) -> dict:
+        return {"policy": (self.policy, self.optim)}
+
+    def state(self) -> dict:
+        return {"micro_batch_tokens": self.budget.tokens}
+
+    def export(self, folder: Path) -> None:
+        pass
+
+    def load(self, state: dict) -> None:
+        self.budget.tokens = state.get("micro_batch_tokens", self.budget.tokens)
+
+    def load_legacy(self, folder: Path, optim_state: dict) -> None:
+        """A checkpoint written before sharded state (optimizer.pt; the policy's weights are loaded by the loop)."""
+        self.optim.load_state_dict(optim_state)
+
+
 def shuffle_seed(seed: int, step: int) -> int:
     """The minibatch shuffle's seed at a step: the same on every rank and after a resume."""
     return random.Random(f"{seed}/shuffle/{step}").getrandbits(62)

@@ -41,9 +41,10 @@ from grouprl.metrics import MetricsLog, Silent, read_metrics, truncate_jsonl
 from grouprl.models import context_length, load_policy, load_tokenizer, resolve_model_path
 from grouprl.ppo import PPO
 from grouprl.rewards import RewardSet
+from grouprl import sft
 from grouprl.tasks import Task, build_task, default_max_prompt_tokens, fit_prompts
 
-LEARNERS = {"grpo": GRPO, "ppo": PPO}  # cfg.algo -> the update, with the models and optimizers it owns
+LEARNERS = {"grpo": GRPO, "ppo": PPO, "sft": sft.SFT}  # cfg.algo -> the update, with the models and optimizers it owns
 
 
 @dataclass
@@ -220,7 +221,8 @@ def train(cfg: TrainConfig, console: Console | None = None, resume: bool = False
         if resume:  # a new run's lock: once its input is good
             together(lambda: locks.append(RunLock(out).acquire()), main_only=True)
         with StopSignals(same_request_s=2.0 if world_size() > 1 else 0.0, announce=is_main()) as stop:
-            return _train(cfg, console, out, start, locks, stop, resume)
+            steps = sft.run if cfg.algo == "sft" else _train  # SFT reads examples, not rollouts: steps of its own
+            return steps(cfg, console, out, start, locks, stop, resume)
     finally:
         for lock in locks:  # a start that failed before writing anything leaves no folder behind
             lock.release(remove_empty_folder=True)

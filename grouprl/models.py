@@ -120,12 +120,8 @@ def _first_line(err: Exception) -> str:
 def context_length(path: str, trust_remote_code: bool = False) -> int | None:
     """The longest sequence (prompt + completion) the model at path takes, read from its config without
     loading weights; None when the config names none (e.g. a recurrent model)."""
-    folder = Path(path)
-    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
-        try:  # a peft adapter: the base model's config holds the length
-            base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
-        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
-            raise UserError(f"cannot read the adapter config of {path!r}: {_first_line(e)}") from None
+    base = adapter_base(path)
+    if base is not None:  # a peft adapter: the base model's config holds the length
         return context_length(base, trust_remote_code) if base else None
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -195,7 +191,33 @@ def check_layers(path: str) -> None:
                         f"{max(held) + 1}: expected the weights saved with this config")
 
 
+def adapter_base(path: str) -> str | None:
+    """For a peft adapter folder (adapter_config.json, no config.json): its base model's name or path ('' when
+    it names none); None for anything else."""
+    folder = Path(path)
+    if not ((folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()):
+        return None
+    try:
+        base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        raise UserError(f"cannot read the adapter config of {path!r}: {_first_line(e)}") from None
+    return base if isinstance(base, str) else ""
+
+
 def load_causal_lm(path: str, cfg: ModelConfig) -> PreTrainedModel:
+    """The model at path. A peft adapter (a LoRA run's checkpoint, an SFT warm-up's output) is merged into its
+    base on load: a model to evaluate, or to train further with a LoRA adapter of its own (whose reference, the
+    adapter switched off, is then the merged model)."""
+    base = adapter_base(path)
+    if base:
+        from peft import PeftModel
+
+        try:
+            return PeftModel.from_pretrained(load_causal_lm(resolve_model_path(base), cfg), path).merge_and_unload()
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"cannot load the adapter in {path!r}: {type(e).__name__}: {_first_line(e)}") from None
     device = pick_device(cfg.device)
     check_layers(path)
     try:

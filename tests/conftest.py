@@ -100,6 +100,20 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tool_tok(tool_model):
+    from grouprl.models import load_tokenizer
+
+    return load_tokenizer(str(tool_model))
+
+
+@pytest.fixture(scope="session")
+def tool_lm(tool_model):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tool_model).eval()
+
+
+@pytest.fixture(scope="session")
 def tool_model(tmp_path_factory) -> Path:
     """The tiny model with a vocabulary for tool calls and a tool role."""
     return make_tiny_model(tmp_path_factory.mktemp("tiny-tools") / "model", tools=True)

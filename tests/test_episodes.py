@@ -9,7 +9,6 @@ import time
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from grouprl import engines
 from grouprl.advantages import gae, kl_shaped_rewards
@@ -142,11 +141,6 @@ def test_tools_are_the_public_methods_with_schemas_from_get_json_schema():
 # ---------------------------------------------------------------- the chat template across turns
 
 
-@pytest.fixture(scope="module")
-def tool_tok(tool_model):
-    return load_tokenizer(str(tool_model))
-
-
 def test_the_reply_is_the_templates_delta_after_the_models_turn(tool_tok):
     chat = ChatFormat(tool_tok, SYSTEM)
     assert chat.closing == "<|end|>" and chat.fallbacks == []
@@ -234,11 +228,6 @@ def test_a_template_with_a_response_parser_reads_the_models_own_call_format(tool
 
 
 # ---------------------------------------------------------------- the loop, with a scripted engine
-
-
-@pytest.fixture(scope="module")
-def tool_lm(tool_model):
-    return AutoModelForCausalLM.from_pretrained(tool_model).eval()
 
 
 def scripted(monkeypatch, tok, turns: list[str]) -> list:
