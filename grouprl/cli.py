@@ -200,6 +200,28 @@ def sft(
     train(config=config, set_=set_, algo="sft", resume=resume, trust_remote_code=trust_remote_code, nproc=1)
 
 
+@app.command()
+def demos(
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    out: Path = typer.Option(..., "--out", "-o", help="The JSONL file to write."),
+    num: Optional[int] = typer.Option(None, min=1, help="Training rows to demonstrate (default: all)."),
+) -> None:
+    """Write the environment's worked episodes (its demonstrate(row); the calculator's for word_problems) of the
+    task's training rows as `grouprl sft` data: one conversation per line, the prompt as RL shows it."""
+    try:
+        from grouprl.config import load_config
+        from grouprl.sft import write_demonstrations
+
+        written, missing = write_demonstrations(load_config(config, list(set_ or [])), out, num)
+        Console().print(escape(f"wrote {written} demonstrations to {out}")
+                        + (f" ({missing} rows had none)" if missing else ""))
+    except UserError as e:
+        _fail(e)
+    except OSError as e:
+        _fail(_io_error(e))
+
+
 def _lost_contact(err: RuntimeError) -> bool:
     """A collective failed because a peer is gone or silent (gloo and nccl say it in their own words)."""
     import torch.distributed as dist

@@ -66,9 +66,11 @@ class ModelConfig(Section):
 
 
 class TaskConfig(Section):
-    name: Literal["arithmetic", "countdown", "gsm8k", "dataset"] = Field(
+    name: Literal["arithmetic", "word_problems", "countdown", "gsm8k", "dataset"] = Field(
         "arithmetic",
-        description="arithmetic: seeded synthetic word problems; countdown: reach a target with + - * /; "
+        description="arithmetic: seeded synthetic word problems; word_problems: seeded word problems with + - * /, "
+        "one or two steps, in phrasings of which the held-out split uses only its own (rows carry their expression, "
+        "for the calculator's demonstrations); countdown: reach a target with + - * /; "
         "gsm8k: question/answer '#### N' data; dataset: any JSONL/JSON/parquet/CSV/datasets source with a prompt "
         "column.",
     )
@@ -86,7 +88,10 @@ class TaskConfig(Section):
     num_train: int = Field(2000, ge=1, description="Synthetic tasks: number of training problems.")
     num_eval: int = Field(200, ge=1, description="Held-out problems (synthetic: generated; data: split off).")
     max_operand: int = Field(20, ge=2, description="arithmetic: largest number that appears in a problem.")
-    max_steps: int = Field(1, ge=1, le=3, description="arithmetic: largest number of operations in a problem.")
+    max_steps: int = Field(1, ge=1, le=3, description="arithmetic (up to 3) and word_problems (up to 2): largest "
+                           "number of operations in a problem.")
+    min_steps: int = Field(1, ge=1, le=3, description="arithmetic and word_problems: smallest number of operations "
+                           "in a problem.")
     curriculum: bool = Field(
         True, description="arithmetic: order training problems from one-step to multi-step (easy first)."
     )
@@ -387,6 +392,10 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
+        if self.task.min_steps > self.task.max_steps:
+            raise ValueError(f"task.min_steps={self.task.min_steps} is more than task.max_steps={self.task.max_steps}")
+        if self.task.name == "word_problems" and self.task.max_steps > 2:
+            raise ValueError(f"task.max_steps={self.task.max_steps}: word_problems have one or two steps")
         if self.algo == "sft" and not self.sft.source:
             raise ValueError("algo=sft needs sft.source (the conversations to train on)")
         if self.algo != "sft" and self.task.name in ("gsm8k", "dataset") and not self.task.source:
@@ -545,6 +554,14 @@ def _is_text_field(path: list[str]) -> bool:
     return field is not None and field.annotation in (str, str | None)
 
 
+def _is_optional(path: list[str]) -> bool:
+    """The text field at this dotted path may be null (`--set env.name=null` unsets it; 'null' quoted is text)."""
+    model = TrainConfig
+    for name in path[:-1]:
+        model = model.model_fields[name].annotation
+    return model.model_fields[path[-1]].annotation == (str | None)
+
+
 def parse_overrides(overrides: list[str]) -> dict:
     """['rollout.group_size=8', 'model.lora.enabled=true'] -> nested dict. Values are parsed as YAML
     (numbers, booleans, lists), except for string fields, which take the text as written."""
@@ -561,7 +578,8 @@ def parse_overrides(overrides: list[str]) -> dict:
                 raise UserError(f"override {item!r}: {p!r} is set both as a value and as a section")
         if _is_text_field(parents + [leaf]):  # as written; one pair of quotes around it is quoting, not text
             quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
-            node[leaf] = raw[1:-1] if quoted else raw
+            node[leaf] = raw[1:-1] if quoted else None if raw.strip() in ("null", "~") and _is_optional(
+                parents + [leaf]) else raw
         elif re.fullmatch(r"[+-]?0\d+", raw.strip()):
             node[leaf] = int(raw)  # decimal, not YAML 1.1 octal: seed=0123 is 123
         else:

@@ -8,9 +8,9 @@ turn is sampled from the ids so far. `ChatFormat` computes the delta and checks 
 template keeps the prefix across turns.
 
 A turn ends at an end-of-turn token (which the model sampled, so it is trained) or, for an environment with
-tools, right after the token that closes a tool call (`</tool_call>`): the tokens an engine sampled past it
-are dropped (the kept ones' probabilities do not depend on them), and the template's end of turn is
-appended as the environment's. A single-turn task has no environment: its episodes end after the first turn.
+tools, right after the token that closes a tool call (`</tool_call>`), or after an end-of-turn token that
+follows it at once: the tokens an engine sampled past that are dropped (the kept ones' probabilities do not
+depend on them), and the rest of the template's end of turn is appended as the environment's. A single-turn task has no environment: its episodes end after the first turn.
 """
 
 from __future__ import annotations
@@ -108,8 +108,8 @@ class ChatFormat:
         self.head = system + [{"role": "user", "content": "Q"}]
         self.tool_role = "tool"
         self.fallbacks: list[str] = []
-        prompt = self._render(self.head, True)
-        history = self._render(self.head + [{"role": "assistant", "content": A1}], False)
+        prompt = self.render(self.head, True)
+        history = self.render(self.head + [{"role": "assistant", "content": A1}], False)
         if A1 not in history:
             raise UserError("the model's chat template does not show an assistant turn's text: episodes of several "
                             "turns need one that does (token in, token out)")
@@ -125,7 +125,7 @@ class ChatFormat:
                 raise UserError(f"the model's chat template cannot take a tool result ({problem})")
             self.fallbacks.append("tool results are sent as user messages in <tool_response> tags (the template has "
                                   "no tool role)")
-        after = self._render(self.head + [{"role": "assistant", "content": A1}, self.message("user", RESULT)], True)
+        after = self.render(self.head + [{"role": "assistant", "content": A1}, self.message("user", RESULT)], True)
         if not (history.startswith(prompt + A1) and after.startswith(history)):
             self.fallbacks.append("the template renders earlier turns differently once more messages follow, so it "
                                   "does not keep the prefix across turns: each turn is kept as sampled (token in, "
@@ -135,7 +135,7 @@ class ChatFormat:
         """The tool calls in a model turn."""
         return parse_with_template(text, self.tokenizer, self.tools) if self.template_parser else parse_calls(text)
 
-    def _render(self, messages: list[dict], generation_prompt: bool) -> str:
+    def render(self, messages: list[dict], generation_prompt: bool) -> str:
         return render(self.tokenizer, messages, tools=self.tools, add_generation_prompt=generation_prompt,
                       hint="expected a template that renders system, user, assistant and tool messages")
 
@@ -148,7 +148,7 @@ class ChatFormat:
     def _check_reply(self, role: str) -> str | None:
         """What goes wrong with replies of this role, or None."""
         try:
-            after = self._render(self.head + [{"role": "assistant", "content": A1}, self.message(role, RESULT)], True)
+            after = self.render(self.head + [{"role": "assistant", "content": A1}, self.message(role, RESULT)], True)
         except UserError as e:
             return str(e)
         if A1 not in after or RESULT not in after[after.index(A1):]:
@@ -158,7 +158,7 @@ class ChatFormat:
     def delta(self, messages: list[dict], ended: str | None) -> str:
         """The text appended after a model turn: the rest of the template's end of turn (less the end-of-turn
         token the model sampled, `ended`), then the messages and the next generation prompt."""
-        after = self._render(self.head + [{"role": "assistant", "content": A1}] + messages, True)
+        after = self.render(self.head + [{"role": "assistant", "content": A1}] + messages, True)
         text = after[after.index(A1) + len(A1):]
         if ended and text.startswith(ended):
             text = text[len(ended):]
@@ -335,7 +335,9 @@ def run(model, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, first: engine
             ep, env, sampled = episodes[i], envs[i], sampled_rows[j]
             k = next((t + 1 for t, x in enumerate(sampled) if x in eos), len(sampled))
             if tools[i] and chat.stop:
-                k = stop_at_close(tokenizer, sampled[:k], chat.stop)
+                close = stop_at_close(tokenizer, sampled[:k], chat.stop)
+                if close < k:  # the turn ends at the call, or at the model's end of turn right after it
+                    k = close + (sampled[close] in eos)
             k = min(k, params.max_new_tokens - len(rows.ids[i]))
             ended = tokenizer.decode(sampled[k - 1:k]) if k > 0 and sampled[k - 1] in eos else None
             ids = sampled[:k]

@@ -3,9 +3,9 @@
 An example is a conversation (system, user, assistant and tool messages), laid out as the episode loop lays
 out an episode (episodes.py): the prompt is everything before the first assistant turn, through the chat
 template (the tools described as RL shows them) and task.prefill; then each assistant turn's text as the
-model would write it, with the end-of-turn token it would sample (loss mask 1; a turn that ends at a tool
-call's closing tag has none, as in the episode loop), and between turns the replies as the chat template's
-delta (mask 0). So the warm-up trains exactly the tokens that RL samples afterwards, under the same mask.
+model would write it, with the end-of-turn token that ends it (loss mask 1: a turn that calls a tool too, so
+the model learns to stop after its call, which the episode loop keeps and trains as well), and between turns
+the replies as the chat template's delta (mask 0). So the warm-up trains exactly the tokens that RL samples afterwards, under the same mask.
 
 A batch is a Rollout of group size 1 and the loss is the mean negative log-likelihood of the batch's
 assistant tokens (every token weighs the same). The optimizer step, micro-batches, LoRA or full weights,
@@ -16,6 +16,7 @@ an SFT run too, and starts RL from its output (model.name_or_path: <output_dir>/
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from rich.markup import escape
 
 from grouprl.errors import UserError
 from grouprl.learner import PolicyOnly, no_grad_rows, run_minibatches
-from grouprl.logprobs import attention, forward_groups
+from grouprl.logprobs import attention, forward_groups, pick_layout
 from grouprl.losses import Normaliser, token_mean
 from grouprl.microbatch import Budget
 from grouprl.models import trainable_parameters
@@ -105,6 +106,49 @@ def _call(call, where: str) -> dict:
     return {"name": fn["name"], "arguments": args}
 
 
+def write_demonstrations(cfg, out: Path, num: int | None = None) -> tuple[int, int]:
+    """The environment's worked episodes (its `demonstrate(row)`) of the task's first `num` training rows (all
+    by default), as SFT data in `out`: one conversation per line, the prompt as RL shows it (its system turn
+    without the tools, which SFT and RL both add), then the row's other columns. Returns (written, rows the
+    environment had none for)."""
+    from grouprl.envs import Environment, load_env
+    from grouprl.guard import write_atomic
+    from grouprl.tasks import build_task
+    from grouprl.tasks.data import origin_of
+
+    if not cfg.env.name:
+        raise UserError("demonstrations need env.name: the environment whose demonstrate(row) writes them")
+    cls = load_env(cfg.env.name)
+    if getattr(cls, "demonstrate", Environment.demonstrate) is Environment.demonstrate:
+        raise UserError(f"environment {cfg.env.name!r} has no demonstrate(row): expected one that returns a worked "
+                        "episode's messages (docs/sft.md)")
+    task = build_task(cfg.task)
+    lines, missing = [], 0
+    for k, row in enumerate(task.train[:num]):
+        where = origin_of(row, f"training row {k + 1}")
+        try:
+            env = cls()
+            prompt = env.reset(dict(row))
+            demo = env.demonstrate(dict(row))
+        except Exception as e:
+            raise UserError(f"environment {cfg.env.name!r} failed to demonstrate {where}: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        if demo is None:
+            missing += 1
+            continue
+        shown = {**row, "prompt": prompt} if isinstance(prompt, str) else row
+        messages = task.messages(shown) + list(demo) if isinstance(demo, (list, tuple)) else demo
+        conversation({"messages": messages}, "messages", f"environment {cfg.env.name!r}'s demonstration of {where}")
+        lines.append(json.dumps({"messages": messages, **{c: v for c, v in row.items() if c != "prompt"}},
+                                default=str))
+    if not lines:
+        raise UserError(f"environment {cfg.env.name!r} demonstrated none of the {len(task.train[:num])} training rows "
+                        "(demonstrate returned None for each)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, "\n".join(lines) + "\n")
+    return len(lines), missing
+
+
 # ---------------------------------------------------------------- tokens, as the episode loop lays them out
 
 
@@ -138,8 +182,8 @@ def turn_text(chat, message: dict) -> str:
         return message["content"]
     if chat.tools:  # the template writes calls its own way: what it adds for this message, its end of turn cut
         head = chat.head
-        before = chat._render(head, True)
-        after = chat._render(head + [message], False)
+        before = chat.render(head, True)
+        after = chat.render(head + [message], False)
         if after.startswith(before) and after.endswith(chat.closing):
             return after[len(before):len(after) - len(chat.closing)]
     from grouprl.envs.calls import CLOSE, OPEN
@@ -165,14 +209,11 @@ def tokenize(messages: list[dict], task, chat, tokenizer, prefill: str, end: int
             text = text[len(prefill):]
         j = next((k for k in range(i + 1, len(messages)) if messages[k]["role"] == "assistant"), len(messages))
         replies = messages[i + 1:j]
-        turn = tokenizer(text, add_special_tokens=False)["input_ids"]
-        at_call = chat.stop is not None and text.endswith(chat.stop) and any(m["role"] == "tool" for m in replies)
-        ended = None if at_call else ended_text  # the episode loop ends a calling turn at the call's closing tag
-        turn += [] if at_call else [end]
+        turn = tokenizer(text, add_special_tokens=False)["input_ids"] + [end]
         ids += turn
         mask += [1.0] * len(turn)
         if j < len(messages):
-            reply = chat.reply_ids([chat.message(m["role"], m["content"]) for m in replies], ended)
+            reply = chat.reply_ids([chat.message(m["role"], m["content"]) for m in replies], ended_text)
             ids += reply
             mask += [0.0] * len(reply)
         i = j
@@ -201,30 +242,33 @@ def examples(source: str, column: str, task, chat, tokenizer, prefill: str, max_
     return kept
 
 
-def collate(batch: list[Example], pad: int, device) -> Rollout:
-    """Examples as a Rollout of group size 1: prompts left-padded, completions right-padded."""
-    n, p, c = len(batch), max(len(e.prompt) for e in batch), max(max(len(e.ids) for e in batch), 1)
+def collate(batch: list[Example], pad: int, device, group_size: int = 1) -> Rollout:
+    """Examples as a Rollout: groups of `group_size` consecutive examples (it divides the batch), each group's
+    prompt the longest run of tokens its examples share from the start (the system prompt and tools, say),
+    cut before the first trained token, and each row's completion the rest of its tokens. With the
+    prompt-shared layout (logprobs.py) a group's prompt is computed once for all its rows, with the same
+    gradient. group_size 1: every example's prompt its own. Prompts left-padded, completions right-padded."""
+    g = group_size
+    rows, masks, cuts = [e.prompt + e.ids for e in batch], [[0.0] * len(e.prompt) + e.mask for e in batch], []
+    for k in range(0, len(batch), g):
+        members = [rows[i] for i in range(k, k + g)]
+        trained_from = min(len(e.prompt) for e in batch[k:k + g])  # the first trained token stays in the completion
+        cuts += [min(len(os.path.commonprefix(members)), trained_from)] * g
+    if g > 1 and min(cuts) == 0:  # a group shares nothing: each example its own prompt
+        return collate(batch, pad, device)
+    n, p, c = len(batch), max(cuts), max(max(len(r) - cut for r, cut in zip(rows, cuts)), 1)
     ids = torch.full((n, p + c), pad, dtype=torch.long)
     att = torch.zeros(n, p + c, dtype=torch.long)
     mask = torch.zeros(n, c)
-    for r, e in enumerate(batch):
-        ids[r, p - len(e.prompt):p] = torch.tensor(e.prompt)
-        ids[r, p:p + len(e.ids)] = torch.tensor(e.ids, dtype=torch.long)
-        att[r, p - len(e.prompt):p + len(e.ids)] = 1
-        mask[r, :len(e.ids)] = torch.tensor(e.mask)
+    for i, (row, m, cut) in enumerate(zip(rows, masks, cuts)):
+        ids[i, p - cut:p + len(row) - cut] = torch.tensor(row, dtype=torch.long)
+        att[i, p - cut:p + len(row) - cut] = 1
+        mask[i, :len(row) - cut] = torch.tensor(m[cut:])
     return Rollout(ids.to(device), att.to(device), mask.to(device), torch.zeros(n, dtype=torch.bool, device=device),
-                   [""] * n, list(range(n)), 1, 1.0)
+                   [""] * n, [i // g for i in range(n)], g, 1.0)
 
 
 # ---------------------------------------------------------------- the update
-
-
-def sft_layout(layout: str, attn: str | None) -> str:
-    """model.update_layout for SFT: auto is padded (a group of one shares no prompt), packed with flash
-    attention (no padding, no work across examples)."""
-    if layout != "auto":
-        return layout
-    return "packed" if (attn or "").startswith("flash") else "padded"
 
 
 class SFT(PolicyOnly):
@@ -235,7 +279,7 @@ class SFT(PolicyOnly):
 
     def __init__(self, cfg, policy: torch.nn.Module, pad: int = 0):
         self.cfg, self.policy, self.pad = cfg, policy, pad
-        self.layout = sft_layout(cfg.model.update_layout, attention(policy))
+        self.layout = pick_layout(cfg.model.update_layout, cfg.model.gradient_checkpointing, attention(policy))
         self.optim = make_optimizer([p for p in policy.parameters() if p.requires_grad], cfg.optim.lr, cfg.optim)
         self.trainable_parameters = trainable_parameters(policy)
         self.budget = Budget(cfg.max_tokens_per_micro_batch)
@@ -243,6 +287,12 @@ class SFT(PolicyOnly):
     @staticmethod
     def resume_problem(cfg, step: int) -> str | None:
         return None
+
+    def collate(self, examples: list[Example], device) -> Rollout:
+        """A batch as the layout wants it: under the prompt-shared layout, micro-batches of examples that share
+        their common prefix (the system prompt and tools) as one prompt; else each example whole."""
+        g = self.cfg.sft.micro_batch_size if self.layout == "shared" else 1
+        return collate(examples, self.pad, device, g if len(examples) % g == 0 else 1)
 
     def update(self, batch: Rollout) -> dict[str, float]:
         """One optimizer step on the batch: the mean NLL of its assistant tokens."""
@@ -269,13 +319,14 @@ class SFT(PolicyOnly):
         total = tokens = 0.0
         size = self.cfg.sft.batch_size
         for k in range(0, len(data), size):
-            batch = collate(data[k:k + size], self.pad, device)
+            batch = self.collate(data[k:k + size], device)
 
             def nll(rows, batch=batch):
                 return {"nll": -forward_groups(self.policy, batch, rows, layout=self.layout).logp
                         * batch.completion_mask[rows]}
 
-            got = no_grad_rows(len(batch.completions), 1, self.cfg.sft.micro_batch_size, nll, batch, self.budget)["nll"]
+            per_micro = max(1, self.cfg.sft.micro_batch_size // batch.group_size)
+            got = no_grad_rows(len(batch.completions), batch.group_size, per_micro, nll, batch, self.budget)["nll"]
             total, tokens = total + float(got.sum()), tokens + float(batch.completion_mask.sum())
         return total / max(tokens, 1.0)
 
@@ -376,7 +427,7 @@ def run(cfg, console: Console, out: Path, start: float, locks: list, stop, resum
                     raise Stopped(f"stopped by {stop.requested} before step {step}: nothing new to save; start "
                                   f"again with: grouprl train --resume {out}")
                 t0 = time.perf_counter()
-                batch = collate(stream.take(cfg.sft.batch_size), learner.pad, device)
+                batch = learner.collate(stream.take(cfg.sft.batch_size), device)
                 m = learner.update(batch)
                 m |= {"epoch": stream.epoch + stream.index / len(train), "step_time": time.perf_counter() - t0,
                       "peak_mem_gib": peak_memory_gib(device)}

@@ -121,6 +121,11 @@ def test_override_values_for_string_fields_are_taken_as_text():
     assert load_config(None, ["output_dir=no"]).output_dir == "no"
     assert load_config(None, ["task.system_prompt=42"]).task.system_prompt == "42"
     assert load_config(None, ["task.seed=0123"]).task.seed == 123
+    # an optional text field is unset by null (as in YAML); quoted, or where null is not allowed, it is text
+    assert load_config(None, ["env.name=calculator", "env.name=null"]).env.name is None
+    assert load_config(None, ["task.system_prompt=~"]).task.system_prompt is None
+    assert load_config(None, ["task.system_prompt='null'"]).task.system_prompt == "null"
+    assert load_config(None, ["output_dir=null"]).output_dir == "null"
 
 
 # ---------------------------------------------------------------- errors

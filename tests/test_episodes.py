@@ -284,6 +284,16 @@ def test_a_calculator_episode_by_hand(tool_lm, tool_tok, monkeypatch):
     assert second[0][mask[0].bool()].tolist() == prompt + turn1 + reply
 
 
+def test_an_end_of_turn_right_after_a_call_is_the_models_and_trained(tool_lm, tool_tok, monkeypatch):
+    scripted(monkeypatch, tool_tok, [CALL + "<|end|>zz", "14<|end|>"])
+    ro, eps = episodes_of(tool_lm, tool_tok, Calculator)
+    ids = lambda s: tool_tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    turn1, reply, turn2 = ids(CALL + "<|end|>"), ids("<|tool|>14<|end|><|assistant|>"), ids("14<|end|>")
+    assert ro.input_ids[0, ro.prompt_len:].tolist() == turn1 + reply + turn2  # the same tokens as without it
+    assert ro.completion_mask[0].tolist() == [1.0] * len(turn1) + [0.0] * len(reply) + [1.0] * len(turn2)
+    assert eps[0].tool_calls == 1 and eps[0].turn_tokens == [len(turn1), len(turn2)]
+
+
 def test_an_episode_in_the_models_own_call_format(tool_lm, tool_tok, monkeypatch):
     tok = own_format(tool_tok)
     scripted(monkeypatch, tok, ['[call]{"name": "calculate", "arguments": {"expression": "2*3"}}[/call]<|end|>',

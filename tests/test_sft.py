@@ -18,7 +18,7 @@ from grouprl.envs.calculator import Calculator
 from grouprl.envs.calls import parse_calls
 from grouprl.episodes import ChatFormat
 from grouprl.loop import train
-from grouprl.sft import conversation, end_of_turn, tokenize, turn_text
+from grouprl.sft import collate, conversation, end_of_turn, tokenize, turn_text
 from grouprl.tasks import Task
 from test_bad_inputs import one_error_line, write
 from test_cli import run
@@ -47,7 +47,7 @@ def test_a_plain_conversation_by_hand(tool_tok):
 def test_an_episode_is_trained_on_the_tokens_and_mask_the_episode_loop_made(tool_lm, tool_tok, monkeypatch):
     """The episode loop runs a calculator episode (a call, its result, the answer); its messages, as SFT data,
     give back the same prompt, completion ids and loss mask."""
-    scripted(monkeypatch, tool_tok, [CALL + "zz", "14<|end|>"])
+    scripted(monkeypatch, tool_tok, [CALL + "<|end|>zz", "14<|end|>"])  # the call's turn ended by the model
     ro, eps = episodes_of(tool_lm, tool_tok, Calculator)
     task = Task("t", [], [], "S", "correctness", messages_system="S", tools=schemas("t", tools_of(Calculator())))
     chat = ChatFormat(tool_tok, SYSTEM)
@@ -58,6 +58,7 @@ def test_an_episode_is_trained_on_the_tokens_and_mask_the_episode_loop_made(tool
     assert ex.prompt == ro.input_ids[0, :p][ro.attention_mask[0, :p].bool()].tolist()
     assert ex.ids == ro.input_ids[0, p:].tolist()
     assert ex.mask == ro.completion_mask[0].tolist()
+    assert ex.ids[len(ids_of(tool_tok, CALL))] == end_of_turn(tool_tok, chat) and ex.mask[len(ids_of(tool_tok, CALL))]
 
 
 def test_structured_tool_calls_are_written_as_the_loop_reads_them(tool_tok):
@@ -66,6 +67,26 @@ def test_structured_tool_calls_are_written_as_the_loop_reads_them(tool_tok):
         {"type": "function", "function": {"name": "calculate", "arguments": "{\"expression\": \"2*3\"}"}}]}
     text = turn_text(chat, conversation({"messages": [{"role": "user", "content": "q"}, openai]}, "messages", "r")[1])
     (call,) = parse_calls(text)
+    assert (call.name, call.arguments) == ("calculate", {"expression": "2*3"})
+
+
+CALLS_TEMPLATE = (
+    "{% if tools %}{{ '<|system|>' + (tools|map(attribute='function')|map(attribute='name')|join(',')) + '<|end|>' }}"
+    "{% endif %}{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] }}{% for c in m.tool_calls or [] %}"
+    "{{ '[call]' + (c|tojson) + '[/call]' }}{% endfor %}{{ '<|end|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+
+
+def test_structured_tool_calls_take_the_templates_own_form_where_it_has_one(tool_tok):
+    from test_episodes import OWN_FORMAT, with_template
+
+    tok = with_template(tool_tok, CALLS_TEMPLATE)
+    tok.response_template = OWN_FORMAT
+    chat = ChatFormat(tok, SYSTEM, schemas("calculator", tools_of(Calculator())))
+    message = {"role": "assistant", "content": "", "tool_calls": [{"name": "calculate", "arguments": {"expression": "2*3"}}]}
+    text = turn_text(chat, message)
+    assert text == '[call]{"name": "calculate", "arguments": {"expression": "2*3"}}[/call]'
+    (call,) = chat.parse(text)  # read back by the episode loop's parser for this template
     assert (call.name, call.arguments) == ("calculate", {"expression": "2*3"})
 
 
@@ -122,14 +143,33 @@ def test_a_tiny_model_learns_its_conversations(tool_model, sft_data, tmp_path):
     assert (out / "final" / "model.safetensors").is_file() and metrics[-1]["epoch"] == 4.0
 
 
-def test_packed_equals_padded(tool_model, sft_data, tmp_path):
+def test_every_layout_gives_the_same_loss(tool_model, sft_data, tmp_path):
     quiet = Console(quiet=True)
-    a = train(load_config(None, sft_sets(tool_model, sft_data, tmp_path / "a", steps=1,
-                                         **{"model.update_layout": "padded"})), quiet)
-    b = train(load_config(None, sft_sets(tool_model, sft_data, tmp_path / "b", steps=1,
-                                         **{"model.update_layout": "packed"})), quiet)
-    # the same sums of the same log-probs in another order: float32 rounding of a loss near 4
-    assert losses(a) == pytest.approx(losses(b), rel=1e-5)
+    got = {layout: losses(train(load_config(None, sft_sets(tool_model, sft_data, tmp_path / layout, steps=2, **{
+        "model.update_layout": layout})), quiet)) for layout in ("padded", "packed", "shared")}
+    # the same sums of the same log-probs in another order: float32 rounding of a loss near 4, two steps
+    assert got["packed"] == pytest.approx(got["padded"], rel=1e-5)
+    assert got["shared"] == pytest.approx(got["padded"], rel=1e-5)
+
+
+def test_a_group_shares_its_common_prefix_once(tool_tok):
+    chat = ChatFormat(tool_tok, SYSTEM)
+    task = Task("t", [], [], "", "correctness", messages_system="be brief")
+    end = end_of_turn(tool_tok, chat)
+    examples = [tokenize(conversation({"prompt": q, "completion": a}, "messages", "r"), task, chat, tool_tok, "", end,
+                         "r") for q, a in [("ab", "c"), ("ad", "e"), ("b", "ff"), ("b", "g")]]
+    batch = collate(examples, 0, "cpu", group_size=2)
+    head = ids_of(tool_tok, "<|system|>be brief<|end|><|user|>")
+    p = batch.prompt_len
+    shared = batch.attention_mask[:, :p].sum(1).tolist()  # each row's prompt: its group's common prefix
+    assert shared == [len(head) + 1] * 2 + [len(head) + 3] * 2  # 'a'; the second group's whole prompt
+    for i, e in enumerate(examples):  # every row is its example's tokens, its loss mask on the same tokens
+        row = batch.input_ids[i][batch.attention_mask[i].bool()].tolist()
+        assert row == e.prompt + e.ids
+        trained = [t for t, m in zip(batch.input_ids[i, p:].tolist(), batch.completion_mask[i].tolist()) if m]
+        assert trained == [t for t, m in zip(e.ids, e.mask) if m]
+    assert batch.input_ids[0, p - len(head) - 1:p - 1].tolist() == head and batch.group_size == 2
+    assert batch.prompt_index == [0, 0, 1, 1]
 
 
 @pytest.mark.parametrize("lora", [False, True])

@@ -11,6 +11,10 @@ need (all optional):
                                (or Reply(done=True)) ends the episode
     reward() -> float | None   the outcome reward, asked once the episode is over (added to the reward
                                functions' weighted sum, as the 'env' column)
+    demonstrate(row) -> list[dict] | None
+                               a worked episode for the row, for a supervised warm-up (`grouprl demos`):
+                               the assistant's and the environment's messages after the prompt (assistant
+                               messages may carry tool_calls); None when it has none for this row
 
 Every other public method is a tool the model can call: a plain method with type hints and a Google-style
 docstring (its JSON schema comes from transformers' `get_json_schema`) that returns what the model should
@@ -47,6 +51,9 @@ class Environment:
         return None
 
     def reward(self) -> float | None:
+        return None
+
+    def demonstrate(self, row: dict) -> list[dict] | None:
         return None
 
 

@@ -81,3 +81,13 @@ class Calculator(Environment):
             expression: numbers with + - * / and parentheses, for example "(12 + 7) * 3"
         """
         return show(evaluate(expression))
+
+    def demonstrate(self, row: dict) -> list[dict] | None:
+        """A row with an `expression` (word_problems' rows have one): the call of it, its result, the answer."""
+        expression = row.get("expression")
+        if not isinstance(expression, str):
+            return None
+        result = self.calculate(expression)
+        call = {"type": "function", "function": {"name": "calculate", "arguments": {"expression": expression}}}
+        return [{"role": "assistant", "content": "", "tool_calls": [call]}, {"role": "tool", "content": result},
+                {"role": "assistant", "content": f"<answer>\n{result}\n</answer>"}]

@@ -20,6 +20,7 @@ from grouprl.errors import UserError
 from grouprl.limits import time_limit
 from grouprl.tasks.arithmetic import arithmetic_splits
 from grouprl.tasks.countdown import countdown_splits
+from grouprl.tasks.word_problems import word_problem_splits
 from grouprl.tasks.data import dataset_rows, gsm8k_rows, origin_of, prompt_preview, with_columns
 
 # Each prompt shows a worked example rather than placeholders ("your working"): a small model copies what it
@@ -33,6 +34,10 @@ FORMAT_PROMPT = (
 ARITHMETIC_PROMPT = (
     "Solve the problem. Think briefly inside <reasoning> tags, then give only the final number inside "
     "<answer> tags. Example:\n<reasoning>\n7 + 4 = 11\n</reasoning>\n<answer>\n11\n</answer>"
+)
+WORD_PROMPT = (
+    "Solve the word problem. Give only the final number inside <answer> tags, for example:\n<answer>\n42\n"
+    "</answer>"
 )
 COUNTDOWN_PROMPT = (
     "Think briefly inside <reasoning> tags, then give only the expression inside <answer> tags. Example "
@@ -133,9 +138,13 @@ def _split(rows: list[dict], num_eval: int, seed: int) -> tuple[list[dict], list
 def build_task(cfg: TaskConfig) -> Task:
     if cfg.name == "arithmetic":
         train, held = arithmetic_splits(
-            cfg.num_train, cfg.num_eval, cfg.max_operand, cfg.max_steps, cfg.seed, cfg.curriculum
+            cfg.num_train, cfg.num_eval, cfg.max_operand, cfg.max_steps, cfg.seed, cfg.curriculum, cfg.min_steps
         )
         return Task("arithmetic", train, held, cfg.system_prompt or ARITHMETIC_PROMPT, "correctness")
+    if cfg.name == "word_problems":
+        train, held = word_problem_splits(cfg.num_train, cfg.num_eval, cfg.max_operand, cfg.min_steps, cfg.max_steps,
+                                          cfg.seed)
+        return Task("word_problems", train, held, cfg.system_prompt or WORD_PROMPT, "correctness")
     if cfg.name == "countdown":
         train, held = countdown_splits(cfg.num_train, cfg.num_eval, cfg.seed)
         return Task("countdown", train, held, cfg.system_prompt or COUNTDOWN_PROMPT, "countdown")

@@ -52,7 +52,8 @@ def make_problem(rng: random.Random, steps: int, max_operand: int) -> tuple[str,
 
 
 def arithmetic_splits(
-    num_train: int, num_eval: int, max_operand: int, max_steps: int, seed: int, curriculum: bool = True
+    num_train: int, num_eval: int, max_operand: int, max_steps: int, seed: int, curriculum: bool = True,
+    min_steps: int = 1,
 ) -> tuple[list[dict], list[dict]]:
     """Rows {'prompt', 'answer', 'steps'} for train and held-out; disjoint by computation key."""
     rng = random.Random(seed)
@@ -64,7 +65,7 @@ def arithmetic_splits(
         attempts += 1
         if attempts > 50 * (num_train + num_eval):
             break  # the space of distinct computations is smaller than asked for
-        steps = rng.randint(1, max_steps)
+        steps = rng.randint(min_steps, max_steps)
         question, answer, key = make_problem(rng, steps, max_operand)
         if key in seen:
             continue

@@ -1,0 +1,183 @@
+"""Seeded word problems with all four operations, one and two steps, in many phrasings.
+
+Each problem is a phrasing of one of thirteen expression forms (a+b, a-b, a*b, a/b; a+b*c, (a+b)/c, ...),
+with numbers drawn so that every intermediate result is a positive whole number. The held-out split differs
+from the training split twice over: its problems use phrasings that training never shows (HELD_OUT), and
+no computation (the expression with its numbers) appears in both. So held-out accuracy measures whether a
+model learned to turn a story into arithmetic, not whether it learned the training sentences.
+
+Each row carries its `expression` (what a calculator should be asked) and `steps`, for demonstrations
+(the calculator environment's `demonstrate`) and for accuracy by number of steps.
+"""
+
+from __future__ import annotations
+
+import ast
+import random
+from fractions import Fraction
+
+from grouprl.tasks.arithmetic import NAMES, OBJECTS
+
+# form -> (training phrasings, held-out phrasings); {n} a name, {o} objects (plural), {a} {b} {c} the numbers
+PHRASINGS: dict[str, tuple[list[str], list[str]]] = {
+    "{a}+{b}": ([
+        "{n} has {a} {o}. {n} buys {b} more. How many {o} does {n} have now?",
+        "There are {a} {o} in a box and {b} {o} on the table. How many {o} are there in all?",
+        "{n} collected {a} {o} on Monday and {b} on Tuesday. How many {o} did {n} collect?",
+    ], [
+        "A shop had {a} {o}. A delivery brought {b} more. How many {o} does the shop have?",
+        "{n} is given {b} {o} and already owned {a}. What is the total number of {o} {n} owns?",
+    ]),
+    "{a}-{b}": ([
+        "{n} has {a} {o} and gives {b} to a friend. How many {o} are left?",
+        "A jar holds {a} {o}. {b} are taken out. How many {o} remain in the jar?",
+        "{n} had {a} {o} and lost {b} of them. How many {o} does {n} have now?",
+    ], [
+        "Of the {a} {o} in a basket, {b} are sold. How many {o} are still in the basket?",
+        "{n} needs {a} {o} and has found {b} so far. How many more {o} does {n} need?",
+    ]),
+    "{a}*{b}": ([
+        "{n} buys {a} packs of {o} with {b} in each pack. How many {o} does {n} buy?",
+        "There are {a} shelves with {b} {o} on each shelf. How many {o} are on the shelves?",
+        "{n} saves {b} {o} every day for {a} days. How many {o} does {n} save?",
+    ], [
+        "A box has {a} rows of {b} {o}. How many {o} are in the box?",
+        "Each of {a} children brings {b} {o}. How many {o} do the children bring altogether?",
+    ]),
+    "{a}/{b}": ([
+        "{n} shares {a} {o} equally among {b} friends. How many {o} does each friend get?",
+        "{a} {o} are packed into bags of {b}. How many bags are filled?",
+        "{n} splits {a} {o} into {b} equal groups. How many {o} are in each group?",
+    ], [
+        "A teacher hands out {a} {o} so that each of {b} students gets the same number. How many {o} does "
+        "each student get?",
+        "{n} uses {b} {o} a day. How many days do {a} {o} last?",
+    ]),
+    "{a}+{b}*{c}": ([
+        "{n} has {a} {o} and buys {b} packs of {c} {o}. How many {o} does {n} have now?",
+        "A shelf holds {a} loose {o} and {b} boxes with {c} {o} each. How many {o} are on the shelf?",
+    ], [
+        "{n} starts with {a} {o}, then gets {c} {o} from each of {b} friends. How many {o} does {n} have?",
+    ]),
+    "{a}*{b}-{c}": ([
+        "{n} buys {a} packs of {b} {o} and gives away {c}. How many {o} does {n} keep?",
+        "There are {a} bags with {b} {o} in each. {c} {o} are eaten. How many {o} are left?",
+    ], [
+        "A farm gathers {b} {o} a day for {a} days, then sells {c} of them. How many {o} does the farm still "
+        "have?",
+    ]),
+    "({a}+{b})*{c}": ([
+        "Each of {c} boxes holds {a} red {o} and {b} blue {o}. How many {o} are in the boxes?",
+        "{n} reads {a} pages in the morning and {b} pages at night, every day for {c} days. How many pages "
+        "does {n} read?",
+    ], [
+        "A class has {c} tables, with {a} girls and {b} boys at each table. How many children are in the class?",
+    ]),
+    "({a}-{b})*{c}": ([
+        "Each of {c} bags starts with {a} {o}, and {b} {o} are taken out of every bag. How many {o} are left in "
+        "the bags?",
+        "A ticket costs {a} coins, and {n} gets {b} coins off each one. How many coins does {n} pay for {c} "
+        "tickets?",
+    ], [
+        "Every day {n} picks {a} {o} and drops {b} of them. How many {o} does {n} keep after {c} days?",
+    ]),
+    "({a}+{b})/{c}": ([
+        "{n} has {a} {o} and buys {b} more, then shares them all equally among {c} friends. How many {o} does "
+        "each friend get?",
+        "{a} red {o} and {b} blue {o} are packed into bags of {c}. How many bags are filled?",
+    ], [
+        "Two classes with {a} and {b} students are split into teams of {c}. How many teams are there?",
+    ]),
+    "({a}-{b})/{c}": ([
+        "{n} has {a} {o}, keeps {b} for later, and shares the rest equally among {c} friends. How many {o} does "
+        "each friend get?",
+        "Of {a} {o}, {b} are broken. The rest are packed into boxes of {c}. How many boxes are filled?",
+    ], [
+        "A baker makes {a} {o}, sells {b}, and puts the rest in {c} equal rows. How many {o} are in each row?",
+    ]),
+    "{a}/{b}+{c}": ([
+        "{n} shares {a} {o} equally among {b} friends, and one friend already had {c}. How many {o} does that "
+        "friend have now?",
+        "{a} {o} are split into {b} equal piles, and {c} more are added to one pile. How many {o} are in that "
+        "pile?",
+    ], [
+        "{n} gets one of {b} equal shares of {a} {o}, then finds {c} more. How many {o} does {n} have?",
+    ]),
+    "{a}*{b}/{c}": ([
+        "{n} buys {a} packs of {b} {o} and shares them equally among {c} friends. How many {o} does each friend "
+        "get?",
+        "There are {a} boxes of {b} {o}. They are repacked into bags of {c}. How many bags are filled?",
+    ], [
+        "A garden has {a} rows of {b} plants, shared evenly among {c} gardeners. How many plants does each "
+        "gardener look after?",
+    ]),
+    "{a}+{b}-{c}": ([
+        "{n} has {a} {o}, buys {b} more, and then gives away {c}. How many {o} does {n} have now?",
+        "A bus has {a} people. At a stop {b} get on and {c} get off. How many people are on the bus?",
+    ], [
+        "{n} scored {a} points, won {b} more, and then lost {c}. How many points does {n} have?",
+    ]),
+}
+
+MAX_ANSWER = 1000
+
+
+def steps_of(form: str) -> int:
+    return form.count("{") - 1
+
+
+def value(expression: str) -> Fraction | None:
+    """The exact value of a + - * / expression when every intermediate result (and the value) is a positive
+    whole number, else None."""
+    ops = {ast.Add: Fraction.__add__, ast.Sub: Fraction.__sub__, ast.Mult: Fraction.__mul__,
+           ast.Div: Fraction.__truediv__}
+
+    def walk(node) -> Fraction | None:
+        if isinstance(node, ast.Constant):
+            return Fraction(node.value)
+        left, right = walk(node.left), walk(node.right)
+        if left is None or right is None:
+            return None
+        got = ops[type(node.op)](left, right)
+        return got if got.denominator == 1 and got > 0 else None
+
+    return walk(ast.parse(expression, mode="eval").body)
+
+
+def make_problem(rng: random.Random, form: str, phrasing: str, max_operand: int) -> dict | None:
+    """One problem of a form in a phrasing, or None when the numbers drawn do not give whole positive steps."""
+    numbers = {k: rng.randint(2, max_operand) for k in "abc"}
+    expression = form.format(**numbers)
+    got = value(expression)
+    if got is None or got > MAX_ANSWER:
+        return None
+    text = phrasing.format(n=rng.choice(NAMES), o=rng.choice(OBJECTS), **numbers)
+    return {"prompt": text, "answer": str(int(got)), "steps": steps_of(form), "expression": expression}
+
+
+def word_problem_splits(num_train: int, num_eval: int, max_operand: int, min_steps: int, max_steps: int,
+                        seed: int) -> tuple[list[dict], list[dict]]:
+    """Rows {prompt, answer, steps, expression} for training (its phrasings) and held-out (the others), with
+    no expression in both. Forms of min_steps..max_steps operations, drawn uniformly. Each split has its own
+    seeded stream, so the held-out rows do not depend on num_train, and more training rows extend fewer."""
+    forms = [f for f in PHRASINGS if min_steps <= steps_of(f) <= max_steps]
+    held = _draw(random.Random(f"{seed}/eval"), num_eval, forms, 1, max_operand, set())
+    train = _draw(random.Random(f"{seed}/train"), num_train, forms, 0, max_operand, {r["expression"] for r in held})
+    return train, held
+
+
+def _draw(rng: random.Random, n: int, forms: list[str], split: int, max_operand: int, taken: set[str]) -> list[dict]:
+    """n problems in the phrasings of `split` (0 training, 1 held-out), none with an expression in `taken`
+    (which grows), the forms drawn uniformly; fewer when the forms run out of new computations."""
+    out: list[dict] = []
+    for _ in range(10 * n):
+        if len(out) >= n:
+            break
+        form = rng.choice(forms)  # then numbers until they fit it: every form as likely, divisions included
+        phrasing = rng.choice(PHRASINGS[form][split])
+        row = next((r for r in (make_problem(rng, form, phrasing, max_operand) for _ in range(1000))
+                    if r is not None and r["expression"] not in taken), None)
+        if row is not None:
+            taken.add(row["expression"])
+            out.append(row)
+    return out
