@@ -10,7 +10,8 @@ template keeps the prefix across turns.
 A turn ends at an end-of-turn token (which the model sampled, so it is trained) or, for an environment with
 tools, right after the token that closes a tool call (`</tool_call>`), or after an end-of-turn token that
 follows it at once: the tokens an engine sampled past that are dropped (the kept ones' probabilities do not
-depend on them), and the rest of the template's end of turn is appended as the environment's. A single-turn task has no environment: its episodes end after the first turn.
+depend on them), and the rest of the template's end of turn is appended as the environment's. A
+single-turn task has no environment: its episodes end after the first turn.
 """
 
 from __future__ import annotations
@@ -336,8 +337,9 @@ def run(model, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, first: engine
             k = next((t + 1 for t, x in enumerate(sampled) if x in eos), len(sampled))
             if tools[i] and chat.stop:
                 close = stop_at_close(tokenizer, sampled[:k], chat.stop)
-                if close < k:  # the turn ends at the call, or at the model's end of turn right after it
-                    k = close + (sampled[close] in eos)
+                if close < k:  # the turn ends at the call, or at the model's end of turn right after it (the
+                    after = tokenizer.decode(sampled[close:close + 1])  # template's: not Qwen's <|endoftext|>)
+                    k = close + (sampled[close] in eos and chat.closing.startswith(after))
             k = min(k, params.max_new_tokens - len(rows.ids[i]))
             ended = tokenizer.decode(sampled[k - 1:k]) if k > 0 and sampled[k - 1] in eos else None
             ids = sampled[:k]

@@ -37,8 +37,10 @@ def padded_tokens(rollout, groups: Tensor) -> int:
 class Budget:
     """The token budget of a micro-batch: None (micro_batch_size decides) until set or halved."""
 
-    def __init__(self, tokens: int | None = None):
+    def __init__(self, tokens: int | None = None,
+                 remedy: str = "lower rollout.group_size or rollout.max_new_tokens"):
         self.tokens = tokens
+        self.remedy = remedy  # what a run that cannot fit one group should lower
         self.backoffs = 0  # halvings since the last `take_backoffs`
 
     def plan(self, rollout, groups: Tensor, groups_per_micro: int) -> list[Tensor]:
@@ -67,8 +69,8 @@ class Budget:
         halved budget cannot be kept below it, the run cannot fit and a UserError says so."""
         if tried_tokens <= smallest:
             raise UserError(f"out of memory on a micro-batch of one group ({tried_tokens} tokens padded): a group "
-                            "cannot be split; lower rollout.group_size or rollout.max_new_tokens, turn on "
-                            "model.gradient_checkpointing, or use a device with more memory")
+                            f"cannot be split; {self.remedy}, turn on model.gradient_checkpointing, or use a device "
+                            "with more memory")
         self.tokens = max(smallest, min(self.tokens or tried_tokens, tried_tokens) // 2)
         self.backoffs += 1
 

@@ -213,11 +213,14 @@ def load_causal_lm(path: str, cfg: ModelConfig) -> PreTrainedModel:
         from peft import PeftModel
 
         try:
-            return PeftModel.from_pretrained(load_causal_lm(resolve_model_path(base), cfg), path).merge_and_unload()
+            merged = PeftModel.from_pretrained(load_causal_lm(resolve_model_path(base), cfg), path).merge_and_unload()
         except UserError:
             raise
         except Exception as e:
             raise UserError(f"cannot load the adapter in {path!r}: {type(e).__name__}: {_first_line(e)}") from None
+        # named after the adapter, not its base: an adapter trained on it records this folder as its base
+        merged.name_or_path = merged.config._name_or_path = str(Path(path).absolute())
+        return merged
     device = pick_device(cfg.device)
     check_layers(path)
     try:

@@ -4,13 +4,16 @@ An example is a conversation (system, user, assistant and tool messages), laid o
 out an episode (episodes.py): the prompt is everything before the first assistant turn, through the chat
 template (the tools described as RL shows them) and task.prefill; then each assistant turn's text as the
 model would write it, with the end-of-turn token that ends it (loss mask 1: a turn that calls a tool too, so
-the model learns to stop after its call, which the episode loop keeps and trains as well), and between turns
-the replies as the chat template's delta (mask 0). So the warm-up trains exactly the tokens that RL samples afterwards, under the same mask.
+the model learns to stop after its call, which the episode loop keeps and trains as well), and between
+turns the replies as the chat template's delta (mask 0). So the warm-up trains exactly the tokens that RL
+samples afterwards, under the same mask.
 
-A batch is a Rollout of group size 1 and the loss is the mean negative log-likelihood of the batch's
-assistant tokens (every token weighs the same). The optimizer step, micro-batches, LoRA or full weights,
-layouts (padded or packed), checkpoints and exact resume are those of the RL runs: `grouprl train` resumes
-an SFT run too, and starts RL from its output (model.name_or_path: <output_dir>/final).
+A batch is a Rollout whose groups are micro-batches of examples sharing their common prefix as one prompt
+(the prompt-shared layout computes it once, with the same gradient), or of one example each; the loss is the
+mean negative log-likelihood of the batch's assistant tokens (every token weighs the same). The optimizer
+step, micro-batches, LoRA or full weights, layouts, checkpoints and exact resume are those of the RL runs:
+`grouprl train` resumes an SFT run too, and starts RL from its output (model.name_or_path:
+<output_dir>/final).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from grouprl.losses import Normaliser, token_mean
 from grouprl.microbatch import Budget
 from grouprl.models import trainable_parameters
 from grouprl.optim import make_optimizer
-from grouprl.rollout import Rollout
+from grouprl.rollout import Rollout, eos_ids
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -282,7 +285,7 @@ class SFT(PolicyOnly):
         self.layout = pick_layout(cfg.model.update_layout, cfg.model.gradient_checkpointing, attention(policy))
         self.optim = make_optimizer([p for p in policy.parameters() if p.requires_grad], cfg.optim.lr, cfg.optim)
         self.trainable_parameters = trainable_parameters(policy)
-        self.budget = Budget(cfg.max_tokens_per_micro_batch)
+        self.budget = Budget(cfg.max_tokens_per_micro_batch, "lower sft.micro_batch_size or sft.max_tokens")
 
     @staticmethod
     def resume_problem(cfg, step: int) -> str | None:
@@ -290,8 +293,10 @@ class SFT(PolicyOnly):
 
     def collate(self, examples: list[Example], device) -> Rollout:
         """A batch as the layout wants it: under the prompt-shared layout, micro-batches of examples that share
-        their common prefix (the system prompt and tools) as one prompt; else each example whole."""
-        g = self.cfg.sft.micro_batch_size if self.layout == "shared" else 1
+        their common prefix (the system prompt and tools) as one prompt; else, or under a token budget (which
+        splits micro-batches by tokens, never inside a group), each example whole."""
+        share = self.layout == "shared" and self.cfg.max_tokens_per_micro_batch is None
+        g = self.cfg.sft.micro_batch_size if share else 1
         return collate(examples, self.pad, device, g if len(examples) % g == 0 else 1)
 
     def update(self, batch: Rollout) -> dict[str, float]:
@@ -334,8 +339,9 @@ class SFT(PolicyOnly):
 # ---------------------------------------------------------------- the run
 
 
-def inputs(cfg, tokenizer, console: Console) -> tuple[list[Example], list[Example]]:
-    """The training and held-out examples, tokenized and checked before any model is loaded."""
+def inputs(cfg, tokenizer, console: Console) -> tuple[list[Example], list[Example], object]:
+    """The training and held-out examples, tokenized and checked before any model is loaded, and the chat
+    format they were laid out with."""
     import dataclasses
 
     from grouprl.episodes import ChatFormat, setup
@@ -356,7 +362,7 @@ def inputs(cfg, tokenizer, console: Console) -> tuple[list[Example], list[Exampl
     train = examples(s.source, s.messages_column, task, chat, tokenizer, cfg.task.prefill, limit, console)
     held = examples(s.eval_source, s.messages_column, task, chat, tokenizer, cfg.task.prefill, limit, console) \
         if s.eval_source else []
-    return train, held
+    return train, held, chat
 
 
 def run(cfg, console: Console, out: Path, start: float, locks: list, stop, resume: bool):
@@ -382,11 +388,16 @@ def run(cfg, console: Console, out: Path, start: float, locks: list, stop, resum
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.name_or_path), cfg.model.trust_remote_code)
-    train, held = inputs(cfg, tokenizer, console)
+    train, held, chat = inputs(cfg, tokenizer, console)
     if not resume:  # (a resume took it before anything else)
         locks.append(RunLock(out).acquire())
     policy, tokenizer = load_policy(cfg.model)
     device = next(policy.parameters()).device
+    end, stops = end_of_turn(tokenizer, chat), eos_ids(policy, tokenizer)
+    if end not in stops:
+        raise UserError(f"the turns are trained to end with {tokenizer.decode([end])!r}, which the model's generation "
+                        f"config does not stop at ({[tokenizer.decode([t]) for t in stops]}): set its eos_token_id "
+                        "to include it")
     learner = SFT(cfg, policy, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     stream = PromptStream(train, cfg.seed, in_order=False)
     history: list[dict] = []
@@ -431,7 +442,7 @@ def run(cfg, console: Console, out: Path, start: float, locks: list, stop, resum
                 m = learner.update(batch)
                 m |= {"epoch": stream.epoch + stream.index / len(train), "step_time": time.perf_counter() - t0,
                       "peak_mem_gib": peak_memory_gib(device)}
-                evaluated = held and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps)
+                evaluated = held and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0))
                 if evaluated:
                     m["eval/loss"] = learner.loss(held, device)
                 m["elapsed"] = time.perf_counter() - start

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,7 +84,8 @@ def test_structured_tool_calls_take_the_templates_own_form_where_it_has_one(tool
     tok = with_template(tool_tok, CALLS_TEMPLATE)
     tok.response_template = OWN_FORMAT
     chat = ChatFormat(tok, SYSTEM, schemas("calculator", tools_of(Calculator())))
-    message = {"role": "assistant", "content": "", "tool_calls": [{"name": "calculate", "arguments": {"expression": "2*3"}}]}
+    call = {"name": "calculate", "arguments": {"expression": "2*3"}}
+    message = {"role": "assistant", "content": "", "tool_calls": [call]}
     text = turn_text(chat, message)
     assert text == '[call]{"name": "calculate", "arguments": {"expression": "2*3"}}[/call]'
     (call,) = chat.parse(text)  # read back by the episode loop's parser for this template
@@ -145,11 +147,15 @@ def test_a_tiny_model_learns_its_conversations(tool_model, sft_data, tmp_path):
 
 def test_every_layout_gives_the_same_loss(tool_model, sft_data, tmp_path):
     quiet = Console(quiet=True)
-    got = {layout: losses(train(load_config(None, sft_sets(tool_model, sft_data, tmp_path / layout, steps=2, **{
-        "model.update_layout": layout})), quiet)) for layout in ("padded", "packed", "shared")}
+    runs = {layout: train(load_config(None, sft_sets(tool_model, sft_data, tmp_path / layout, steps=2, **{
+        "model.update_layout": layout, "sft.eval_source": sft_data})), quiet)
+        for layout in ("padded", "packed", "shared")}
     # the same sums of the same log-probs in another order: float32 rounding of a loss near 4, two steps
-    assert got["packed"] == pytest.approx(got["padded"], rel=1e-5)
-    assert got["shared"] == pytest.approx(got["padded"], rel=1e-5)
+    for key in ("loss", "eval/loss"):  # the held-out loss: after the last step, even without eval_every
+        got = {layout: [h[key] for h in r.history if key in h] for layout, r in runs.items()}
+        assert len(got["padded"]) == (2 if key == "loss" else 1)
+        assert got["packed"] == pytest.approx(got["padded"], rel=1e-5)
+        assert got["shared"] == pytest.approx(got["padded"], rel=1e-5)
 
 
 def test_a_group_shares_its_common_prefix_once(tool_tok):
@@ -218,7 +224,13 @@ def test_rl_starts_from_the_warm_up(lora, tool_model, sft_data, tmp_path):
         "rollout.max_new_tokens=40", "rollout.prompts_per_step=2", "rollout.group_size=2", "task.num_eval=2",
         f"model.lora.enabled={str(lora).lower()}"] for a in ("--set", s)])
     assert res.exit_code == 0, res.output
-    assert (rl / "final").is_dir()
+    if lora:  # the RL adapter names the warm-up as its base, so loading it rebuilds the whole chain
+        config = json.loads((rl / "final" / "adapter_config.json").read_text())
+        assert Path(config["base_model_name_or_path"]) == warm.final_checkpoint.absolute()
+        again = load_causal_lm(str(rl / "final"), ModelConfig())
+        assert not torch.allclose(again(x).logits, base(x).logits)
+    else:
+        assert (rl / "final" / "model.safetensors").is_file()
 
 
 BAD = {

@@ -60,6 +60,13 @@ def test_held_out_problems_use_phrasings_and_computations_training_never_shows()
     assert word_problem_splits(50, 50, 20, 1, 2, seed=7) == word_problem_splits(50, 50, 20, 1, 2, seed=7)
 
 
+def test_asking_for_more_problems_than_there_are_is_one_error():
+    from grouprl.errors import UserError
+
+    with pytest.raises(UserError, match="939 distinct problems"):  # one-step forms, numbers 2..20
+        word_problem_splits(2000, 200, 20, 1, 1, seed=0)
+
+
 def test_the_calculator_demonstrates_a_row():
     row = {"prompt": "q", "answer": "27", "expression": "12+5*3"}
     call, result, answer = Calculator().demonstrate(row)

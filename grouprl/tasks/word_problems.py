@@ -13,9 +13,13 @@ Each row carries its `expression` (what a calculator should be asked) and `steps
 from __future__ import annotations
 
 import ast
+import functools
+import itertools
 import random
+import re
 from fractions import Fraction
 
+from grouprl.errors import UserError
 from grouprl.tasks.arithmetic import NAMES, OBJECTS
 
 # form -> (training phrasings, held-out phrasings); {n} a name, {o} objects (plural), {a} {b} {c} the numbers
@@ -144,40 +148,53 @@ def value(expression: str) -> Fraction | None:
     return walk(ast.parse(expression, mode="eval").body)
 
 
-def make_problem(rng: random.Random, form: str, phrasing: str, max_operand: int) -> dict | None:
-    """One problem of a form in a phrasing, or None when the numbers drawn do not give whole positive steps."""
-    numbers = {k: rng.randint(2, max_operand) for k in "abc"}
-    expression = form.format(**numbers)
-    got = value(expression)
-    if got is None or got > MAX_ANSWER:
-        return None
-    text = phrasing.format(n=rng.choice(NAMES), o=rng.choice(OBJECTS), **numbers)
-    return {"prompt": text, "answer": str(int(got)), "steps": steps_of(form), "expression": expression}
+@functools.cache
+def computations(form: str, max_operand: int) -> tuple[tuple[str, int], ...]:
+    """Every (expression, answer) of a form with numbers from 2 to max_operand whose steps are all whole and
+    positive and whose answer is at most MAX_ANSWER, in a fixed order."""
+    letters = [f for f in "abc" if f"{{{f}}}" in form]
+    out = []
+    for numbers in itertools.product(range(2, max_operand + 1), repeat=len(letters)):
+        expression = form.format(**dict(zip(letters, numbers)))
+        got = value(expression)
+        if got is not None and got <= MAX_ANSWER:
+            out.append((expression, int(got)))
+    return tuple(out)
 
 
 def word_problem_splits(num_train: int, num_eval: int, max_operand: int, min_steps: int, max_steps: int,
                         seed: int) -> tuple[list[dict], list[dict]]:
     """Rows {prompt, answer, steps, expression} for training (its phrasings) and held-out (the others), with
-    no expression in both. Forms of min_steps..max_steps operations, drawn uniformly. Each split has its own
-    seeded stream, so the held-out rows do not depend on num_train, and more training rows extend fewer."""
+    no expression in both. Forms of min_steps..max_steps operations, drawn uniformly while each has new
+    computations. Each split has its own seeded stream, so the held-out rows do not depend on num_train, and
+    more training rows extend fewer. Asking for more problems than there are is a UserError."""
     forms = [f for f in PHRASINGS if min_steps <= steps_of(f) <= max_steps]
     held = _draw(random.Random(f"{seed}/eval"), num_eval, forms, 1, max_operand, set())
     train = _draw(random.Random(f"{seed}/train"), num_train, forms, 0, max_operand, {r["expression"] for r in held})
+    if len(held) < num_eval or len(train) < num_train:
+        total = sum(len(computations(f, max_operand)) for f in forms)
+        raise UserError(f"word_problems: {total} distinct problems have {min_steps}..{max_steps} steps and numbers up "
+                        f"to task.max_operand={max_operand}, fewer than task.num_train + task.num_eval = "
+                        f"{num_train + num_eval}: lower those, or raise task.max_operand or task.max_steps")
     return train, held
 
 
 def _draw(rng: random.Random, n: int, forms: list[str], split: int, max_operand: int, taken: set[str]) -> list[dict]:
     """n problems in the phrasings of `split` (0 training, 1 held-out), none with an expression in `taken`
-    (which grows), the forms drawn uniformly; fewer when the forms run out of new computations."""
+    (which grows): each a uniformly drawn form that still has computations left, in a seeded order of its
+    computations; fewer when every form has run out."""
+    order = {f: rng.sample(computations(f, max_operand), len(computations(f, max_operand))) for f in forms}
     out: list[dict] = []
-    for _ in range(10 * n):
-        if len(out) >= n:
-            break
-        form = rng.choice(forms)  # then numbers until they fit it: every form as likely, divisions included
-        phrasing = rng.choice(PHRASINGS[form][split])
-        row = next((r for r in (make_problem(rng, form, phrasing, max_operand) for _ in range(1000))
-                    if r is not None and r["expression"] not in taken), None)
-        if row is not None:
-            taken.add(row["expression"])
-            out.append(row)
+    while len(out) < n and order:
+        form = rng.choice(sorted(order))
+        while order[form] and order[form][-1][0] in taken:
+            order[form].pop()
+        if not order[form]:
+            del order[form]
+            continue
+        expression, answer = order[form].pop()
+        taken.add(expression)
+        numbers = dict(zip([f for f in "abc" if f"{{{f}}}" in form], re.findall(r"\d+", expression)))
+        text = rng.choice(PHRASINGS[form][split]).format(n=rng.choice(NAMES), o=rng.choice(OBJECTS), **numbers)
+        out.append({"prompt": text, "answer": str(answer), "steps": steps_of(form), "expression": expression})
     return out
