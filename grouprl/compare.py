@@ -87,10 +87,28 @@ def base_seed(config: Path | None, sets: list[str]) -> int:
     return load_config(config, sets).seed
 
 
+FROM = "@"  # model.name_or_path=@arm: start from that arm's final checkpoint of the same seed
+
+
+def _reference(spec: RunSpec, earlier: list[str]) -> str | None:
+    """The earlier arm whose final checkpoint this arm starts from (model.name_or_path=@arm), or None."""
+    refs = [o.split("=", 1)[1].strip() for o in spec.overrides
+            if o.split("=", 1)[0].strip() == "model.name_or_path" and o.split("=", 1)[1].strip().startswith(FROM)]
+    if not refs:
+        return None
+    name = refs[-1][1:]
+    if name not in earlier:
+        raise UserError(f"--run {spec.name!r}: model.name_or_path={refs[-1]} names no earlier arm (expected one of "
+                        f"{', '.join(earlier) or 'none: list the arm it starts from before it'})")
+    return name
+
+
 def run_configs(config: Path | None, sets: list[str], specs: list[RunSpec], seeds: list[int], out: Path,
                 save_every: int) -> dict[str, dict[int, TrainConfig]]:
     """Each run's validated config, arm by arm and seed by seed: base file + --set + the arm's overrides +
-    seed, in out/runs/<name>/seed-<seed>. Every checkpoint is kept: each is evaluated for the curves."""
+    seed, in out/runs/<name>/seed-<seed>. Every checkpoint is kept: each is evaluated for the curves. An arm
+    with model.name_or_path=@other starts from the final checkpoint of the earlier arm `other`, seed by seed
+    (a supervised warm-up, say, then RL from it)."""
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise UserError(f"--run names must differ, got {names}")
@@ -100,22 +118,27 @@ def run_configs(config: Path | None, sets: list[str], specs: list[RunSpec], seed
     if len(set(seeds)) != len(seeds) or not seeds:
         raise UserError(f"--seeds must be distinct integers, got {seeds}")
     cfgs: dict[str, dict[int, TrainConfig]] = {}
-    for spec in specs:
+    for i, spec in enumerate(specs):
+        ref = _reference(spec, names[:i])
         cfgs[spec.name] = {}
         for seed in seeds:
+            start = [f"model.name_or_path={out / 'runs' / ref / f'seed-{seed}' / 'final'}"] if ref else []
             try:
-                cfg = load_config(config, sets + spec.overrides + [
+                cfg = load_config(config, sets + spec.overrides + start + [
                     f"seed={seed}", f"output_dir={out / 'runs' / spec.name / f'seed-{seed}'}",
                     f"save_every={save_every}", "save_total_limit=null"])
             except UserError as e:
                 raise UserError(f"run {spec.name!r}: {e}") from None
             cfgs[spec.name][seed] = cfg
-    steps = {c.steps for arm in cfgs.values() for c in arm.values()}
-    budget = {(c.rollout.prompts_per_step, c.rollout.group_size, c.task.model_dump_json(), c.model.name_or_path)
-              for arm in cfgs.values() for c in arm.values()}
-    if len(steps) > 1 or len(budget) > 1:
-        raise UserError("the runs must share steps, prompts_per_step, group_size, task and model (the comparison "
-                        "holds the prompt budget fixed; seeds come from --seeds); leave those out of --run")
+    rl = [c for arm in cfgs.values() for c in arm.values() if c.algo != "sft"]
+    budget = {(c.steps, c.rollout.prompts_per_step, c.rollout.group_size) for c in rl}
+    tasks = {c.task.model_dump_json() for arm in cfgs.values() for c in arm.values()}
+    models = {c.model.name_or_path for spec in specs if _reference(spec, names) is None
+              for c in cfgs[spec.name].values()}
+    if len(budget) > 1 or len(tasks) > 1 or len(models) > 1:
+        raise UserError("the runs must share the task and model, and the RL runs steps, prompts_per_step and "
+                        "group_size (the comparison holds the prompt budget fixed; seeds come from --seeds); leave "
+                        "those out of --run, or start an arm from another's checkpoint with model.name_or_path=@arm")
     return cfgs
 
 
@@ -155,7 +178,7 @@ def _ignored(cfg: TrainConfig, key: str) -> str | None:
     """Why `key` cannot change cfg's training (None: it can)."""
     if key in NO_EFFECT or key.split(".")[0] in NO_EFFECT:
         return "speed and output settings"
-    if key.startswith("ppo." if cfg.algo == "grpo" else "grpo."):
+    if key.split(".")[0] in ("grpo", "ppo", "sft") and key.split(".")[0] != cfg.algo:
         return f"{key.split('.')[0]} settings do not apply to {cfg.algo}"
     return without_effect(cfg).get(key)
 
@@ -266,7 +289,7 @@ def _valid_eval(cached: dict | None, key: dict) -> bool:
             and all(c in (0, 1) for c in per_problem[0]) and all(isinstance(c, str) for c in per_problem[1]))
 
 
-def evaluate_checkpoint(model: str, cfg: TrainConfig, num: int, cache: Path) -> dict:
+def evaluate_checkpoint(model: str, cfg: TrainConfig, num: int, cache: Path, reuse: tuple[Path, ...] = ()) -> dict:
     """Held-out greedy format rate and accuracy of a checkpoint (or the base model), with each problem's
     correctness (0/1, in the held-out order, for the intervals) and completion; cached in `cache`.
 
@@ -275,7 +298,8 @@ def evaluate_checkpoint(model: str, cfg: TrainConfig, num: int, cache: Path) -> 
     trained again at the same path is evaluated again), the task section (problems, system prompt, prefill)
     and the number of problems, max_new_tokens as used, eval.batch_size (left padding changes the numerics
     of batched greedy decoding), dtype and device. eval.k and eval.temperature are left out: greedy only.
-    A cache that cannot be read or is not such a result (a kill while it was written) is evaluated again."""
+    A cache that cannot be read or is not such a result (a kill while it was written) is evaluated again.
+    `reuse`: other caches that may hold the same evaluation (an arm's start is another arm's final checkpoint)."""
     from grouprl.tasks import build_task
 
     task = build_task(cfg.task)
@@ -291,9 +315,9 @@ def evaluate_checkpoint(model: str, cfg: TrainConfig, num: int, cache: Path) -> 
         **({"reward": cfg.eval.reward} if cfg.eval.reward else {}),  # absent when unset: older caches stay valid
         **({"env": [cfg.env.model_dump_json(), reward_files([cfg.env.name])]} if cfg.env.name else {}),
     }))
-    cached = _read_json(cache)
-    if _valid_eval(cached, key):
-        return cached
+    for path in (cache, *reuse):
+        if _valid_eval(cached := _read_json(path), key):
+            return cached
     import torch
 
     from grouprl.episodes import setup, shown
@@ -332,27 +356,67 @@ def last_within(curve: list[dict], key: str, budget: float) -> dict:
     return [c for c in curve if c[key] <= budget * (1 + 1e-9)][-1]
 
 
-def run_figures(name: str, cfg: TrainConfig, out: Path, eval_num: int, on_eval) -> dict:
+def start_cache(name: str, cfg: TrainConfig, out: Path, cfgs: dict[str, dict[int, TrainConfig]]) -> tuple[Path, ...]:
+    """Where a run's step-0 evaluation (of the model it starts from) is cached, then the caches that may hold
+    it already (each is used only when its key matches): an arm that starts from another's final checkpoint
+    reuses that checkpoint's evaluation; arms that start from the same model share one (the first arm's is
+    eval-base.json, the others' in evals/)."""
+    start = Path(cfg.model.name_or_path)
+    for other in cfgs.values():
+        source = other.get(cfg.seed)
+        if source is not None and start == Path(source.output_dir) / "final":
+            (out / "evals").mkdir(parents=True, exist_ok=True)
+            return out / "evals" / f"start-{name}-seed-{cfg.seed}.json", start.parent / f"eval-step-{source.steps}.json"
+    if name == next(iter(cfgs)):  # the first arm's start: the report's base model
+        return (out / "eval-base.json",)
+    (out / "evals").mkdir(parents=True, exist_ok=True)
+    return (out / "evals" / f"start-{name}.json", out / "eval-base.json", *sorted((out / "evals").glob("start-*.json")))
+
+
+def by_steps(correct: list[int], rows: list[dict]) -> dict[str, float]:
+    """Held-out accuracy by the problems' number of steps (rows with a `steps` field, as word_problems'),
+    {"1": .., "2": ..}; empty when the rows have none."""
+    groups: dict[str, list[int]] = {}
+    for c, row in zip(correct, rows):
+        if isinstance(row.get("steps"), int):
+            groups.setdefault(str(row["steps"]), []).append(c)
+    return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
+
+
+def run_figures(name: str, cfg: TrainConfig, out: Path, eval_num: int, on_eval,
+                cfgs: dict[str, dict[int, TrainConfig]]) -> dict:
     """Every figure of one run (one arm, one seed): from its metrics, run_info and the held-out evaluation of
-    the base model (step 0) and of each of its checkpoints (the curve against step, time and token-passes)."""
+    the model it starts from (step 0) and of each of its checkpoints (the curve against step, time and, for
+    an RL run, token-passes). A supervised run has no reward, sampling or token-passes: those are None."""
+    from grouprl.tasks import build_task
+
     run_dir = Path(cfg.output_dir)
     info = _run_info(run_dir)
     if info is None:  # (compare resumes a run without one first, which writes it again)
         raise UserError(f"run {name!r} seed {cfg.seed}: {str(run_dir / 'run_info.json')!r} is missing or damaged "
                         "(expected the JSON object its training writes at start): run compare again")
     h = read_metrics(run_dir / "metrics.jsonl")
-    times, passes = cumulative([r["step_time"] for r in h]), cumulative([token_passes(r) for r in h])
+    rl = cfg.algo != "sft"
+    times = cumulative([r["step_time"] for r in h])
+    passes = cumulative([token_passes(r) for r in h]) if rl else [None] * len(h)
+    rows = build_task(cfg.task).eval[:eval_num]
     curve = []
     for step, folder in [(0, Path(cfg.model.name_or_path))] + complete_checkpoints(run_dir):
-        where = out / "eval-base.json" if step == 0 else run_dir / f"eval-step-{step}.json"
-        e = evaluate_checkpoint(str(folder), cfg, eval_num, where)
+        where, *reuse = start_cache(name, cfg, out, cfgs) if step == 0 else (run_dir / f"eval-step-{step}.json",)
+        e = evaluate_checkpoint(str(folder), cfg, eval_num, where, tuple(reuse))
         on_eval()
         rate, rules = verification_rate(e["completions"])
         curve.append({"step": step, "time_s": times[step - 1] if step else 0.0,
                       "passes": passes[step - 1] if step else 0.0, "accuracy": e["accuracy"],
-                      "format_rate": e["format_rate"], "self_verification": rate, "rules": rules})
+                      "accuracy_by_steps": by_steps(e["correct"], rows),
+                      "format_rate": e["format_rate"], "self_verification": rate, "rules": rules,
+                      **{k: e[k] for k in ("tool_calls", "turns", "tool_checked") if k in e}})
     final = e  # complete_checkpoints ends with final
-    update = [r["update_time"] - r.get("prep_time", 0.0) for r in h]
+    update = [r["update_time"] - r.get("prep_time", 0.0) for r in h] if rl else []
+
+    def med(key: str) -> float | None:
+        return _median(h, key) if rl else None
+
     ev = [r["explained_var"] for r in h if "explained_var" in r]
     return {
         "name": name, "seed": cfg.seed, "algo": cfg.algo,
@@ -360,22 +424,25 @@ def run_figures(name: str, cfg: TrainConfig, out: Path, eval_num: int, on_eval) 
         "trainable_parameters": info["trainable_parameters"], "device": info["device"],
         "world_size": info.get("world_size", 1),  # peak memory: of the largest rank
         "peak_memory_gib": max(r.get("peak_mem_gib_max", r["peak_mem_gib"]) for r in h),
-        "median_step_s": _median(h, "step_time"), "median_generation_s": _median(h, "gen_time"),
-        "median_scoring_s": _median(h, "score_time"),
-        "median_nograd_forward_s": statistics.median(r.get("prep_time", 0.0) for r in h),
-        "median_update_s": statistics.median(update),
-        "generated_tokens_per_s": _median(h, "gen_tokens_per_s"),
-        "passes_sample_per_step": mean([r["passes_sample"] for r in h]),
-        "passes_forward_per_step": mean([r["passes_forward"] for r in h]),
-        "passes_backward_per_step": mean([r["passes_backward"] for r in h]),
+        "median_step_s": _median(h, "step_time"), "median_generation_s": med("gen_time"),
+        "median_scoring_s": med("score_time"),
+        "median_nograd_forward_s": statistics.median(r.get("prep_time", 0.0) for r in h) if rl else None,
+        "median_update_s": statistics.median(update) if rl else None,
+        "generated_tokens_per_s": med("gen_tokens_per_s"),
+        "passes_sample_per_step": mean([r["passes_sample"] for r in h]) if rl else None,
+        "passes_forward_per_step": mean([r["passes_forward"] for r in h]) if rl else None,
+        "passes_backward_per_step": mean([r["passes_backward"] for r in h]) if rl else None,
         "passes_total": passes[-1], "train_time_s": times[-1], "steps": len(h),
-        "reward_first": mean([r["reward"] for r in h[:LAST]]),
-        "reward_last": mean([r["reward"] for r in h[-LAST:]]),
+        "reward_first": mean([r["reward"] for r in h[:LAST]]) if rl else None,
+        "reward_last": mean([r["reward"] for r in h[-LAST:]]) if rl else None,
         "explained_var_last10": mean(ev[-10:]) if ev else None,
         # robust to the steps whose returns hardly vary (every completion scored alike), where 1 - Var(R - V) /
         # Var(R) divides by almost 0 and one step's -30 would swamp the mean
         "explained_var_median10": statistics.median(ev[-10:]) if ev else None,
         "accuracy": final["accuracy"], "format_rate": final["format_rate"], "correct": final["correct"],
+        "accuracy_by_steps": curve[-1]["accuracy_by_steps"],
+        "start": {k: curve[0][k] for k in ("accuracy", "accuracy_by_steps")},
+        **{k: curve[-1].get(k) for k in ("tool_calls", "turns", "tool_checked")},
         "self_verification": curve[-1]["self_verification"],
         "self_verification_examples": [c for c in final["completions"] if self_checks(c)][:3],
         "samples": final["completions"][:2],
@@ -391,21 +458,23 @@ def summarise(cfgs: dict[str, dict[int, TrainConfig]], overrides: dict[str, list
     seeds = list(cfgs[arms[0]])
     runs: dict[str, list[dict]] = {name: [] for name in arms}
     for seed in seeds:
-        figures = {name: run_figures(name, cfgs[name][seed], out, eval_num, on_eval) for name in arms}
-        equal_time = min(f["train_time_s"] for f in figures.values())
-        equal_passes = min(f["passes_total"] for f in figures.values())
+        figures = {name: run_figures(name, cfgs[name][seed], out, eval_num, on_eval, cfgs) for name in arms}
+        rl = [f for f in figures.values() if f["algo"] != "sft"]  # the budgets are the RL runs'
+        equal_time = min((f["train_time_s"] for f in rl), default=None)
+        equal_passes = min((f["passes_total"] for f in rl), default=None)
         for name, f in figures.items():
             f["equal_time_s"], f["equal_passes"] = equal_time, equal_passes
             for key, budget, label in [("time_s", equal_time, "eval_at_equal_time"),
                                        ("passes", equal_passes, "eval_at_equal_compute")]:
-                point = last_within(f["curve"], key, budget)
-                f[label] = {key: point[key] for key in ("step", "time_s", "passes", "accuracy", "format_rate")}
+                point = last_within(f["curve"], key, budget) if f["algo"] != "sft" else None
+                f[label] = point and {k: point[k] for k in ("step", "time_s", "passes", "accuracy", "format_rate")}
             f["overrides"] = overrides[name]
             runs[name].append(f)
     first, base = cfgs[arms[0]][seeds[0]], runs[arms[0]][0]["curve"][0]  # (the base model's evaluation)
+    rl = next((c for arm in cfgs.values() for c in arm.values() if c.algo != "sft"), first)  # the prompt budget's
     return {"model": first.model.name_or_path, "task": first.task.name, "task_settings": first.task.model_dump(),
-            "steps": first.steps, "prompts_per_step": first.rollout.prompts_per_step,
-            "group_size": first.rollout.group_size, "seeds": seeds,
+            "steps": rl.steps, "prompts_per_step": rl.rollout.prompts_per_step,
+            "group_size": rl.rollout.group_size, "seeds": seeds,
             "eval_problems": len(runs[arms[0]][0]["correct"]),
             "base_eval": {"accuracy": base["accuracy"], "format_rate": base["format_rate"]},
             "arms": aggregate(runs)}

@@ -20,6 +20,7 @@ from grouprl.episodes import Setup, sample as sample_episodes
 from grouprl.errors import UserError
 from grouprl.rewards import RewardSet, answer_anywhere, extract_answer, strict_format
 from grouprl.tasks import Task
+from grouprl.verification import tool_checked
 
 def evaluate(
     model: PreTrainedModel,
@@ -41,7 +42,7 @@ def evaluate(
     when k > 1, pass@k and maj@k over k samples at `temperature`. engine: what samples (engines.pick).
     correctness: the reward (any reward name, 1 = right) whose mean is the accuracy; default the task's.
     env: run episodes with this environment (episodes.setup, whose task this is); the completion scored is
-    each episode's last model turn, and turns and tool_calls (greedy means) are added."""
+    each episode's last model turn, and turns, tool_calls and tool_checked (greedy means) are added."""
     if k > batch_size:  # one problem's k samples are drawn at once
         raise UserError(f"eval k={k} is more than eval.batch_size={batch_size}, the completions sampled at once: "
                         f"raise eval.batch_size to at least {k} (memory permitting) or lower k")
@@ -95,7 +96,8 @@ def _evaluate(model, tokenizer, task, rows, prefill, max_new_tokens, k, temperat
     samples = [{"prompt": r["prompt"], "answer": r.get("answer"), "completion": c, "format": f, "correct": a}
                for r, c, f, a in zip(shown, greedy, fmt, right)]
     if episodes:
-        metrics |= {"turns": sum(e.turns for e in episodes) / n, "tool_calls": sum(e.tool_calls for e in episodes) / n}
+        metrics |= {"turns": sum(e.turns for e in episodes) / n, "tool_calls": sum(e.tool_calls for e in episodes) / n,
+                    "tool_checked": sum(tool_checked(e.messages) for e in episodes) / n}
         for sample_, e in zip(samples, episodes):
             sample_ |= e.summary()
     if k > 1:

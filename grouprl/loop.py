@@ -477,13 +477,18 @@ def step_metrics(batch: Scored, names: list[str], update: dict[str, float]) -> d
 
 
 def episode_metrics(episodes: list) -> dict[str, float]:
-    """Per step, with an environment: turns, tool calls and tokens per turn (means over episodes), tool errors
-    by kind, replies cut and failed episodes (counts)."""
+    """Per step, with an environment: turns, tool calls and tokens per turn (means over episodes), the shares of
+    episodes that call a tool and that check their answer with a further call (verification.tool_checked),
+    tool errors per episode, and by kind, replies cut and failed episodes (counts)."""
     from grouprl.envs.calls import ERRORS
+    from grouprl.verification import tool_checked
 
     n, turns = len(episodes), sum(e.turns for e in episodes)
     return {"episode/turns": turns / n, "episode/tool_calls": sum(e.tool_calls for e in episodes) / n,
+            "episode/tool_rate": sum(e.tool_calls > 0 for e in episodes) / n,
+            "episode/tool_errors": sum(sum(e.errors.values()) for e in episodes) / n,
             "episode/tokens_per_turn": sum(sum(e.turn_tokens) for e in episodes) / max(turns, 1),
+            "episode/tool_checked": sum(tool_checked(e.messages) for e in episodes) / n,
             "episode/replies_cut": float(sum(e.replies_cut for e in episodes)),
             "episode/failed": float(sum(e.failed is not None for e in episodes)),
             "episode/env_reward": sum(e.reward for e in episodes) / n,

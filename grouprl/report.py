@@ -40,17 +40,26 @@ FIGURES = [
     ("reward_last", f"reward, last {LAST} steps", "{:.3f}"),
     ("explained_var_last10", "critic explained variance, mean of the last 10 steps", "{:.2f}"),
     ("explained_var_median10", "- median of the last 10 steps", "{:.2f}"),
-    ("accuracy", "held-out accuracy at step {steps}", "%"),
-    ("format_rate", "held-out format rate at step {steps}", "%"),
-    ("self_verification", "self-verification (held-out, step {steps})", "%"),
+    ("start.accuracy", "held-out accuracy at step 0 (the model it starts from)", "%"),
+    ("start.accuracy_by_steps.1", "- one-step problems", "%"),
+    ("start.accuracy_by_steps.2", "- two-step problems", "%"),
+    ("accuracy", "held-out accuracy at the last step", "%"),
+    ("accuracy_by_steps.1", "- one-step problems", "%"),
+    ("accuracy_by_steps.2", "- two-step problems", "%"),
+    ("format_rate", "held-out format rate at the last step", "%"),
+    ("tool_calls", "tool calls per held-out episode", "{:.2f}"),
+    ("turns", "model turns per held-out episode", "{:.2f}"),
+    ("tool_checked", "held-out episodes that check their answer with a further call", "%"),
+    ("self_verification", "self-verification in the text (held-out, last step)", "%"),
     ("eval_at_equal_time.step", "checkpoint step at equal time", "{:.1f}"),
     ("eval_at_equal_time.accuracy", "held-out accuracy at equal time", "%"),
     ("eval_at_equal_compute.step", "checkpoint step at equal token-passes", "{:.1f}"),
     ("eval_at_equal_compute.accuracy", "held-out accuracy at equal token-passes", "%"),
 ]
 # figures tested arm against the first arm (accuracy by the bootstrap, the others by paired t)
-PAIRED = ["accuracy", "eval_at_equal_time.accuracy", "eval_at_equal_compute.accuracy", "reward_last",
-          "self_verification", "peak_memory_gib", "median_step_s", "train_time_s", "passes_total"]
+PAIRED = ["accuracy", "accuracy_by_steps.2", "eval_at_equal_time.accuracy", "eval_at_equal_compute.accuracy",
+          "reward_last", "self_verification", "tool_checked", "peak_memory_gib", "median_step_s", "train_time_s",
+          "passes_total"]
 
 SPEC = {key: spec for key, _, spec in FIGURES}
 # the figures that can be below 0
@@ -88,8 +97,11 @@ def cumulative_time(rows: list[dict]) -> list[float]:
 
 
 def value(run: dict, key: str):
-    """A figure of a run's dict by dotted key ('eval_at_equal_time.accuracy')."""
+    """A figure of a run's dict by dotted key ('eval_at_equal_time.accuracy'); None where the run has none
+    (a supervised run has no reward, a task without steps no accuracy by steps)."""
     for part in key.split("."):
+        if not isinstance(run, dict) or run.get(part) is None:
+            return None
         run = run[part]
     return run
 
@@ -119,6 +131,8 @@ def aggregate(runs: dict[str, list[dict]]) -> list[dict]:
                "runs": per_seed, "paired": {}}
         if per_seed is not first:
             for key in PAIRED:
+                if any(value(r, key) is None for r in first + per_seed):
+                    continue
                 if key == "accuracy":
                     test = paired_bootstrap_accuracy([r["correct"] for r in first], [r["correct"] for r in per_seed])
                 else:
@@ -181,7 +195,8 @@ def paired_rows(report: dict) -> tuple[list[str], list[list[str]]]:
     specs = {key: (label.format(**report), spec) for key, label, spec in FIGURES}
     header = ["", *[f"{a['name']} - {arms[0]['name']}" for a in arms[1:]]]
     rows = [[specs[key][0] + (": bootstrap over seeds and problems" if key == "accuracy" else ""),
-             *[_diff(a["paired"][key], specs[key][1]) for a in arms[1:]]] for key in PAIRED]
+             *[_diff(a["paired"][key], specs[key][1]) if key in a["paired"] else "-" for a in arms[1:]]]
+            for key in PAIRED if any(key in a["paired"] for a in arms[1:])]
     rows.insert(1, [specs["accuracy"][0] + ": paired t over seeds", *[_diff(a["paired"]["accuracy_t"], "%")
                                                                         for a in arms[1:]]])
     return header, rows
@@ -194,8 +209,16 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def intro(report: dict) -> str:
     b, seeds = report["base_eval"], report["seeds"]
-    return (f"Model {report['model']}, task {report['task']}, {report['steps']} steps of {report['prompts_per_step']} "
-            f"prompts x G = {report['group_size']}, seeds {', '.join(map(str, seeds))} (each arm once per seed). "
+    arms = report["arms"]
+    steps = {a["name"]: max(r["steps"] for r in a["runs"]) for a in arms}
+    shape = (f"{report['steps']} steps of {report['prompts_per_step']} prompts x G = {report['group_size']}"
+             if len(set(steps.values())) == 1 else
+             f"steps {', '.join(f'{n} {s}' for n, s in steps.items())} (RL steps of {report['prompts_per_step']} "
+             f"prompts x G = {report['group_size']})")
+    starts = [a["name"] for a in arms if any(o.startswith("model.name_or_path=@") for o in a["overrides"])]
+    return (f"Model {report['model']}, task {report['task']}, {shape}, seeds {', '.join(map(str, seeds))} (each arm "
+            "once per seed" + (f"; {', '.join(starts)} start{'s' * (len(starts) == 1)} from another arm's last "
+                               "checkpoint of the same seed" if starts else "") + "). "
             f"Held-out: {report['eval_problems']} problems, greedy; the base model scores {100 * b['accuracy']:.1f}% "
             f"accuracy, {100 * b['format_rate']:.1f}% format rate. Cells: mean over seeds [95% interval, cut to the "
             "possible range: 0-100% for a rate, >= 0 for a count or time]. "
@@ -212,9 +235,16 @@ def markdown(report: dict) -> str:
         lines += _md_table(*paired_rows(report))
     lines += ["", "![reward vs step](reward_vs_step.png)", "![reward vs time](reward_vs_time.png)",
               "![held-out accuracy vs step and token-passes](accuracy.png)"]
+    if _episodic(report):
+        lines += ["![tool use over training](episodes.png)"]
     if any(a["algo"] == "ppo" for a in report["arms"]):
         lines += ["![critic](critic.png)"]
     return "\n".join(lines) + "\n"
+
+
+def _episodic(report: dict) -> bool:
+    """Whether an RL arm ran episodes with an environment (and episodes.png was drawn)."""
+    return any(a["algo"] != "sft" and "turns" in a["figures"] for a in report["arms"])
 
 
 def _series_mean(series: list[list[tuple[int, float, float]]]) -> list[tuple[float, float]]:
@@ -238,7 +268,8 @@ def _smooth(ys: list[float], window: int) -> list[float]:
 
 def plot(report: dict, cfgs: dict[str, dict[int, TrainConfig]], out: Path, window: int = 5) -> list[Path]:
     """reward_vs_step/time.png (a `window`-step moving average), accuracy.png (held-out accuracy against step
-    and token-passes) and, with a PPO arm, critic.png (value loss and explained variance): each seed thin,
+    and token-passes), with an environment episodes.png (EPISODE_CURVES against step) and, with a PPO arm,
+    critic.png (value loss and explained variance): each seed thin,
     the mean over seeds bold."""
     import matplotlib
 
@@ -247,6 +278,8 @@ def plot(report: dict, cfgs: dict[str, dict[int, TrainConfig]], out: Path, windo
 
     hist = {name: [read_metrics(Path(c.output_dir) / "metrics.jsonl") for c in arm.values()]
             for name, arm in cfgs.items()}
+    colors = {name: f"C{i}" for i, name in enumerate(hist)}
+    rewarded = {name: runs for name, runs in hist.items() if all("reward" in r for h in runs for r in h)}  # not SFT
     paths = []
 
     def save(fig, name: str) -> None:
@@ -258,22 +291,23 @@ def plot(report: dict, cfgs: dict[str, dict[int, TrainConfig]], out: Path, windo
     for x_key, label, fname in [("step", "step", "reward_vs_step.png"),
                                 ("time", "training time (min)", "reward_vs_time.png")]:
         fig, ax = plt.subplots(figsize=(7, 4))
-        for i, (name, runs) in enumerate(hist.items()):
+        for name, runs in rewarded.items():
             series = []
             for h in runs:
                 xs = [r["step"] for r in h] if x_key == "step" else [t / 60 for t in cumulative_time(h)]
                 series.append(list(zip([r["step"] for r in h], xs, _smooth([r["reward"] for r in h], window))))
-            _lines(ax, f"C{i}", name, series)
+            _lines(ax, colors[name], name, series)
         ax.set(xlabel=label, ylabel=f"reward ({window}-step mean)")
         ax.grid(alpha=0.3)
         ax.legend()
         save(fig, fname)
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for i, arm in enumerate(report["arms"]):
+    for arm in report["arms"]:
         for ax, x_key, scale in [(axes[0], "step", 1), (axes[1], "passes", 1e6)]:
-            _lines(ax, f"C{i}", arm["name"], [[(c["step"], c[x_key] / scale, 100 * c["accuracy"]) for c in r["curve"]]
-                                              for r in arm["runs"]])
+            if arm["algo"] != "sft" or x_key == "step":  # (a supervised run counts no token-passes)
+                _lines(ax, colors[arm["name"]], arm["name"], [[(c["step"], c[x_key] / scale, 100 * c["accuracy"])
+                                                                for c in r["curve"]] for r in arm["runs"]])
     axes[0].set(xlabel="step", ylabel="held-out accuracy (%)")
     axes[1].set(xlabel="token-passes (millions): sampling + training forwards + backwards")
     for ax in axes:
@@ -281,14 +315,25 @@ def plot(report: dict, cfgs: dict[str, dict[int, TrainConfig]], out: Path, windo
     axes[1].legend()
     save(fig, "accuracy.png")
 
+    episodic = {name: runs for name, runs in rewarded.items() if all("episode/turns" in r for h in runs for r in h)}
+    if episodic:  # the tool's use over training: does the model stop calling it (turns collapse)?
+        fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+        for name, runs in episodic.items():
+            for ax, key in zip(axes.flat, EPISODE_CURVES):
+                _lines(ax, colors[name], name, [[(r["step"], r["step"], _episode_value(r, key)) for r in h]
+                                                for h in runs])
+        for ax, (key, label) in zip(axes.flat, EPISODE_CURVES.items()):
+            ax.set(xlabel="step", ylabel=label)
+            ax.grid(alpha=0.3)
+        axes[0, 0].legend()
+        save(fig, "episodes.png")
+
     critics = {name: runs for name, runs in hist.items() if any("value_loss" in r for r in runs[0])}
     if critics:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for i, (name, runs) in enumerate(hist.items()):
-            if name not in critics:
-                continue
+        for name, runs in critics.items():
             for ax, key in [(axes[0], "value_loss"), (axes[1], "explained_var")]:
-                _lines(ax, f"C{i}", name, [[(r["step"], r["step"], r[key]) for r in h if key in r] for h in runs])
+                _lines(ax, colors[name], name, [[(r["step"], r["step"], r[key]) for r in h if key in r] for h in runs])
         axes[0].set(xlabel="step", ylabel="value loss (0.5 (V - R)^2, token mean)")
         axes[1].set(xlabel="step", ylabel="explained variance of V_old (1 - Var(R - V) / Var(R))")
         lo, hi = axes[1].get_ylim()  # a step whose returns hardly vary can read -30: the axis stops at -1
@@ -300,6 +345,19 @@ def plot(report: dict, cfgs: dict[str, dict[int, TrainConfig]], out: Path, windo
             ax.legend()
         save(fig, "critic.png")
     return paths
+
+
+# training curves of runs with an environment (episodes.png): metric -> axis label
+EPISODE_CURVES = {
+    "episode/tool_rate": "episodes that call the tool",
+    "episode/turns": "model turns per episode",
+    "episode/tool_errors": "tool errors per episode",
+    "episode/tool_checked": "episodes that check the answer with a further call",
+}
+
+
+def _episode_value(row: dict, key: str) -> float:
+    return row.get(key, float("nan"))  # (a run logged before the metric existed)
 
 
 def _html_table(header: list[str], rows: list[list[str]], id_: str) -> str:
@@ -322,8 +380,9 @@ def html_page(report: dict) -> str:
                         f"all seeds: {'none' if not checks else ''}</p>{checks}</section>")
     paired = (f"<h2>Against {e(report['arms'][0]['name'])} (paired by seed and problem)</h2><p>{e(PAIRED_NOTE)}</p>"
               + _html_table(*paired_rows(report), "paired")) if len(report["arms"]) > 1 else ""
-    critic = "<img id='critic' src='critic.png' alt='critic'>" if any(
-        a["algo"] == "ppo" for a in report["arms"]) else ""
+    critic = ("<img id='episodes' src='episodes.png' alt='tool use over training'>" if _episodic(report) else "") + (
+        "<img id='critic' src='critic.png' alt='critic'>" if any(
+        a["algo"] == "ppo" for a in report["arms"]) else "")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>grouprl compare</title>
 <style>

@@ -104,3 +104,37 @@ def verification_rate(completions: Iterable[str]) -> tuple[float, dict[str, int]
     fired = [self_checks(completion) for completion in completions]
     counts = {rule: sum(rule in names for names in fired) for rule in RULES}
     return (sum(map(bool, fired)) / len(fired) if fired else 0.0), counts
+
+
+# ---------------------------------------------------------------- the tool form: a further call before answering
+TOOL_RESPONSE = re.compile(r"^\s*<tool_response>\s*(.*?)\s*</tool_response>\s*$", re.DOTALL)
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text.strip())
+    except ValueError:
+        return None
+
+
+def tool_checked(messages: list[dict]) -> bool:
+    """An episode that checks its result with the tool: it calls the tool again after a tool result equal to
+    its final answer (the number in `<answer>` of its last turn), and then answers. A chain of steps that
+    reaches the answer with its last call is not a check, nor is an episode without an answer. Tool results
+    are `tool` messages, or `user` messages in <tool_response> tags (templates without a tool role)."""
+    turns = [m for m in messages if m.get("role") == "assistant"]
+    answer = ANSWER_INT.search(turns[-1].get("content") or "") if turns else None
+    if answer is None:
+        return False
+    final, reached = float(answer[1]), False
+    for m in messages:
+        if m.get("role") == "tool":
+            result = m.get("content") or ""
+        elif m.get("role") == "user" and (wrapped := TOOL_RESPONSE.match(m.get("content") or "")):
+            result = wrapped[1]
+        else:
+            continue
+        if reached:
+            return True  # a tool result after the answer was already in hand: a further call
+        reached = _number(str(result)) == final
+    return False

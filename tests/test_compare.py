@@ -17,6 +17,7 @@ from grouprl.errors import UserError
 from test_learning import toy_config
 
 RUNS = ["grpo", "ppo", "rank"]
+TOOL_FIGURES = {"tool_calls", "turns", "tool_checked"}
 
 
 def base_sets(tiny_model, toy_data, toy_reward) -> list[str]:
@@ -50,8 +51,9 @@ def test_report_has_every_figure_for_every_arm_and_seed(report_dir):
     assert arms["rank"]["overrides"] == PRESETS["rank"]
     for name, arm in arms.items():
         assert [r["seed"] for r in arm["runs"]] == SEEDS
-        for key, _, spec in FIGURES:  # mean and interval over the 2 seeds; the critic's only where there is one
-            if key.startswith("explained_var") and arm["algo"] != "ppo":
+        for key, _, spec in FIGURES:  # mean and interval over the 2 seeds; the critic's only where there is one,
+            # the accuracy by steps where problems have steps, the tool's figures where there is a tool
+            if (key.startswith("explained_var") and arm["algo"] != "ppo") or "by_steps" in key or key in TOOL_FIGURES:
                 assert key not in arm["figures"]
                 continue
             fig = arm["figures"][key]
@@ -61,7 +63,8 @@ def test_report_has_every_figure_for_every_arm_and_seed(report_dir):
             assert not key.endswith(".step") or fig["hi"] <= 3, (name, key, fig)  # a checkpoint's: at most 3
         b = arm["accuracy_bootstrap"]
         assert b["lo"] <= b["mean"] <= b["hi"] and b["mean"] == pytest.approx(arm["figures"]["accuracy"]["mean"])
-        assert set(arm["paired"]) == (set() if name == "grpo" else set(PAIRED) | {"accuracy_t"})
+        assert set(arm["paired"]) == (set() if name == "grpo" else set(PAIRED) - {"accuracy_by_steps.2", "tool_checked"}
+                                      | {"accuracy_t"})
         for r in arm["runs"]:
             assert r["peak_memory_gib"] > 0.1 and r["steps"] == 3 and len(r["correct"]) == report["eval_problems"]
             for key in ("median_step_s", "median_generation_s", "median_update_s", "generated_tokens_per_s",
@@ -110,6 +113,58 @@ def test_an_interrupted_comparison_continues_where_it_stopped(report_dir, tiny_m
     steps = [json.loads(x)["step"] for x in (ppo / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
     assert "resumed after step 2" in " ".join((ppo / "train.log").read_text().split())
+
+
+def test_an_arm_starts_from_another_arms_last_checkpoint(tool_model, tmp_path):
+    """The tool demonstration's shape: a supervised warm-up, GRPO with the calculator from its last checkpoint
+    of the same seed, and GRPO without the tool from the base model. The RL arm's step 0 is the warm-up's
+    last checkpoint (its evaluation reused, not made again); the table has accuracy by steps and the tool's
+    figures where there is a tool; the supervised arm has no reward or token-passes."""
+    from grouprl.config import load_config
+    from grouprl.sft import write_demonstrations
+
+    sets = [f"model.name_or_path={tool_model}", "task.name=word_problems", "task.num_train=16", "task.num_eval=6",
+            "task.max_operand=9", "task.max_steps=2", "env.name=calculator", "env.max_turns=3", "task.prefill=",
+            "steps=2", "rollout.group_size=2", "rollout.prompts_per_step=2", "rollout.max_new_tokens=40",
+            "eval.batch_size=6", "grpo.beta=0", "threads=1"]
+    demos = tmp_path / "demos.jsonl"
+    write_demonstrations(load_config(None, sets), demos)
+    arms = [f"warm:algo=sft steps=3 sft.batch_size=4 sft.micro_batch_size=4 sft.source={demos} optim.lr=3e-3",
+            "rl:algo=grpo model.name_or_path=@warm", "plain:algo=grpo env.name=null"]
+    out = tmp_path / "report"
+    report = compare(None, sets, arms, out, eval_num=6, save_every=1, seeds=[3], console=Console(quiet=True))
+    runs = {a["name"]: a["runs"][0] for a in report["arms"]}
+    figures = {a["name"]: a["figures"] for a in report["arms"]}
+    warm_final = out / "runs" / "warm" / "seed-3" / "final"
+    assert load_config(out / "runs" / "rl" / "seed-3" / "config.yaml").model.name_or_path == str(warm_final)
+    assert runs["rl"]["curve"][0]["accuracy"] == runs["warm"]["accuracy"]  # step 0 of rl: the warm-up's end
+    assert not (out / "evals" / "start-rl-seed-3.json").exists()  # ... whose evaluation was reused
+    assert report["base_eval"]["accuracy"] == runs["warm"]["curve"][0]["accuracy"]  # the base with the tool
+    assert (out / "eval-base.json").is_file() and (out / "evals" / "start-plain.json").is_file()  # and without
+    assert [c["step"] for c in runs["warm"]["curve"]] == [0, 1, 2, 3] and runs["warm"]["passes_total"] is None
+    assert "reward_last" not in figures["warm"] and "reward_last" in figures["rl"]
+    assert runs["warm"]["eval_at_equal_time"] is None and runs["rl"]["eval_at_equal_time"]["step"] <= 2
+    for name, run in runs.items():
+        steps = {1: sum(r["steps"] == 1 for r in _held(sets)), 2: sum(r["steps"] == 2 for r in _held(sets))}
+        by = run["accuracy_by_steps"]
+        assert set(by) == {str(k) for k, n in steps.items() if n}
+        assert sum(by[str(k)] * n for k, n in steps.items() if n) == pytest.approx(run["accuracy"] * 6)
+        assert ("tool_calls" in figures[name]) == (name != "plain")
+    assert "accuracy" in report["arms"][1]["paired"] and "reward_last" not in report["arms"][1]["paired"]
+    for png in ("episodes.png", "accuracy.png", "reward_vs_step.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "report.md").read_text()
+    assert "rl starts from another arm's last checkpoint" in md and "![tool use over training](episodes.png)" in md
+    with pytest.raises(UserError, match="names no earlier arm"):
+        compare(None, sets, ["rl:algo=grpo model.name_or_path=@warm", arms[0]], tmp_path / "other", eval_num=6,
+                save_every=1)
+
+
+def _held(sets: list[str]) -> list[dict]:
+    from grouprl.config import load_config
+    from grouprl.tasks import build_task
+
+    return build_task(load_config(None, sets).task).eval[:6]
 
 
 def test_bad_runs_fail_in_one_line(tiny_model, toy_data, toy_reward, tmp_path):
@@ -296,7 +351,7 @@ def test_a_damaged_run_info_is_one_line(tiny_model, toy_data, toy_reward, tmp_pa
     for bad in ('{"algo": "gr', "[]", '{"algo": "grpo"}'):
         (run_dir / "run_info.json").write_text(bad)
         with pytest.raises(UserError, match=r"run 'grpo' seed 0: '.*run_info\.json' is missing or damaged"):
-            run_figures("grpo", cfg, tmp_path, 4, lambda: None)
+            run_figures("grpo", cfg, tmp_path, 4, lambda: None, {"grpo": {0: cfg}})
 
 
 def test_compare_runs_each_arm_distributed(tiny_model, toy_data, toy_reward, tmp_path):
@@ -338,8 +393,11 @@ def fake_run(seed: int, accuracy: float, correct: list[int]) -> dict:
            "trainable_parameters": 10, "device": "cpu", "world_size": 1, "correct": correct, "steps": 3,
            "eval_at_equal_time": {}, "eval_at_equal_compute": {}}
     for key, _, _ in FIGURES:
-        parent, _, child = key.rpartition(".")
-        (run[parent] if parent else run)[child] = 1.0
+        *parents, child = key.split(".")
+        where = run
+        for p in parents:
+            where = where.setdefault(p, {})
+        where[child] = 1.0
     run["accuracy"] = accuracy
     return run
 
@@ -358,9 +416,9 @@ def test_report_of_one_seed_has_means_and_no_made_up_intervals():
     assert arm["accuracy_bootstrap"]["lo"] < 0.75 <= arm["accuracy_bootstrap"]["hi"]
     assert arm["paired"]["accuracy_t"]["p"] is None and "null" in text
     md = markdown(report)
-    assert "| held-out accuracy at step 3 | 50.0% | 75.0% |" in md
+    assert "| held-out accuracy at the last step | 50.0% | 75.0% |" in md
     assert "+25.0% (one seed: no interval)" in md  # the paired t over seeds
-    assert "| held-out accuracy at step 3: bootstrap over seeds and problems | +25.0% [" in md
+    assert "| held-out accuracy at the last step: bootstrap over seeds and problems | +25.0% [" in md
 
 
 def test_seeds_come_from_seeds_only(tmp_path):

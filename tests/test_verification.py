@@ -2,7 +2,7 @@
 
 import pytest
 
-from grouprl.verification import equations, self_checks, verification_rate
+from grouprl.verification import equations, self_checks, verification_rate, tool_checked
 
 
 def done(reasoning: str, answer: str) -> str:
@@ -157,3 +157,36 @@ def test_verification_rate_counts_per_rule():
 
 def test_verification_rate_empty():
     assert verification_rate([]) == (0.0, {"check_words": 0, "inverse_operation": 0, "recomputed": 0})
+
+
+def _episode(*results: str, answer: str = "<answer>\n36\n</answer>", role: str = "tool") -> list[dict]:
+    """A calculator episode: a call turn before each result, then the answer turn."""
+    out = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]
+    for r in results:
+        reply = {"role": "tool", "content": r} if role == "tool" else {
+            "role": "user", "content": f"<tool_response>\n{r}\n</tool_response>"}
+        out += [{"role": "assistant", "content": "<tool_call>...</tool_call>"}, reply]
+    return out + [{"role": "assistant", "content": answer}]
+
+
+@pytest.mark.parametrize("results, role", [
+    (("36", "12"), "tool"),  # 36 in hand, then 36 / 3 = 12 checked: the answer 36
+    (("12", "36", "36"), "tool"),  # 4 + 8, 12 * 3, then 3 * 12 again
+    (("36", "3"), "user"),  # a template without a tool role: results in <tool_response> tags
+    (("36.0", "12"), "tool"),  # results compare as numbers
+])
+def test_a_further_call_after_the_answer_is_a_check(results, role):
+    assert tool_checked(_episode(*results, role=role))
+
+
+@pytest.mark.parametrize("messages", [
+    _episode("12", "36"),  # two chained steps whose last call reaches the answer
+    _episode("36"),  # one call, then the answer
+    _episode(),  # no call
+    _episode("36", "12", answer="I think 36"),  # no answer in tags
+    _episode("12", "7", answer="<answer>\n12\n</answer>")[:-1] + [  # the last turn calls instead of answering
+        {"role": "assistant", "content": "<tool_call>...</tool_call>"}],
+    _episode("5", "36", answer="<answer>\n40\n</answer>"),  # the answer never came back from the tool
+])
+def test_no_check_without_a_call_after_the_answer_came_back(messages):
+    assert not tool_checked(messages)

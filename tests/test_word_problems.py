@@ -11,7 +11,7 @@ from fractions import Fraction
 import pytest
 
 from grouprl.config import load_config
-from grouprl.envs.calculator import Calculator
+from grouprl.envs.calculator import Calculator, steps
 from grouprl.episodes import setup
 from grouprl.sft import conversation, end_of_turn, tokenize
 from grouprl.tasks import build_task
@@ -67,13 +67,28 @@ def test_asking_for_more_problems_than_there_are_is_one_error():
         word_problem_splits(2000, 200, 20, 1, 1, seed=0)
 
 
-def test_the_calculator_demonstrates_a_row():
+def test_the_calculator_demonstrates_a_row_one_operation_per_call():
     row = {"prompt": "q", "answer": "27", "expression": "12+5*3"}
-    call, result, answer = Calculator().demonstrate(row)
-    assert call["tool_calls"][0]["function"] == {"name": "calculate", "arguments": {"expression": "12+5*3"}}
-    assert result == {"role": "tool", "content": "27"}
+    call, result, call2, result2, answer = Calculator().demonstrate(row)
+    assert call["tool_calls"][0]["function"] == {"name": "calculate", "arguments": {"expression": "5 * 3"}}
+    assert result == {"role": "tool", "content": "15"}
+    assert call2["tool_calls"][0]["function"]["arguments"] == {"expression": "12 + 15"} and call2["content"] == ""
+    assert result2 == {"role": "tool", "content": "27"}
     assert answer == {"role": "assistant", "content": "<answer>\n27\n</answer>"}
     assert Calculator().demonstrate({"prompt": "q", "answer": "3"}) is None  # nothing to call
+
+
+@pytest.mark.parametrize("expression, expected", [
+    ("7+5", ["7 + 5"]),
+    ("(4+8)*3", ["4 + 8", "12 * 3"]),  # the parenthesis first
+    ("12+5*3", ["5 * 3", "12 + 15"]),  # precedence: the product first
+    ("12/4+5", ["12 / 4", "3 + 5"]),  # a whole quotient reads back as the calculator shows it, not 3.0
+    ("6*4/3", ["6 * 4", "24 / 3"]),  # left to right
+    ("(9-3)/(1+2)", ["9 - 3", "1 + 2", "6 / 3"]),  # left before right
+    ("7", ["7"]),
+])
+def test_an_expression_is_worked_one_operation_at_a_time(expression, expected):
+    assert steps(expression) == expected
 
 
 def demo_sets(tool_model, out, **extra) -> list[str]:

@@ -83,11 +83,33 @@ class Calculator(Environment):
         return show(evaluate(expression))
 
     def demonstrate(self, row: dict) -> list[dict] | None:
-        """A row with an `expression` (word_problems' rows have one): the call of it, its result, the answer."""
+        """A row with an `expression` (word_problems' rows have one), worked one operation per call: each call
+        is an operation on numbers the story gives or an earlier call returned, innermost first ("(4+8)*3":
+        4 + 8, then 12 * 3), then the answer. None for a row without an expression."""
         expression = row.get("expression")
         if not isinstance(expression, str):
             return None
-        result = self.calculate(expression)
-        call = {"type": "function", "function": {"name": "calculate", "arguments": {"expression": expression}}}
-        return [{"role": "assistant", "content": "", "tool_calls": [call]}, {"role": "tool", "content": result},
-                {"role": "assistant", "content": f"<answer>\n{result}\n</answer>"}]
+        messages: list[dict] = []
+        result = ""
+        for step in steps(expression):
+            result = self.calculate(step)
+            call = {"type": "function", "function": {"name": "calculate", "arguments": {"expression": step}}}
+            messages += [{"role": "assistant", "content": "", "tool_calls": [call]}, {"role": "tool", "content": result}]
+        return messages + [{"role": "assistant", "content": f"<answer>\n{result}\n</answer>"}]
+
+
+def steps(expression: str) -> list[str]:
+    """The operations of an expression one at a time, innermost first (left before right), each on numbers:
+    "12+5*3" -> ["5 * 3", "12 + 15"]. A bare number is one step, itself."""
+    tree = ast.parse(expression, mode="eval")
+    out: list[str] = []
+
+    def reduce(node: ast.AST) -> ast.AST:
+        if not isinstance(node, ast.BinOp):
+            return node
+        node = ast.BinOp(reduce(node.left), node.op, reduce(node.right))
+        out.append(ast.unparse(node))
+        return ast.parse(show(evaluate(out[-1])), mode="eval").body  # as the model reads it back
+
+    reduce(tree.body)
+    return out or [expression]
