@@ -1,12 +1,18 @@
-"""`grouprl compare`: GRPO, PPO and named variants (arms) on the same task, model and prompt budget, each arm
-trained once per seed (--seeds), each run in a process of its own (so that its peak memory is its own),
-then every checkpoint evaluated on the held-out problems and the whole reported (report.py).
+"""`grouprl compare`: GRPO, PPO, named variants and supervised stages (arms) on the same task, model and
+prompt budget, each arm trained once per seed (--seeds), each run in a process of its own (so that its peak
+memory is its own), then every checkpoint evaluated on the held-out problems and the whole reported
+(report.py). An arm may start from an earlier arm's last checkpoint of the same seed (model.name_or_path=@arm:
+a supervised warm-up, then RL from it).
 
     <out>/runs/<arm>/seed-<s>/  each run's output_dir (config.yaml, metrics, checkpoints every save_every
-                                steps, eval-step-N.json: the held-out result of each checkpoint)
+                                steps, eval-step-N.json: the held-out result of each checkpoint; start.json:
+                                the fingerprint of the checkpoint an @arm run started from)
+    <out>/eval-base.json        the held-out result of the first arm's starting model (the base model)
+    <out>/evals/                those of the other arms' starting models
     <out>/report.json           every figure, per run and per arm (mean, 95% interval, paired test)
     <out>/report.md             the tables
-    <out>/reward_vs_step.png, reward_vs_time.png, accuracy.png, critic.png (with a PPO arm)
+    <out>/reward_vs_step.png, reward_vs_time.png, accuracy.png, episodes.png (with an environment),
+        critic.png (with a PPO arm)
     <out>/index.html            the tables, the plots and sample completions of each arm
 
 A comparison that is interrupted continues where it stopped when run again with the same arguments:
@@ -15,8 +21,9 @@ evaluations already written are reused (each is written whole or not at all; a d
 run's damaged run_info.json, is made again). Seeds run in turn, every arm of a seed before the next seed.
 
 Equal steps: every run at its last step. Equal time and equal token-passes: each seed's budget is the
-training time (the sum of step times) or the token-passes (logprobs.TokenPasses) of that seed's cheapest
-run; a run is evaluated at its last checkpoint within the budget, whose time and passes are reported.
+training time (the sum of step times) or the token-passes (logprobs.TokenPasses) of that seed's cheapest RL
+run (supervised runs have neither); a run is evaluated at its last checkpoint within the budget, whose time
+and passes are reported.
 """
 
 from __future__ import annotations
@@ -122,7 +129,8 @@ def run_configs(config: Path | None, sets: list[str], specs: list[RunSpec], seed
         ref = _reference(spec, names[:i])
         cfgs[spec.name] = {}
         for seed in seeds:
-            start = [f"model.name_or_path={out / 'runs' / ref / f'seed-{seed}' / 'final'}"] if ref else []
+            # absolute: a comparison resumed with --out spelled otherwise starts from the same path
+            start = [f"model.name_or_path={out.resolve() / 'runs' / ref / f'seed-{seed}' / 'final'}"] if ref else []
             try:
                 cfg = load_config(config, sets + spec.overrides + start + [
                     f"seed={seed}", f"output_dir={out / 'runs' / spec.name / f'seed-{seed}'}",
@@ -180,6 +188,8 @@ def _ignored(cfg: TrainConfig, key: str) -> str | None:
         return "speed and output settings"
     if key.split(".")[0] in ("grpo", "ppo", "sft") and key.split(".")[0] != cfg.algo:
         return f"{key.split('.')[0]} settings do not apply to {cfg.algo}"
+    if cfg.algo == "sft" and key.split(".")[0] in ("rollout", "rewards", "entropy"):
+        return "a supervised run samples nothing and scores nothing"
     return without_effect(cfg).get(key)
 
 
@@ -289,6 +299,43 @@ def _valid_eval(cached: dict | None, key: dict) -> bool:
             and all(c in (0, 1) for c in per_problem[0]) and all(isinstance(c, str) for c in per_problem[1]))
 
 
+def _fingerprint(folder: Path) -> list:
+    """Name, size and mtime of a model folder's weight and config files (empty for an HF id): what tells a
+    checkpoint trained again at the same path."""
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")
+                   or p.name in ("config.json", "adapter_config.json")) if folder.is_dir() else []
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def _source(cfg: TrainConfig, cfgs: dict[str, dict[int, TrainConfig]]) -> TrainConfig | None:
+    """The run (of another arm, same seed) whose final checkpoint this run starts from, or None."""
+    start = Path(cfg.model.name_or_path).resolve()
+    for other in cfgs.values():
+        source = other.get(cfg.seed)
+        if source is not None and start == (Path(source.output_dir) / "final").resolve():
+            return source
+    return None
+
+
+def check_start(name: str, cfg: TrainConfig, cfgs: dict[str, dict[int, TrainConfig]]) -> None:
+    """A run that starts from another arm's final checkpoint records that checkpoint's fingerprint
+    (start.json) when it first trains; a later compare refuses to keep or resume it once that checkpoint has
+    been trained again, since the run would no longer follow from it."""
+    source = _source(cfg, cfgs)
+    if source is None:
+        return
+    run_dir, final = Path(cfg.output_dir), Path(source.output_dir) / "final"
+    if not final.is_dir():  # (its training failed: this run's fails too, naming it)
+        return
+    now, before = _fingerprint(final), _read_json(run_dir / "start.json")
+    if before is None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(run_dir / "start.json", json.dumps({"model": str(final), "files": now}))
+    elif before.get("files") != json.loads(json.dumps(now)):
+        raise UserError(f"run {name!r} seed {cfg.seed} started from {str(final)!r}, which has been trained again "
+                        f"since: delete {str(run_dir)!r} to train it again from the new one")
+
+
 def evaluate_checkpoint(model: str, cfg: TrainConfig, num: int, cache: Path, reuse: tuple[Path, ...] = ()) -> dict:
     """Held-out greedy format rate and accuracy of a checkpoint (or the base model), with each problem's
     correctness (0/1, in the held-out order, for the intervals) and completion; cached in `cache`.
@@ -305,13 +352,11 @@ def evaluate_checkpoint(model: str, cfg: TrainConfig, num: int, cache: Path, reu
     task = build_task(cfg.task)
     rows = task.eval[:num]
     max_new_tokens = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
-    folder = Path(model)
-    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")
-                   or p.name in ("config.json", "adapter_config.json")) if folder.is_dir() else []
     key = json.loads(json.dumps({  # as it reads back from the cache file
-        "model": model, "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
+        "model": model, "files": _fingerprint(Path(model)),
         "task": cfg.task.model_dump_json(), "problems": len(rows), "max_new_tokens": max_new_tokens,
-        "batch_size": cfg.eval.batch_size, "dtype": cfg.model.dtype, "device": cfg.model.device, "version": 2,
+        "batch_size": cfg.eval.batch_size, "dtype": cfg.model.dtype, "device": cfg.model.device,
+        "version": 3 if cfg.env.name else 2,  # 3: episodes' tool_checked (older ones are evaluated again)
         **({"reward": cfg.eval.reward} if cfg.eval.reward else {}),  # absent when unset: older caches stay valid
         **({"env": [cfg.env.model_dump_json(), reward_files([cfg.env.name])]} if cfg.env.name else {}),
     }))
@@ -361,15 +406,13 @@ def start_cache(name: str, cfg: TrainConfig, out: Path, cfgs: dict[str, dict[int
     it already (each is used only when its key matches): an arm that starts from another's final checkpoint
     reuses that checkpoint's evaluation; arms that start from the same model share one (the first arm's is
     eval-base.json, the others' in evals/)."""
-    start = Path(cfg.model.name_or_path)
-    for other in cfgs.values():
-        source = other.get(cfg.seed)
-        if source is not None and start == Path(source.output_dir) / "final":
-            (out / "evals").mkdir(parents=True, exist_ok=True)
-            return out / "evals" / f"start-{name}-seed-{cfg.seed}.json", start.parent / f"eval-step-{source.steps}.json"
+    source = _source(cfg, cfgs)
+    (out / "evals").mkdir(parents=True, exist_ok=True)
+    if source is not None:
+        return (out / "evals" / f"start-{name}-seed-{cfg.seed}.json",
+                Path(source.output_dir) / f"eval-step-{source.steps}.json")
     if name == next(iter(cfgs)):  # the first arm's start: the report's base model
         return (out / "eval-base.json",)
-    (out / "evals").mkdir(parents=True, exist_ok=True)
     return (out / "evals" / f"start-{name}.json", out / "eval-base.json", *sorted((out / "evals").glob("start-*.json")))
 
 
@@ -513,6 +556,7 @@ def _compare(cfgs: dict, specs: list, seeds: list[int], out: Path, eval_num: int
         done_before = 0
         for seed, name, cfg in order:
             run_dir = Path(cfg.output_dir)
+            check_start(name, cfg, cfgs)
             if _finished(run_dir, cfg.steps):
                 bar.console.print(escape(f"{name} seed {seed}: finished earlier, kept"))
             else:

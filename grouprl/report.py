@@ -121,7 +121,7 @@ def aggregate(runs: dict[str, list[dict]]) -> list[dict]:
         steps = max(r["steps"] for r in per_seed)
         figures = {key: _interval(mean_interval([value(r, key) for r in per_seed],
                                                 within=possible_range(key, spec, steps)))
-                   for key, _, spec in FIGURES if value(per_seed[0], key) is not None}
+                   for key, _, spec in FIGURES if all(value(r, key) is not None for r in per_seed)}
         arm = {"name": name, "algo": per_seed[0]["algo"], "overrides": per_seed[0]["overrides"],
                "seeds": [r["seed"] for r in per_seed],
                "models_trained": per_seed[0]["models_trained"], "models_in_memory": per_seed[0]["models_in_memory"],
@@ -222,8 +222,8 @@ def intro(report: dict) -> str:
             f"Held-out: {report['eval_problems']} problems, greedy; the base model scores {100 * b['accuracy']:.1f}% "
             f"accuracy, {100 * b['format_rate']:.1f}% format rate. Cells: mean over seeds [95% interval, cut to the "
             "possible range: 0-100% for a rate, >= 0 for a count or time]. "
-            "Equal time and equal token-passes: each seed's budget is its cheapest arm's whole run; an arm is "
-            "evaluated at its last checkpoint within it.")
+            "Equal time and equal token-passes: each seed's budget is its cheapest RL arm's whole run (a "
+            "warm-up's time not counted); an RL arm is evaluated at its last checkpoint within it.")
 
 
 def markdown(report: dict) -> str:
@@ -312,7 +312,7 @@ def plot(report: dict, cfgs: dict[str, dict[int, TrainConfig]], out: Path, windo
     axes[1].set(xlabel="token-passes (millions): sampling + training forwards + backwards")
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[1].legend()
+    axes[0].legend()
     save(fig, "accuracy.png")
 
     episodic = {name: runs for name, runs in rewarded.items() if all("episode/turns" in r for h in runs for r in h)}

@@ -118,23 +118,28 @@ def _number(text: str) -> float | None:
 
 
 def tool_checked(messages: list[dict]) -> bool:
-    """An episode that checks its result with the tool: it calls the tool again after a tool result equal to
-    its final answer (the number in `<answer>` of its last turn), and then answers. A chain of steps that
-    reaches the answer with its last call is not a check, nor is an episode without an answer. Tool results
-    are `tool` messages, or `user` messages in <tool_response> tags (templates without a tool role)."""
+    """An episode that checks its result with the tool: after a tool result equal to its final answer (the
+    whole number in `<answer>` of its last turn) it calls the tool again in a later turn, and then answers.
+    A chain of steps that reaches the answer with its last call is not a check, nor are two calls in one
+    turn, nor an episode without an answer. Tool results are `tool` messages, or `user` messages in
+    <tool_response> tags (templates without a tool role)."""
     turns = [m for m in messages if m.get("role") == "assistant"]
     answer = ANSWER_INT.search(turns[-1].get("content") or "") if turns else None
     if answer is None:
         return False
-    final, reached = float(answer[1]), False
+    final, state = float(answer[1]), 0  # 0: the answer not yet read back, 1: read back, 2: and a turn since
     for m in messages:
+        if m.get("role") == "assistant":
+            state = 2 if state else 0
+            continue
         if m.get("role") == "tool":
             result = m.get("content") or ""
         elif m.get("role") == "user" and (wrapped := TOOL_RESPONSE.match(m.get("content") or "")):
             result = wrapped[1]
         else:
             continue
-        if reached:
-            return True  # a tool result after the answer was already in hand: a further call
-        reached = _number(str(result)) == final
+        if state == 2:
+            return True  # a call made in a later turn than the one whose result was the answer
+        if _number(str(result)) == final:
+            state = 1
     return False

@@ -155,6 +155,12 @@ def test_an_arm_starts_from_another_arms_last_checkpoint(tool_model, tmp_path):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
     assert "rl starts from another arm's last checkpoint" in md and "![tool use over training](episodes.png)" in md
+    import os
+
+    adapter = next(warm_final.glob("*.safetensors"))
+    os.utime(adapter, ns=(adapter.stat().st_atime_ns, adapter.stat().st_mtime_ns + 10**9))  # trained again
+    with pytest.raises(UserError, match=r"run 'rl' seed 3 started from .*trained again since: delete"):
+        compare(None, sets, arms, out, eval_num=6, save_every=1, seeds=[3], console=Console(quiet=True))
     with pytest.raises(UserError, match="names no earlier arm"):
         compare(None, sets, ["rl:algo=grpo model.name_or_path=@warm", arms[0]], tmp_path / "other", eval_num=6,
                 save_every=1)
@@ -428,3 +434,15 @@ def test_seeds_come_from_seeds_only(tmp_path):
         run_configs(None, [], [RunSpec.parse("x:algo=grpo seed=3")], [0, 1], tmp_path, 1)
     with pytest.raises(UserError, match="--seeds must be distinct"):
         run_configs(None, [], [RunSpec.parse("grpo")], [0, 0], tmp_path, 1)
+
+
+def test_a_supervised_arm_is_kept_when_only_sampling_settings_change():
+    """Its training reads neither rollout, rewards nor entropy: changing them for the RL arms keeps it."""
+    from grouprl.compare import _ignored
+    from grouprl.config import load_config
+
+    sft, grpo = load_config(None, ["algo=sft", "sft.source=d.jsonl"]), load_config(None, ["algo=grpo"])
+    for key in ("rollout.temperature", "rewards", "entropy.coef", "grpo.beta"):
+        assert _ignored(sft, key), key
+    assert not _ignored(sft, "sft.batch_size") and not _ignored(sft, "optim.lr")
+    assert _ignored(grpo, "sft.batch_size") and not _ignored(grpo, "rollout.temperature")

@@ -187,6 +187,8 @@ def test_a_further_call_after_the_answer_is_a_check(results, role):
     _episode("12", "7", answer="<answer>\n12\n</answer>")[:-1] + [  # the last turn calls instead of answering
         {"role": "assistant", "content": "<tool_call>...</tool_call>"}],
     _episode("5", "36", answer="<answer>\n40\n</answer>"),  # the answer never came back from the tool
+    [{"role": "assistant", "content": "two calls"}, {"role": "tool", "content": "36"},  # two calls in one turn:
+     {"role": "tool", "content": "12"}, {"role": "assistant", "content": "<answer>\n36\n</answer>"}],  # no check
 ])
 def test_no_check_without_a_call_after_the_answer_came_back(messages):
     assert not tool_checked(messages)
