@@ -124,9 +124,10 @@ def run_configs(config: Path | None, sets: list[str], specs: list[RunSpec], seed
             raise UserError(f"--run {spec.name!r} sets seed: seeds come from --seeds (every arm runs every seed)")
     if len(set(seeds)) != len(seeds) or not seeds:
         raise UserError(f"--seeds must be distinct integers, got {seeds}")
+    refs = {spec.name: _reference(spec, names[:i]) for i, spec in enumerate(specs)}
     cfgs: dict[str, dict[int, TrainConfig]] = {}
-    for i, spec in enumerate(specs):
-        ref = _reference(spec, names[:i])
+    for spec in specs:
+        ref = refs[spec.name]
         cfgs[spec.name] = {}
         for seed in seeds:
             # absolute: a comparison resumed with --out spelled otherwise starts from the same path
@@ -141,8 +142,7 @@ def run_configs(config: Path | None, sets: list[str], specs: list[RunSpec], seed
     rl = [c for arm in cfgs.values() for c in arm.values() if c.algo != "sft"]
     budget = {(c.steps, c.rollout.prompts_per_step, c.rollout.group_size) for c in rl}
     tasks = {c.task.model_dump_json() for arm in cfgs.values() for c in arm.values()}
-    models = {c.model.name_or_path for spec in specs if _reference(spec, names) is None
-              for c in cfgs[spec.name].values()}
+    models = {c.model.name_or_path for name, ref in refs.items() if ref is None for c in cfgs[name].values()}
     if len(budget) > 1 or len(tasks) > 1 or len(models) > 1:
         raise UserError("the runs must share the task and model, and the RL runs steps, prompts_per_step and "
                         "group_size (the comparison holds the prompt budget fixed; seeds come from --seeds); leave "

@@ -1,5 +1,7 @@
 """Config: defaults, YAML + dotted overrides, and one-line UserErrors that name the field."""
 
+from pathlib import Path
+
 import pytest
 
 from grouprl.config import EMBEDDED_MODEL, TrainConfig, load_config, parse_overrides, save_config
@@ -37,6 +39,12 @@ def test_defaults():
         ("tag_count", 0.5), ("strict_format", 0.5), ("correctness", 2.0)
     ]
     assert load_config(None, []) == cfg
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in Path(__file__).parent.parent.glob("configs/*.yaml")))
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path, None)
+    assert cfg.steps >= 1 and cfg.task.name
 
 
 def test_every_field_has_a_description():

@@ -61,13 +61,40 @@ def test_calculator_shows_whole_numbers_without_a_point():
 
 def test_guess_number_says_higher_or_lower_and_rewards_few_guesses():
     env = GuessNumber()
-    assert "1 to 100" in env.reset({"prompt": "p", "answer": "37"}) and env.secret == 37
+    assert "1 to 100" in env.reset({"prompt": "p", "secret": "37", "answer": "5"}) and env.secret == 37
     assert env.step("maybe 50?").text == "lower"
     assert env.step("20").text == "higher"
     assert "one whole number" in env.step("no idea").text  # not counted as a guess
     assert env.step("37").done and env.reward() == pytest.approx(0.8)  # the third guess
-    assert secret_of({"prompt": "p", "answer": "500"}) == secret_of({"prompt": "p"})  # out of range: from the prompt
+    assert secret_of({"prompt": "p", "secret": 500}) == secret_of({"prompt": "p", "answer": "7"})  # from the prompt
+    secrets = [secret_of({"prompt": f"problem {k}"}) for k in range(2000)]
+    assert set(secrets) == set(range(1, 101)) and max(secrets.count(s) for s in secrets) < 45  # uniform-ish
 
+
+def test_guess_number_demonstrates_a_valid_game_that_its_own_replies_confirm():
+    lengths = []
+    for k in range(300):
+        row = {"prompt": f"game {k}", "secret": 1 + k % 100}
+        demo = GuessNumber().demonstrate(row)
+        assert demo == GuessNumber().demonstrate(row)  # seeded by the row
+        env, low, high = GuessNumber(), 1, 100
+        env.reset(row)
+        for i, message in enumerate(demo):
+            assert message["role"] == ("assistant" if i % 2 == 0 else "user")
+            if i % 2:
+                continue
+            guess = int(message["content"])
+            assert low <= guess <= high  # never a number an earlier reply ruled out
+            reply = env.step(message["content"])
+            if i == len(demo) - 1:
+                assert reply.done and guess == env.secret
+            else:
+                assert reply.text == demo[i + 1]["content"]
+                low, high = (guess + 1, high) if reply.text == "higher" else (low, guess - 1)
+        lengths.append(env.guesses)
+    # random guessing among n possible numbers takes 2(1 + 1/n)H_n - 3 guesses on average: 7.4 for n = 100
+    # (the mean of 300 games has a standard error near 0.15); halving would take 5.8
+    assert 6.5 < sum(lengths) / len(lengths) < 8.5 and max(lengths) > 8
 
 # ---------------------------------------------------------------- tool calls
 

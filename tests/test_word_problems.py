@@ -12,6 +12,7 @@ import pytest
 
 from grouprl.config import load_config
 from grouprl.envs.calculator import Calculator, steps
+from grouprl.envs.guess import secret_of
 from grouprl.episodes import setup
 from grouprl.sft import conversation, end_of_turn, tokenize
 from grouprl.tasks import build_task
@@ -113,6 +114,28 @@ def test_demonstrations_are_trained_with_the_prompt_rl_shows(tool_model, tool_to
     res = run("sft", *demo_sets(tool_model, tmp_path / "sft"), "--set", f"sft.source={data}", "--set", "steps=2",
               "--set", "sft.batch_size=4")
     assert res.exit_code == 0, res.output
+
+
+def test_the_guessing_game_demonstrates_whole_games_that_sft_trains_on(tool_model, tmp_path):
+    data = tmp_path / "games.jsonl"
+    sets = demo_sets(tool_model, tmp_path / "run", **{"env.name": "guess", "env.max_turns": 20})
+    assert run("demos", *sets, "--out", str(data)).exit_code == 0
+    rows = [json.loads(x) for x in data.read_text().splitlines()]
+    assert len(rows) == 12
+    for row in rows:
+        opening, *game = row["messages"][1:]  # after the system prompt: the game's opening replaces the question
+        assert "1 to 100" in opening["content"] and opening["role"] == "user"
+        assert game[-1]["content"] == str(secret_of({"prompt": row_prompt(row, sets)}))
+        assert all(m["content"] in ("higher", "lower") for m in game[1::2])  # the replies, as the user's turns
+    res = run("sft", *demo_sets(tool_model, tmp_path / "sft", **{"env.name": "guess"}), "--set", f"sft.source={data}",
+              "--set", "steps=1", "--set", "sft.batch_size=4")
+    assert res.exit_code == 0, res.output
+
+
+def row_prompt(row: dict, sets: list[str]) -> str:
+    """The task row's own prompt (the game's secret is drawn from it), found by its expression."""
+    task = build_task(load_config(None, [a for a in sets if a != "--set"]).task)
+    return next(r["prompt"] for r in task.train if r["expression"] == row["expression"])
 
 
 def test_demonstrations_need_an_environment_that_writes_them(tool_model, tmp_path):

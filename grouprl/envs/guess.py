@@ -1,10 +1,12 @@
 """The guessing environment, a text game without tools: the model guesses a whole number from 1 to 100 and
 reads 'higher' or 'lower' after each wrong guess. The reward is for solving it in few turns: 1 for the
-first guess, less by 0.1 per extra guess (at least 0.1), and 0 when it is not found."""
+first guess, less by 0.1 per extra guess (at least 0.1), and 0 when it is not found. Its demonstrations play
+a valid but slow game (random guesses among the numbers still possible), so that RL has turns to save."""
 
 from __future__ import annotations
 
 import hashlib
+import random
 import re
 
 from grouprl.envs import Environment, Reply
@@ -14,11 +16,13 @@ NUMBER = re.compile(r"-?\d+")
 
 
 def secret_of(row: dict) -> int:
-    """The number of a row: its answer when that is a whole number in range, else one drawn from its prompt."""
+    """The number of a row: its `secret` column when that is a whole number in range, else one drawn from its
+    prompt (uniform over the range whatever the task, where a task's answers would not be: a third of the
+    word problems' are under 10, which a policy could learn in place of the game)."""
     try:
-        answer = int(str(row.get("answer", "")).strip())
-        if LOW <= answer <= HIGH:
-            return answer
+        secret = int(str(row.get("secret", "")).strip())
+        if LOW <= secret <= HIGH:
+            return secret
     except ValueError:
         pass
     digest = hashlib.sha256(str(row.get("prompt", "")).encode()).digest()
@@ -44,3 +48,17 @@ class GuessNumber(Environment):
 
     def reward(self) -> float:
         return max(1.0 - 0.1 * (self.guesses - 1), 0.1) if self.solved else 0.0
+
+    def demonstrate(self, row: dict) -> list[dict]:
+        """A game won by guessing at random (seeded by the row) among the numbers the replies still allow:
+        never a wasted guess, but 7.5 of them on average where halving the range needs 5.8."""
+        secret, low, high = secret_of(row), LOW, HIGH
+        rng = random.Random(f"guess/{secret}/{row.get('prompt', '')}")
+        messages: list[dict] = []
+        while True:
+            guess = rng.randint(low, high)
+            messages.append({"role": "assistant", "content": str(guess)})
+            if guess == secret:
+                return messages
+            low, high = (guess + 1, high) if guess < secret else (low, guess - 1)
+            messages.append({"role": "user", "content": "higher" if guess < secret else "lower"})
