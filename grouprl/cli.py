@@ -207,8 +207,9 @@ def demos(
     out: Path = typer.Option(..., "--out", "-o", help="The JSONL file to write."),
     num: Optional[int] = typer.Option(None, min=1, help="Training rows to demonstrate (default: all)."),
 ) -> None:
-    """Write the environment's worked episodes (its demonstrate(row); the calculator's for word_problems) of the
-    task's training rows as `grouprl sft` data: one conversation per line, the prompt as RL shows it."""
+    """Write the environment's worked episodes (its demonstrate(row): the calculator's for word_problems, the
+    guessing game's whole games) of the task's training rows as `grouprl sft` data: one conversation per line,
+    the prompt as RL shows it."""
     try:
         from grouprl.config import load_config
         from grouprl.sft import write_demonstrations

@@ -41,7 +41,14 @@ def test_defaults():
     assert load_config(None, []) == cfg
 
 
-@pytest.mark.parametrize("path", sorted(str(p) for p in Path(__file__).parent.parent.glob("configs/*.yaml")))
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
+def test_the_shipped_configs_are_found():
+    assert {"default.yaml", "calculator-compare.yaml", "guess.yaml"} <= {p.name for p in CONFIGS.glob("*.yaml")}
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in CONFIGS.glob("*.yaml")))
 def test_every_shipped_config_loads(path):
     cfg = load_config(path, None)
     assert cfg.steps >= 1 and cfg.task.name

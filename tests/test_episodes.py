@@ -66,7 +66,9 @@ def test_guess_number_says_higher_or_lower_and_rewards_few_guesses():
     assert env.step("20").text == "higher"
     assert "one whole number" in env.step("no idea").text  # not counted as a guess
     assert env.step("37").done and env.reward() == pytest.approx(0.8)  # the third guess
-    assert secret_of({"prompt": "p", "secret": 500}) == secret_of({"prompt": "p", "answer": "7"})  # from the prompt
+    assert secret_of({"prompt": "p", "secret": 37.0}) == 37  # an integer column with gaps reads as floats
+    assert secret_of({"prompt": "p", "secret": 500}) == secret_of({"prompt": "p", "secret": 7.5}) \
+        == secret_of({"prompt": "p", "answer": "7"})  # out of range, not whole, or none: drawn from the prompt
     secrets = [secret_of({"prompt": f"problem {k}"}) for k in range(2000)]
     assert set(secrets) == set(range(1, 101)) and max(secrets.count(s) for s in secrets) < 45  # uniform-ish
 
@@ -92,7 +94,7 @@ def test_guess_number_demonstrates_a_valid_game_that_its_own_replies_confirm():
                 assert reply.text == demo[i + 1]["content"]
                 low, high = (guess + 1, high) if reply.text == "higher" else (low, guess - 1)
         lengths.append(env.guesses)
-    # random guessing among n possible numbers takes 2(1 + 1/n)H_n - 3 guesses on average: 7.4 for n = 100
+    # random guessing among n possible numbers takes 2(1 + 1/n)H_n - 3 guesses on average: 7.5 for n = 100
     # (the mean of 300 games has a standard error near 0.15); halving would take 5.8
     assert 6.5 < sum(lengths) / len(lengths) < 8.5 and max(lengths) > 8
 
@@ -494,7 +496,7 @@ def guess_rollout(model, tok, engine, **kw):
     envs = [GuessNumber() for _ in range(4)]
     prompts = []
     for i, e in enumerate(envs):
-        text = e.reset({"prompt": f"say a {i // 2}", "answer": "37"})
+        text = e.reset({"prompt": f"say a {i // 2}", "secret": 37})
         if i % 2 == 0:
             prompts.append(Task("t", [], [], "S", "correctness").chat_prompt(tok, {"prompt": text}, ""))
     return generate(model, tok, prompts, group_size=2, max_new_tokens=60, engine=engine, envs=envs,

@@ -118,7 +118,7 @@ def test_demonstrations_are_trained_with_the_prompt_rl_shows(tool_model, tool_to
 
 def test_the_guessing_game_demonstrates_whole_games_that_sft_trains_on(tool_model, tmp_path):
     data = tmp_path / "games.jsonl"
-    sets = demo_sets(tool_model, tmp_path / "run", **{"env.name": "guess", "env.max_turns": 20})
+    sets = demo_sets(tool_model, tmp_path / "run", **{"env.name": "guess"})
     assert run("demos", *sets, "--out", str(data)).exit_code == 0
     rows = [json.loads(x) for x in data.read_text().splitlines()]
     assert len(rows) == 12

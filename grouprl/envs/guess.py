@@ -20,9 +20,9 @@ def secret_of(row: dict) -> int:
     prompt (uniform over the range whatever the task, where a task's answers would not be: a third of the
     word problems' are under 10, which a policy could learn in place of the game)."""
     try:
-        secret = int(str(row.get("secret", "")).strip())
-        if LOW <= secret <= HIGH:
-            return secret
+        secret = float(str(row.get("secret", "")).strip())  # 37, "37" or 37.0 (an int column with gaps)
+        if secret.is_integer() and LOW <= secret <= HIGH:
+            return int(secret)
     except ValueError:
         pass
     digest = hashlib.sha256(str(row.get("prompt", "")).encode()).digest()

@@ -28,7 +28,7 @@ PHRASINGS: dict[str, tuple[list[str], list[str]]] = {
         "{n} has {a} {o}. {n} buys {b} more. How many {o} does {n} have now?",
         "There are {a} {o} in a box and {b} {o} on the table. How many {o} are there in all?",
         "{n} collected {a} {o} on Monday and {b} on Tuesday. How many {o} did {n} collect?",
-        "{n} had {a} {o}. A friend gave {n} {b} more. How many {o} does {n} have?",
+        "On a walk {n} finds {a} {o}, and on the way back {b} more. How many {o} does {n} find on the walk?",
         "{n} earns {a} coins on Saturday and {b} coins on Sunday. How many coins does {n} earn over the weekend?",
         "{a} {o} were in a bag, and {n} put in another {b}. How many {o} are in the bag now?",
     ], [
@@ -39,7 +39,7 @@ PHRASINGS: dict[str, tuple[list[str], list[str]]] = {
         "{n} has {a} {o} and gives {b} to a friend. How many {o} are left?",
         "A jar holds {a} {o}. {b} are taken out. How many {o} remain in the jar?",
         "{n} had {a} {o} and lost {b} of them. How many {o} does {n} have now?",
-        "{n} baked {a} {o} and ate {b}. How many {o} are left?",
+        "{n} baked {a} cookies and ate {b}. How many cookies are left?",
         "{n} had {a} coins and spent {b} of them. How many coins does {n} have left?",
         "There were {a} {o} on the shelf until {n} took {b} away. How many {o} are on the shelf now?",
     ], [
@@ -52,7 +52,7 @@ PHRASINGS: dict[str, tuple[list[str], list[str]]] = {
         "{n} saves {b} {o} every day for {a} days. How many {o} does {n} save?",
         "{n} has {a} bags, and each bag holds {b} {o}. How many {o} are in all the bags?",
         "{n} earns {b} coins an hour and works for {a} hours. How many coins does {n} earn?",
-        "Every one of {a} plates has {b} {o} on it. How many {o} are on the plates?",
+        "{a} plates are on the table, with {b} {o} on every plate. How many {o} are there on the plates?",
     ], [
         "A box has {a} rows of {b} {o}. How many {o} are in the box?",
         "Each of {a} children brings {b} {o}. How many {o} do the children bring altogether?",
@@ -62,7 +62,7 @@ PHRASINGS: dict[str, tuple[list[str], list[str]]] = {
         "{a} {o} are packed into bags of {b}. How many bags are filled?",
         "{n} splits {a} {o} into {b} equal groups. How many {o} are in each group?",
         "{a} {o} are shared equally by {b} children. How many {o} does each child get?",
-        "{n} puts {a} {o} into {b} boxes, the same number in each box. How many {o} go in each box?",
+        "{n} fills {b} boxes equally with {a} {o}. How many {o} go in each box?",
         "A rope {a} meters long is cut into pieces {b} meters long. How many pieces are there?",
     ], [
         "A teacher hands out {a} {o} so that each of {b} students gets the same number. How many {o} does "
@@ -73,7 +73,7 @@ PHRASINGS: dict[str, tuple[list[str], list[str]]] = {
         "{n} has {a} {o} and buys {b} packs of {c} {o}. How many {o} does {n} have now?",
         "A shelf holds {a} loose {o} and {b} boxes with {c} {o} each. How many {o} are on the shelf?",
         "{n} had {a} {o}, then bought {b} boxes with {c} {o} in each box. How many {o} does {n} have in all?",
-        "{n} has {a} coins and earns {c} coins a week for {b} weeks. How many coins does {n} have then?",
+        "A jar holds {a} coins. For {b} weeks, {n} adds {c} coins a week. How many coins are in the jar at the end?",
         "There are {a} {o} on a table and {b} bowls of {c} {o} beside it. How many {o} are there altogether?",
     ], [
         "{n} starts with {a} {o}, then gets {c} {o} from each of {b} friends. How many {o} does {n} have?",
@@ -82,7 +82,8 @@ PHRASINGS: dict[str, tuple[list[str], list[str]]] = {
         "{n} buys {a} packs of {b} {o} and gives away {c}. How many {o} does {n} keep?",
         "There are {a} bags with {b} {o} in each. {c} {o} are eaten. How many {o} are left?",
         "{n} fills {a} boxes with {b} {o} each, then {c} {o} go missing. How many {o} are left?",
-        "{n} earns {b} coins a week for {a} weeks and spends {c} of them. How many coins does {n} have left?",
+        "Over {a} weeks {n} is paid {b} coins a week, and {n} has spent {c} of them. How many coins does {n} "
+        "have left?",
         "A crate holds {a} trays of {b} {o}, and {c} of the {o} are broken. How many {o} are not broken?",
     ], [
         "A farm gathers {b} {o} a day for {a} days, then sells {c} of them. How many {o} does the farm still "
@@ -92,10 +93,11 @@ PHRASINGS: dict[str, tuple[list[str], list[str]]] = {
         "Each of {c} boxes holds {a} red {o} and {b} blue {o}. How many {o} are in the boxes?",
         "{n} reads {a} pages in the morning and {b} pages at night, every day for {c} days. How many pages "
         "does {n} read?",
-        "{n} buys {c} bags, each with {a} green {o} and {b} yellow {o}. How many {o} does {n} buy?",
+        "{n} buys {c} bags of {o}. In every bag there are {a} green ones and {b} yellow ones. How many {o} "
+        "does {n} buy?",
         "{n} walks {a} km to school and {b} km back home each day. How many km does {n} walk in {c} days?",
-        "Each week {n} earns {a} coins for chores and gets {b} coins as a gift. How many coins does {n} get "
-        "in {c} weeks?",
+        "For {c} weeks, {n} earns {a} coins for chores and {b} coins for homework every week. How many coins "
+        "does {n} earn in all?",
     ], [
         "A class has {c} tables, with {a} girls and {b} boys at each table. How many children are in the class?",
     ]),
@@ -104,9 +106,9 @@ PHRASINGS: dict[str, tuple[list[str], list[str]]] = {
         "the bags?",
         "A ticket costs {a} coins, and {n} gets {b} coins off each one. How many coins does {n} pay for {c} "
         "tickets?",
-        "{n} earns {a} coins a week and spends {b} of them. How many coins does {n} save in {c} weeks?",
+        "In each of {c} weeks {n} is paid {a} coins and spends {b}. How many coins has {n} saved by the end?",
         "Each of {c} shelves had {a} {o}, and {n} took {b} {o} from every shelf. How many {o} are left on the shelves?",
-        "A pack has {a} {o}, and {b} in each pack are spoiled. How many good {o} are in {c} packs?",
+        "A pack has {a} cookies, and {b} in each pack are broken. How many whole cookies are in {c} packs?",
     ], [
         "Every day {n} picks {a} {o} and drops {b} of them. How many {o} does {n} keep after {c} days?",
     ]),
@@ -114,10 +116,11 @@ PHRASINGS: dict[str, tuple[list[str], list[str]]] = {
         "{n} has {a} {o} and buys {b} more, then shares them all equally among {c} friends. How many {o} does "
         "each friend get?",
         "{a} red {o} and {b} blue {o} are packed into bags of {c}. How many bags are filled?",
-        "{a} boys and {b} girls form groups of {c}. How many groups are there?",
+        "A coach has {a} balls in one bag and {b} in another, and puts them all in piles of {c}. How many "
+        "piles does the coach make?",
         "{n} earns {a} coins and finds {b} coins, then splits them evenly into {c} jars. How many coins go in "
         "each jar?",
-        "A farmer picks {a} {o} in the morning and {b} in the afternoon and packs them in boxes of {c}. "
+        "A farmer picks {a} apples in the morning and {b} in the afternoon and packs them in boxes of {c}. "
         "How many boxes are filled?",
     ], [
         "Two classes with {a} and {b} students are split into teams of {c}. How many teams are there?",
@@ -126,10 +129,10 @@ PHRASINGS: dict[str, tuple[list[str], list[str]]] = {
         "{n} has {a} {o}, keeps {b} for later, and shares the rest equally among {c} friends. How many {o} does "
         "each friend get?",
         "Of {a} {o}, {b} are broken. The rest are packed into boxes of {c}. How many boxes are filled?",
-        "{n} had {a} coins, spent {b}, and split the rest evenly among {c} friends. How many coins "
-        "does each friend get?",
-        "There are {a} {o}. {b} are kept aside and the others go into {c} equal bags. How many {o} are in each bag?",
-        "A box has {a} {o}. After {b} are eaten, the rest are put in groups of {c}. How many groups are there?",
+        "{n} spends {b} of {a} coins. The coins left are shared equally by {c} friends. How many coins does "
+        "each friend get?",
+        "{b} of {a} {o} are set aside. The others fill {c} bags, the same number in each. How many {o} are in one bag?",
+        "A box has {a} cookies. After {b} are eaten, the rest are put in groups of {c}. How many groups are there?",
     ], [
         "A baker makes {a} {o}, sells {b}, and puts the rest in {c} equal rows. How many {o} are in each row?",
     ]),
@@ -150,8 +153,9 @@ PHRASINGS: dict[str, tuple[list[str], list[str]]] = {
         "get?",
         "There are {a} boxes of {b} {o}. They are repacked into bags of {c}. How many bags are filled?",
         "{a} bags hold {b} {o} each, and the {o} are shared equally by {c} children. How many {o} does each child get?",
-        "{n} bakes {a} trays of {b} {o} and puts them into boxes of {c}. How many boxes does {n} fill?",
-        "{c} friends pick {a} baskets with {b} {o} in each and split them evenly. How many {o} does each friend get?",
+        "{n} bakes {a} trays of {b} cookies and puts them into boxes of {c}. How many boxes does {n} fill?",
+        "{c} friends pick {a} baskets in all, with {b} apples in each basket, and split the apples evenly. How "
+        "many apples does each friend get?",
     ], [
         "A garden has {a} rows of {b} plants, shared evenly among {c} gardeners. How many plants does each "
         "gardener look after?",
@@ -159,9 +163,9 @@ PHRASINGS: dict[str, tuple[list[str], list[str]]] = {
     "{a}+{b}-{c}": ([
         "{n} has {a} {o}, buys {b} more, and then gives away {c}. How many {o} does {n} have now?",
         "A bus has {a} people. At a stop {b} get on and {c} get off. How many people are on the bus?",
-        "{n} had {a} coins, earned {b} more, then spent {c}. How many coins does {n} have now?",
+        "On Monday {n} had {a} {o}. By Tuesday {n} had gained {b} and lost {c}. How many {o} does {n} have on Tuesday?",
         "There are {a} {o} in a jar. {n} adds {b} and later takes out {c}. How many {o} are in the jar?",
-        "A library has {a} {o}. It gets {b} new ones, and {c} are lost. How many {o} does the library have?",
+        "{c} of a library's {a} books are thrown away, and {b} new books arrive. How many books does it have now?",
     ], [
         "{n} scored {a} points, won {b} more, and then lost {c}. How many points does {n} have?",
     ]),
