@@ -57,7 +57,7 @@ class Episode:
     turn_rewards: list[float] = field(default_factory=list)
     reward: float = 0.0  # the environment's outcome reward plus its per-turn rewards
     state: dict = field(default_factory=dict)  # the environment's public attributes at the end
-    prefilled: int = 0  # tokens its later turns prefilled again (the history, re-read by engines without a cache)
+    prefilled: int = 0  # tokens its later turns prefilled: what is new (kept cache), or the whole history again
 
     @property
     def turns(self) -> int:
@@ -328,7 +328,11 @@ def run(model, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, first: engine
     tools = [tools_of(e) if e is not None else {} for e in envs]
     active = list(range(n))
     out, turn = first, 1
+    kept: list = [None] * n  # each row's KV cache after its turn (grouprl engine): the next turn reads only what is new
+    read = [0] * n  # how many of the row's context tokens that cache has read
     while True:
+        for j, i in enumerate(active):
+            kept[i] = out.kept[j] if out.kept is not None else None
         still = []
         sampled_rows = out.completion_ids.tolist()  # one copy from the device per turn
         logp_rows = out.logprobs.tolist() if out.logprobs is not None else None
@@ -344,6 +348,9 @@ def run(model, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, first: engine
             ended = tokenizer.decode(sampled[k - 1:k]) if k > 0 and sampled[k - 1] in eos else None
             ids = sampled[:k]
             rows.add(i, ids, True, logp_rows[j][:k] if logp_rows is not None else None)
+            if kept[i] is not None:  # what the cache read past the turn's kept tokens is dropped
+                read[i] = min(kept[i].length, len(prompts[i // g]) + len(rows.ids[i]))
+                kept[i] = kept[i].crop(read[i])
             ep.turn_tokens.append(k)
             text = (prefill if turn == 1 else "") + tokenizer.decode(ids, skip_special_tokens=True)
             ep.messages.append({"role": "assistant", "content": text})
@@ -365,10 +372,21 @@ def run(model, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, first: engine
             rows.add(i, reply, False)
             ep.messages += replies
             still.append(i)
+        for i in set(active) - set(still):
+            kept[i] = None  # the episode is over: its cache is freed
         if not still:
             break
         active, turn = still, turn + 1
         context = [prompts[i // g] + rows.ids[i] for i in active]
+        seeds = None if params.seeds is None else tuple(_turn_seed(params.seeds[i // g], i % g, turn) for i in active)
+        turn_params = replace(params, group_size=1, seeds=seeds,
+                              max_new_tokens=max(params.max_new_tokens - len(rows.ids[i]) for i in active))
+        if all(kept[i] is not None for i in active):
+            chunks = [c[read[i]:] for i, c in zip(active, context)]
+            for i, c in zip(active, chunks):
+                episodes[i].prefilled += len(c)
+            out = engines.resume(model, [kept[i] for i in active], chunks, turn_params)
+            continue
         for i, c in zip(active, context):
             episodes[i].prefilled += len(c)
         width = max(len(c) for c in context)
@@ -377,9 +395,6 @@ def run(model, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, first: engine
         for j, c in enumerate(context):
             ids[j, width - len(c):] = torch.tensor(c)
             mask[j, width - len(c):] = 1
-        seeds = None if params.seeds is None else tuple(_turn_seed(params.seeds[i // g], i % g, turn) for i in active)
-        turn_params = replace(params, group_size=1, seeds=seeds,
-                              max_new_tokens=max(params.max_new_tokens - len(rows.ids[i]) for i in active))
         out = engines.sample(engine, model, ids.to(device), mask.to(device), turn_params)
     for ep, env in zip(episodes, envs):
         if env is not None:

@@ -145,7 +145,7 @@ def generate(
         group_size=group_size, max_new_tokens=max_new_tokens, eos=tuple(eos_ids(model, tokenizer)),
         pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy,
         seeds=None if seeds is None else tuple(seeds), with_logprobs=with_logprobs, static_cache=static_cache,
-        compile=compile)
+        compile=compile, keep_cache=envs is not None)
     engine = engines.pick(engine, device)
     from grouprl import episodes
 

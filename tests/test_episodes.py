@@ -537,6 +537,17 @@ def test_greedy_episodes_are_the_same_on_every_engine(chatty, engine):
     assert torch.equal(ro.input_ids, ref.input_ids) and torch.equal(ro.completion_mask, ref.completion_mask)
 
 
+def test_the_grouprl_engine_reads_only_each_turns_new_tokens(chatty):
+    model, tok = chatty
+    ro, eps = guess_rollout(model, tok, "grouprl", greedy=True)
+    _, again = guess_rollout(model, tok, "hf", greedy=True)  # re-reads the whole history every turn
+    assert max(e.turns for e in eps) >= 2
+    for i, (e, a) in enumerate(zip(eps, again)):
+        replies = int((ro.attention_mask[i, ro.prompt_len:].bool() & (ro.completion_mask[i] == 0)).sum())
+        assert e.prefilled == replies + e.turns - 1  # each reply, and the turn's last token, not yet read
+        assert e.prefilled < a.prefilled or e.turns == 1
+
+
 @pytest.mark.parametrize("engine", engines.ENGINES)
 def test_trainer_logprobs_equal_the_engines_on_the_models_tokens(chatty, engine):
     import copy

@@ -12,7 +12,8 @@ The trainer recomputes every log-prob it trains on, so an engine only has to sam
 distribution; the log-probs it returns are for checking that (tests/test_engines.py) and nothing else.
 A vLLM or SGLang engine would be one more module here (docs/engines.md says how).
 
-    grouprl  grouprl's KV-cached loop: one prefill per prompt, finished rows leave the batch, seeded per prompt
+    grouprl  grouprl's KV-cached loop: one prefill per prompt, finished rows leave the batch, seeded per prompt;
+             an episode's cache kept across its turns (`resume` reads only the new tokens)
     hf       transformers' generate (a static cache and torch.compile on request)
     cb       transformers' continuous batching: paged attention, the G completions forked from one prefill
 """
@@ -43,12 +44,14 @@ class SamplingParams:
     with_logprobs: bool = False
     static_cache: bool = False  # hf: a static KV cache
     compile: bool = False  # hf: torch.compile the decoding step (with the static cache)
+    keep_cache: bool = False  # grouprl: return each row's KV cache (Sampled.kept), for the episode's next turn
 
 
 class Sampled(NamedTuple):
     completion_ids: Tensor  # (N, C) long, pad after each row's EOS, C <= max_new_tokens
     logprobs: Tensor | None  # (N, C) float32: log-prob of each sampled token as the engine drew it; 0 on padding
     prefills: int  # forwards of each prompt the engine ran (1: its G completions fork from one prefill)
+    kept: list | None = None  # with params.keep_cache (grouprl engine): each row's KV cache at its end (Kept)
 
 
 def pick(engine: str, device: torch.device) -> str:
@@ -71,6 +74,14 @@ def sample(engine: str, model, prompt_ids: Tensor, prompt_mask: Tensor, params: 
         out = hf.sample(model, prompt_ids, prompt_mask, params)
         out = out._replace(prefills=out.prefills + 1)
     return out
+
+
+def resume(model, kept: list, chunks: list[list[int]], params: SamplingParams) -> Sampled:
+    """The next turn of episodes whose last turn the grouprl engine sampled with params.keep_cache: each row
+    reads only its new tokens (`chunks`) after its kept cache (Sampled.kept)."""
+    from grouprl.engines import loop
+
+    return loop.resume(model, kept, chunks, params)
 
 
 def completion_mask_from_ids(completion_ids: Tensor, eos: list[int]) -> tuple[Tensor, Tensor]:

@@ -3,6 +3,12 @@ Each prompt is prefilled once and its cache repeated for its G completions, and 
 leave the batch (their cache rows are dropped), so the cost follows the mean completion length rather than
 the longest. The logits warpers (temperature, top-k, top-p) are transformers' own.
 
+Episodes of several turns keep each row's cache (params.keep_cache: Sampled.kept, a row's keys and values
+without its padding) when the row stops, and `resume` starts the next turn from it: the rows' caches
+right-aligned in one batch, their new tokens (the reply and the template's tokens, of different lengths)
+right-aligned after a masked gap, with positions that continue each row's own. Prefilling the history
+again each turn costs O(k^2) tokens over k turns; this reads each token once.
+
 With seeds (one per prompt), each group draws its tokens from its own generator, so a prompt's G
 completions do not depend on which other prompts share the batch: the same in one process or split
 across eight ranks (up to rounding in the logits). Without seeds, torch's global generator is used.
@@ -10,12 +16,15 @@ across eight ranks (up to rounding in the logits). Without seeds, torch's global
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
+from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.generation import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from grouprl.engines import SamplingParams, Sampled
-from grouprl.logprobs import prefill_groups
+from grouprl.logprobs import cache_kwarg, prefill_groups
 
 
 def warpers(temperature: float, top_k: int, top_p: float) -> LogitsProcessorList:
@@ -41,20 +50,84 @@ def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
 
+@dataclass
+class Kept:
+    """One row's KV cache at the end of its turn: per layer (keys, values), each (heads, T, head_dim), of the
+    T tokens it has read (padding dropped: each key carries its position already), in order."""
+    layers: list[tuple[Tensor, Tensor]]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0][0].shape[1]
+
+    def crop(self, length: int) -> Kept:
+        return Kept([(k[:, :length], v[:, :length]) for k, v in self.layers])
+
+
+def _keepable(cache) -> bool:
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def _take(cache, attention: Tensor, rows: Tensor) -> list[Kept]:
+    """The Kept of the given batch rows of a DynamicCache whose positions attention (n, T) marks."""
+    out = []
+    for r in rows.tolist():
+        valid = attention[r].bool()
+        out.append(Kept([(layer.keys[r][:, valid], layer.values[r][:, valid]) for layer in cache.layers]))
+    return out
+
+
 @torch.no_grad()
 def sample(model, prompt_ids: Tensor, prompt_mask: Tensor, params: SamplingParams) -> Sampled | None:
     """None when the model's cache cannot be re-indexed (the caller then uses generate)."""
-    b, g, c_max = prompt_ids.shape[0], params.group_size, params.max_new_tokens
-    device = prompt_ids.device
-    cache, logits, key, _ = prefill_groups(model, prompt_ids, prompt_mask, g)  # one prefill per prompt
+    cache, logits, key, _ = prefill_groups(model, prompt_ids, prompt_mask, params.group_size)  # one per prompt
     if not (hasattr(cache, "batch_repeat_interleave") and hasattr(cache, "batch_select_indices")):
         return None
-    logits = logits.float()  # (N, V)
-    attention = prompt_mask.repeat_interleave(g, 0)  # (n, P + t) for the rows still active
+    return _decode(model, cache, key, logits.float(), prompt_mask.repeat_interleave(params.group_size, 0), params)
+
+
+@torch.no_grad()
+def resume(model, kept: list[Kept], chunks: list[list[int]], params: SamplingParams) -> Sampled:
+    """The next turn of each row from its kept cache: prefill only its new tokens (`chunks`: the reply and
+    the template's tokens, and any sampled token the cache has not read), then decode as `sample` does, one
+    row per group (params.group_size 1)."""
+    device = kept[0].layers[0][0].device
+    n, width, new = len(kept), max(k.length for k in kept), max(len(c) for c in chunks)
+    layers = []
+    for layer in range(len(kept[0].layers)):  # each row's cache right-aligned, padding on the left masked
+        keys = kept[0].layers[layer][0].new_zeros(n, kept[0].layers[layer][0].shape[0], width,
+                                                  kept[0].layers[layer][0].shape[2])
+        values = torch.zeros_like(keys)
+        for i, k in enumerate(kept):
+            keys[i, :, width - k.length:], values[i, :, width - k.length:] = k.layers[layer]
+        layers.append((keys, values))
+    cache = DynamicCache(ddp_cache_data=layers)
+    attention = torch.zeros(n, width + new, dtype=torch.long, device=device)
+    ids = torch.full((n, new), params.pad_token_id, dtype=torch.long, device=device)
+    position = torch.zeros(n, new, dtype=torch.long, device=device)
+    for i, (k, c) in enumerate(zip(kept, chunks)):  # the chunk right-aligned too: a masked gap before it
+        attention[i, width - k.length:width] = 1
+        attention[i, width + new - len(c):] = 1
+        ids[i, new - len(c):] = torch.tensor(c, device=device)
+        position[i, new - len(c):] = torch.arange(k.length, k.length + len(c), device=device)
+    key = cache_kwarg(model)
+    out = model(input_ids=ids, attention_mask=attention, position_ids=position, use_cache=True, logits_to_keep=1,
+                **{key: cache})
+    cache = out.cache if key == "cache" else out.past_key_values
+    return _decode(model, cache, key, out.logits[:, -1].float(), attention, params)
+
+
+def _decode(model, cache, key: str, logits: Tensor, attention: Tensor, params: SamplingParams) -> Sampled:
+    """Sample from the last-position logits (N, V) of a cache over attention (N, T), G rows per group."""
+    g, c_max, device = params.group_size, params.max_new_tokens, logits.device
+    n = logits.shape[0]
+    keep_cache = params.keep_cache and _keepable(cache)
+    kept: list[Kept | None] = [None] * n
     position = attention.sum(-1, keepdim=True)  # (n, 1) position of the next token
-    active = torch.arange(b * g, device=device)  # (n,) rows still generating
-    tokens = torch.full((b * g, c_max), params.pad_token_id, dtype=torch.long, device=device)
-    logprobs = torch.zeros(b * g, c_max, device=device) if params.with_logprobs else None
+    active = torch.arange(n, device=device)  # (n,) rows still generating
+    tokens = torch.full((n, c_max), params.pad_token_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(n, c_max, device=device) if params.with_logprobs else None
     eos_t = torch.tensor(params.eos, device=device)
     warp = warpers(params.temperature, params.top_k, params.top_p)
     gens = None
@@ -78,8 +151,15 @@ def sample(model, prompt_ids: Tensor, prompt_mask: Tensor, params: SamplingParam
         steps = t + 1
         keep = ~torch.isin(nxt, eos_t)
         if t == c_max - 1 or not keep.any():
+            if keep_cache:  # the rows still here: their cache has read all but the token just drawn
+                for r, k in zip(active.tolist(), _take(cache, attention, torch.arange(len(active)))):
+                    kept[r] = k
             break
         if not keep.all():  # finished rows leave the batch
+            if keep_cache:
+                done = (~keep).nonzero().flatten()
+                for r, k in zip(active[done].tolist(), _take(cache, attention, done)):
+                    kept[r] = k
             idx = keep.nonzero().flatten()
             cache.batch_select_indices(idx)
             active, nxt, attention, position = active[idx], nxt[idx], attention[idx], position[idx]
@@ -89,4 +169,5 @@ def sample(model, prompt_ids: Tensor, prompt_mask: Tensor, params: SamplingParam
         cache = out.cache if key == "cache" else out.past_key_values
         position = position + 1
         logits = out.logits[:, -1].float()
-    return Sampled(tokens[:, :steps], None if logprobs is None else logprobs[:, :steps], prefills=1)
+    return Sampled(tokens[:, :steps], None if logprobs is None else logprobs[:, :steps], prefills=1,
+                   kept=kept if keep_cache else None)
