@@ -133,7 +133,8 @@ class RolloutConfig(Section):
     top_k: int = Field(0, ge=0, description="Top-k sampling; 0 disables it (same caveat as top_p).")
     engine: Literal["auto", "grouprl", "hf", "cb"] = Field(
         "auto", description="What samples (grouprl/engines): grouprl (a KV-cached loop: one prefill per prompt, "
-        "finished rows leave the batch, seeded per prompt), hf (transformers' generate), cb (transformers' "
+        "finished rows leave the batch, seeded per prompt, an episode's cache kept across its turns), hf "
+        "(transformers' generate), cb (transformers' "
         "continuous batching: paged attention, G completions forked from one prefill), or auto (the fastest "
         "measured on the device: grouprl on the CPU, hf on CUDA). The trainer recomputes the log-probs it trains "
         "on, so the engine changes speed, not the loss.")
