@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.generation import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
@@ -93,19 +94,13 @@ def resume(model, kept: list[Kept], chunks: list[list[int]], params: SamplingPar
     the template's tokens, and any sampled token the cache has not read), then decode as `sample` does, one
     row per group (params.group_size 1)."""
     device = kept[0].layers[0][0].device
-    n, width, new = len(kept), max(k.length for k in kept), max(len(c) for c in chunks)
-    layers = []
-    for layer in range(len(kept[0].layers)):  # each row's cache right-aligned, padding on the left masked
-        keys = kept[0].layers[layer][0].new_zeros(n, kept[0].layers[layer][0].shape[0], width,
-                                                  kept[0].layers[layer][0].shape[2])
-        values = torch.zeros_like(keys)
-        for i, k in enumerate(kept):
-            keys[i, :, width - k.length:], values[i, :, width - k.length:] = k.layers[layer]
-        layers.append((keys, values))
-    cache = DynamicCache(ddp_cache_data=layers)
-    attention = torch.zeros(n, width + new, dtype=torch.long, device=device)
-    ids = torch.full((n, new), params.pad_token_id, dtype=torch.long, device=device)
-    position = torch.zeros(n, new, dtype=torch.long, device=device)
+    width, new = max(k.length for k in kept), max(len(c) for c in chunks)
+    cache = DynamicCache(ddp_cache_data=[(_left_padded([k.layers[i][0] for k in kept]),
+                                          _left_padded([k.layers[i][1] for k in kept]))
+                                         for i in range(len(kept[0].layers))])
+    attention = torch.zeros(len(kept), width + new, dtype=torch.long, device=device)
+    ids = torch.full((len(kept), new), params.pad_token_id, dtype=torch.long, device=device)
+    position = torch.zeros(len(kept), new, dtype=torch.long, device=device)
     for i, (k, c) in enumerate(zip(kept, chunks)):  # the chunk right-aligned too: a masked gap before it
         attention[i, width - k.length:width] = 1
         attention[i, width + new - len(c):] = 1
@@ -116,6 +111,11 @@ def resume(model, kept: list[Kept], chunks: list[list[int]], params: SamplingPar
                 **{key: cache})
     cache = out.cache if key == "cache" else out.past_key_values
     return _decode(model, cache, key, out.logits[:, -1].float(), attention, params)
+
+
+def _left_padded(parts: list[Tensor]) -> Tensor:
+    """Rows' (heads, T_i, head_dim) keys or values as one (n, heads, T, head_dim), each right-aligned."""
+    return pad_sequence([p.transpose(0, 1) for p in parts], batch_first=True, padding_side="left").transpose(1, 2)
 
 
 def _decode(model, cache, key: str, logits: Tensor, attention: Tensor, params: SamplingParams) -> Sampled:
